@@ -1,0 +1,264 @@
+"""Hugging Face checkpoint I/O: one table of HF name <-> our parameter path, one loader, one
+writer.
+
+`load_pretrained` reads each device's slice of each tensor straight from memory-mapped
+safetensors into its target sharding (`jax.make_array_from_callback`), so a host never holds
+a second full copy of the model, and on multi-host each host reads only its own shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dapo_jax.models.config import QwenConfig
+from dapo_jax.models.qwen import Precision, Qwen, state_shardings
+from dapo_jax.models.safetensors_io import TensorIndex, find_safetensors, write_file
+
+Array = np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor and where it lives in our model. `{i}` in `hf` is the layer index."""
+
+    path: tuple[str, ...]
+    hf: str
+    to_ours: Callable[[Array, QwenConfig], Array]
+    to_hf: Callable[[Array, QwenConfig], Array]
+
+    @property
+    def stacked(self) -> bool:
+        return self.path[0] == "layers"
+
+
+_same = lambda w, c: w
+_T = lambda w, c: w.T
+
+
+def _mapping(cfg: QwenConfig) -> list[Entry]:
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def proj_in(heads: int) -> tuple[Callable, Callable]:
+        """[heads*H, D] (torch Linear: out x in) <-> [D, heads, H]."""
+        return (lambda w, c: w.T.reshape(d, heads, h), lambda w, c: w.reshape(d, heads * h).T)
+
+    def bias(heads: int) -> tuple[Callable, Callable]:
+        return (lambda w, c: w.reshape(heads, h), lambda w, c: w.reshape(heads * h))
+
+    p = "model.layers.{i}."
+    entries = [
+        Entry(("embed",), "model.embed_tokens.weight", _same, _same),
+        Entry(("final_norm", "scale"), "model.norm.weight", _same, _same),
+        Entry(("layers", "input_norm", "scale"), p + "input_layernorm.weight", _same, _same),
+        Entry(("layers", "post_attn_norm", "scale"), p + "post_attention_layernorm.weight",
+              _same, _same),
+        Entry(("layers", "attn", "q_proj"), p + "self_attn.q_proj.weight", *proj_in(n)),
+        Entry(("layers", "attn", "k_proj"), p + "self_attn.k_proj.weight", *proj_in(k)),
+        Entry(("layers", "attn", "v_proj"), p + "self_attn.v_proj.weight", *proj_in(k)),
+        Entry(("layers", "attn", "o_proj"), p + "self_attn.o_proj.weight",
+              lambda w, c: w.T.reshape(n, h, d), lambda w, c: w.reshape(n * h, d).T),
+        Entry(("layers", "mlp", "gate_proj"), p + "mlp.gate_proj.weight", _T, _T),
+        Entry(("layers", "mlp", "up_proj"), p + "mlp.up_proj.weight", _T, _T),
+        Entry(("layers", "mlp", "down_proj"), p + "mlp.down_proj.weight", _T, _T),
+    ]
+    if cfg.qkv_bias:
+        entries += [
+            Entry(("layers", "attn", "q_bias"), p + "self_attn.q_proj.bias", *bias(n)),
+            Entry(("layers", "attn", "k_bias"), p + "self_attn.k_proj.bias", *bias(k)),
+            Entry(("layers", "attn", "v_bias"), p + "self_attn.v_proj.bias", *bias(k)),
+        ]
+    if cfg.qk_norm:
+        entries += [
+            Entry(("layers", "attn", "q_norm", "scale"), p + "self_attn.q_norm.weight",
+                  _same, _same),
+            Entry(("layers", "attn", "k_norm", "scale"), p + "self_attn.k_norm.weight",
+                  _same, _same),
+        ]
+    if not cfg.tie_word_embeddings:
+        entries.append(Entry(("lm_head",), "lm_head.weight", _T, _T))
+    return entries
+
+
+def hf_tensors(cfg: QwenConfig) -> list[tuple[Entry, int | None, str]]:
+    """Every (entry, layer index or None, HF tensor name) of a checkpoint for `cfg`."""
+    out = []
+    for e in _mapping(cfg):
+        if e.stacked:
+            out += [(e, i, e.hf.format(i=i)) for i in range(cfg.num_layers)]
+        else:
+            out.append((e, None, e.hf))
+    return out
+
+
+# Tensors some exporters add that carry no information for us.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(path: str | Path) -> QwenConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist")
+    return QwenConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    remat: str = "none",
+    mesh: jax.sharding.Mesh | None = None,
+) -> Qwen:
+    """Loads a HF Qwen2/Qwen3 checkpoint directory into a (sharded) `Qwen`.
+
+    `dtype` is the parameter dtype; `compute_dtype` defaults to it. Missing, unexpected or
+    mis-shaped tensors are errors naming the tensor.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    precision = Precision(param_dtype=dtype, dtype=compute_dtype or dtype)
+    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
+                                           rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    if mesh is None:
+        device = jax.local_devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device),
+                                 abstract_state)
+    else:
+        shardings = state_shardings(abstract_state, mesh)
+
+    index = TensorIndex(find_safetensors(path))
+    _check_names(index, cfg, path)
+    by_path = {e.path: e for e in _mapping(cfg)}
+
+    def load(key_path: tuple, abstract_leaf: jax.ShapeDtypeStruct, sharding) -> jax.Array:
+        our_path = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        entry = by_path[our_path]
+        target = np.dtype(abstract_leaf.dtype)
+
+        def read(layer: int | None, idx: tuple[slice, ...]) -> Array:
+            name = entry.hf.format(i=layer)
+            view = entry.to_ours(index.get(name), cfg)
+            expected = abstract_leaf.shape[1:] if entry.stacked else abstract_leaf.shape
+            if view.shape != tuple(expected):
+                raise ValueError(
+                    f"{path}: tensor {name} has shape {index.shape(name)}, which maps to "
+                    f"{view.shape}; the config implies {tuple(expected)}"
+                )
+            return np.asarray(view[idx], dtype=target)
+
+        def callback(idx: tuple[slice, ...]) -> Array:
+            if not entry.stacked:
+                return read(None, idx)
+            layers = range(cfg.num_layers)[idx[0]]
+            return np.stack([read(i, idx[1:]) for i in layers])
+
+        return jax.make_array_from_callback(abstract_leaf.shape, sharding, callback)
+
+    state = jax.tree_util.tree_map_with_path(load, abstract_state, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def _check_names(index: TensorIndex, cfg: QwenConfig, path: Path) -> None:
+    expected = {name for _, _, name in hf_tensors(cfg)}
+    present = {n for n in index.names() if not n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        # Some exporters write the tied head anyway; it is the embedding by definition.
+        present.discard("lm_head.weight")
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:8]}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has unexpected tensor(s) {unexpected[:8]}"
+                         + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+
+
+def _host_tensors(model: Qwen) -> Iterator[tuple[str, Array]]:
+    """(HF name, host array) one tensor at a time, in `hf_tensors` order."""
+    state = nnx.state(model)
+    cache: dict[tuple[str, ...], jax.Array] = {}
+    for entry, layer, name in hf_tensors(model.config):
+        value = cache.get(entry.path)
+        if value is None:
+            value = _get(state, entry.path)
+            if not value.is_fully_addressable:
+                # Multi-host: gather this one parameter (all hosts must take part).
+                from jax.experimental import multihost_utils
+
+                value = multihost_utils.process_allgather(value, tiled=True)
+            cache = {entry.path: value}
+        array = value if layer is None else value[layer]
+        yield name, entry.to_hf(np.asarray(jax.device_get(array)), model.config)
+
+
+def _get(state: nnx.State, path: tuple[str, ...]) -> jax.Array:
+    node = state
+    for key in path:
+        node = node[key]
+    return node[...]
+
+
+def save_pretrained(model: Qwen, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `config.json` and HF safetensors (sharded with an index above
+    `max_shard_bytes`) that `transformers` and vLLM load unchanged. Each file is written to a
+    temporary name and renamed; the index and config come last."""
+    path = Path(path)
+    cfg = model.config
+    dtype = np.dtype(model.precision.param_dtype)
+    state = nnx.state(model)
+    specs = []
+    for entry, layer, name in hf_tensors(cfg):
+        leaf = _get(state, entry.path)
+        shape = leaf.shape[1:] if layer is not None else leaf.shape
+        hf_shape = entry.to_hf(np.empty(shape, np.bool_), cfg).shape
+        specs.append((name, hf_shape, dtype))
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+
+    write = jax.process_index() == 0
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+    tensors = (array for _, array in _host_tensors(model))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for fname, shard in zip(names, shards, strict=True):
+        data = (next(tensors) for _ in shard)
+        if write:
+            write_file(path / fname, shard, data)
+        else:
+            for _ in data:  # take part in the multi-host gathers
+                pass
+        weight_map.update({name: fname for name, _, _ in shard})
+    if not write:
+        return
+    index_file = path / "model.safetensors.index.json"
+    if len(shards) > 1:
+        total = sum(math.prod(s) * dtype.itemsize for _, s, _ in specs)
+        _write_json(index_file, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    elif index_file.exists():
+        index_file.unlink()
+    _write_json(path / "config.json", cfg.to_hf(str(dtype)))
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

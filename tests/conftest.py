@@ -1,0 +1,31 @@
+"""Test setup: 8 simulated CPU devices and tiny random Qwen checkpoints made with transformers.
+
+Nothing is downloaded: models are random and saved to temp dirs.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """name -> directory of a saved random HF model, for every variant in hf_models.VARIANTS."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: hf_models.save_random(name, root / name) for name in hf_models.VARIANTS}
+
+
+@pytest.fixture
+def rl_batch() -> tuple[np.ndarray, np.ndarray]:
+    """8 rows of left-padded prompts + right-padded responses, T=16, vocab 512."""
+    return hf_models.rl_batch(batch=8, length=16, vocab=512, seed=0)
