@@ -136,7 +136,7 @@ def load_pretrained(
         shardings = state_shardings(abstract_state, mesh)
 
     index = TensorIndex(find_safetensors(path))
-    _check_names(index, cfg, path)
+    _check_tensors(index, hf_specs(cfg, abstract_state), cfg, path)
     by_path = {e.path: e for e in _mapping(cfg)}
 
     def load(key_path: tuple, abstract_leaf: jax.ShapeDtypeStruct, sharding) -> jax.Array:
@@ -145,14 +145,7 @@ def load_pretrained(
         target = np.dtype(abstract_leaf.dtype)
 
         def read(layer: int | None, idx: tuple[slice, ...]) -> Array:
-            name = entry.hf.format(i=layer)
-            view = entry.to_ours(index.get(name), cfg)
-            expected = abstract_leaf.shape[1:] if entry.stacked else abstract_leaf.shape
-            if view.shape != tuple(expected):
-                raise ValueError(
-                    f"{path}: tensor {name} has shape {index.shape(name)}, which maps to "
-                    f"{view.shape}; the config implies {tuple(expected)}"
-                )
+            view = entry.to_ours(index.get(entry.hf.format(i=layer)), cfg)
             return np.asarray(view[idx], dtype=target)
 
         def callback(idx: tuple[slice, ...]) -> Array:
@@ -167,8 +160,18 @@ def load_pretrained(
     return nnx.merge(graphdef, state)
 
 
-def _check_names(index: TensorIndex, cfg: QwenConfig, path: Path) -> None:
-    expected = {name for _, _, name in hf_tensors(cfg)}
+def hf_specs(cfg: QwenConfig, state: nnx.State) -> list[tuple[Entry, int | None, str, tuple]]:
+    """`hf_tensors` with each tensor's HF shape, derived from our parameter shapes."""
+    specs = []
+    for entry, layer, name in hf_tensors(cfg):
+        shape = _get(state, entry.path).shape
+        shape = shape[1:] if entry.stacked else shape
+        specs.append((entry, layer, name, entry.to_hf(np.empty(shape, np.bool_), cfg).shape))
+    return specs
+
+
+def _check_tensors(index: TensorIndex, specs: list, cfg: QwenConfig, path: Path) -> None:
+    expected = {name for _, _, name, _ in specs}
     present = {n for n in index.names() if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         # Some exporters write the tied head anyway; it is the embedding by definition.
@@ -181,6 +184,10 @@ def _check_names(index: TensorIndex, cfg: QwenConfig, path: Path) -> None:
     if unexpected:
         raise ValueError(f"{path}: checkpoint has unexpected tensor(s) {unexpected[:8]}"
                          + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+    for _, _, name, shape in specs:
+        if index.shape(name) != tuple(shape):
+            raise ValueError(f"{path}: tensor {name} has shape {index.shape(name)}, but "
+                             f"config.json implies {tuple(shape)}")
 
 
 def _host_tensors(model: Qwen) -> Iterator[tuple[str, Array]]:
@@ -205,7 +212,7 @@ def _get(state: nnx.State, path: tuple[str, ...]) -> jax.Array:
     node = state
     for key in path:
         node = node[key]
-    return node[...]
+    return node.get_value()
 
 
 def save_pretrained(model: Qwen, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -215,13 +222,7 @@ def save_pretrained(model: Qwen, path: str | Path, *, max_shard_bytes: int = 5 *
     path = Path(path)
     cfg = model.config
     dtype = np.dtype(model.precision.param_dtype)
-    state = nnx.state(model)
-    specs = []
-    for entry, layer, name in hf_tensors(cfg):
-        leaf = _get(state, entry.path)
-        shape = leaf.shape[1:] if layer is not None else leaf.shape
-        hf_shape = entry.to_hf(np.empty(shape, np.bool_), cfg).shape
-        specs.append((name, hf_shape, dtype))
+    specs = [(name, shape, dtype) for _, _, name, shape in hf_specs(cfg, nnx.state(model))]
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
     for spec in specs:

@@ -39,7 +39,8 @@ class TensorIndex:
                 if info["dtype"] not in DTYPES:
                     raise ValueError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
                 if name in self._where:
-                    raise ValueError(f"tensor {name} appears in both {self._where[name][0]} and {f}")
+                    raise ValueError(
+                        f"tensor {name} appears in both {self._where[name][0]} and {f}")
                 start = 8 + n + info["data_offsets"][0]
                 self._where[name] = (f, DTYPES[info["dtype"]], tuple(info["shape"]), start)
 
@@ -58,8 +59,9 @@ class TensorIndex:
         return self._maps[f][start : start + nbytes].view(dtype).reshape(shape)
 
 
-def find_safetensors(path: Path) -> list[Path]:
+def find_safetensors(path: str | Path) -> list[Path]:
     """The checkpoint's files: model.safetensors, or those listed in the sharded index."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
