@@ -1,0 +1,1 @@
+"""DAPO training: objective, advantages, shaping, dynamic sampling and the update step."""

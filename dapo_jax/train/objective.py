@@ -1,0 +1,277 @@
+"""The DAPO objective: policy losses, loss reductions, KL and entropy terms, TIS.
+
+Specification: shared/reference/DAPO_FACTS.md sections 1 and 6. All arrays are [B, T]
+per-token values aligned with the response tokens; `loss_mask` is 1 on tokens that train.
+
+Validation happens at trace time (Python), so a bad argument is an error, never a NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LOG_RATIO_CLAMP = 20.0
+
+
+# ----------------------------------------------------------------------------- policy losses
+class PolicyLossFn(Protocol):
+    def __call__(
+        self, logprobs: Array, old_logprobs: Array, advantages: Array, loss_mask: Array, *,
+        eps_clip_low: float, eps_clip_high: float, clip_ratio_c: float,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Per-token loss [B, T] and per-token 0/1 indicator metrics [B, T]."""
+
+
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Adds a policy loss under `name`; the trainer looks it up by
+    `trainer.algorithm.policy_loss_type`, so a new loss needs no trainer edit."""
+
+    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _ratio(logprobs: Array, old_logprobs: Array) -> Array:
+    """r = exp(clamp(logp - logp_old, -20, 20))."""
+    return jnp.exp(jnp.clip(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def _ppo_clip(ratio: Array, advantages: Array, eps_clip_low: float, eps_clip_high: float):
+    """L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) with clip indicators."""
+    l1 = -advantages * ratio
+    l2 = -advantages * jnp.clip(ratio, 1.0 - eps_clip_low, 1.0 + eps_clip_high)
+    loss = jnp.maximum(l1, l2)
+    metrics = {
+        "clip_frac_high": ((ratio > 1.0 + eps_clip_high) & (advantages > 0)).astype(jnp.float32),
+        "clip_frac_low": ((ratio < 1.0 - eps_clip_low) & (advantages < 0)).astype(jnp.float32),
+        "ratio": ratio,
+    }
+    return loss, metrics
+
+
+@register_policy_loss("regular")
+def regular_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
+                 clip_ratio_c):
+    """PPO clip with decoupled bounds (DAPO clip-higher):
+    L = max(-A r, -A clip(r, 1 - eps_clip_low, 1 + eps_clip_high))."""
+    del loss_mask, clip_ratio_c
+    return _ppo_clip(_ratio(logprobs, old_logprobs), advantages, eps_clip_low, eps_clip_high)
+
+
+@register_policy_loss("dual_clip")
+def dual_clip_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
+                   clip_ratio_c):
+    """Regular loss, and where A < 0 also bounded by the dual clip:
+    L = min(L_regular, -A c)   (c = clip_ratio_c > 1)."""
+    del loss_mask
+    loss, metrics = _ppo_clip(_ratio(logprobs, old_logprobs), advantages, eps_clip_low,
+                              eps_clip_high)
+    bound = -advantages * clip_ratio_c
+    dual = (advantages < 0) & (loss > bound)
+    metrics["dual_clip_frac"] = dual.astype(jnp.float32)
+    return jnp.where(advantages < 0, jnp.minimum(loss, bound), loss), metrics
+
+
+@register_policy_loss("gspo")
+def gspo_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
+              clip_ratio_c):
+    """GSPO (sequence-level ratio, token-level gradient form):
+    s_i = exp(mean_t m_it (logp_it - logp_old_it)),
+    r_it = sg(s_i) * exp(logp_it - sg(logp_it)), then the PPO clip on r_it.
+    Use GSPO's small clip ranges (e.g. 3e-4 / 4e-4)."""
+    del clip_ratio_c
+    mask = loss_mask.astype(jnp.float32)
+    log_ratio = jnp.clip(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    seq_log_ratio = jnp.sum(log_ratio * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+    log_r = jax.lax.stop_gradient(seq_log_ratio)[:, None] + logprobs - jax.lax.stop_gradient(
+        logprobs)
+    return _ppo_clip(jnp.exp(jnp.clip(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), advantages,
+                     eps_clip_low, eps_clip_high)
+
+
+# ----------------------------------------------------------------------------- reductions
+LOSS_REDUCTIONS = ("token_mean", "sequence_mean", "seq_mean_token_sum_norm")
+
+
+def reduction_weights(loss_mask: Array, loss_reduction: str) -> Array:
+    """Per-token weights w such that the reduced loss is sum(w * L) / denominator.
+
+    token_mean and seq_mean_token_sum_norm: w = m; sequence_mean: w = m / sum_t m (rows with
+    no trainable token weigh 0)."""
+    m = loss_mask.astype(jnp.float32)
+    if loss_reduction == "sequence_mean":
+        return m / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+    return m
+
+
+def reduction_denominator(loss_mask: Array, loss_reduction: str,
+                          max_seq_len: int | None = None) -> Array:
+    """The normaliser of a whole mini-batch (sum it over micro-batches/devices first, or pass
+    the full mini-batch mask):
+
+    token_mean: sum(m); sequence_mean: number of rows with at least one trainable token;
+    seq_mean_token_sum_norm: number of rows x max_seq_len (Dr. GRPO's constant)."""
+    m = loss_mask.astype(jnp.float32)
+    if loss_reduction == "token_mean":
+        return jnp.sum(m)
+    if loss_reduction == "sequence_mean":
+        return jnp.sum(jnp.any(m > 0, -1).astype(jnp.float32))
+    if loss_reduction == "seq_mean_token_sum_norm":
+        return jnp.asarray(m.shape[0] * max_seq_len, jnp.float32)
+    raise ValueError(f"loss_reduction {loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
+
+
+def reduce_loss(values: Array, loss_mask: Array, loss_reduction: str, *,
+                max_seq_len: int | None = None, denominator: Array | None = None) -> Array:
+    """sum(w * values) / denominator; the denominator defaults to this batch's own."""
+    if denominator is None:
+        denominator = reduction_denominator(loss_mask, loss_reduction, max_seq_len)
+    numerator = jnp.sum(reduction_weights(loss_mask, loss_reduction) * values)
+    return numerator / jnp.maximum(denominator, 1.0)
+
+
+# ----------------------------------------------------------------------------- extra terms
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+
+
+def kl_penalty(logprobs: Array, ref_logprobs: Array, estimator: str = "k3") -> Array:
+    """Per-token KL(pi || pi_ref) estimate with d = logp_ref - logp (differentiable in logp):
+    k1 = -d; abs = |d|; k2 = d^2 / 2; k3 = clamp(exp(clamp(d, -20, 20)) - d - 1, -10, 10)."""
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "abs":
+        return jnp.abs(d)
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        d = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+    raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
+
+
+def tis_weights(old_logprobs: Array, rollout_logprobs: Array, cap: float) -> Array:
+    """Truncated importance sampling for rollout/trainer mismatch (no gradient):
+    w = min(exp(logp_old - logp_rollout), cap)."""
+    if cap <= 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    log_w = jnp.clip(old_logprobs - rollout_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), cap))
+
+
+# ----------------------------------------------------------------------------- the loss
+def validate(*, policy_loss_type: str, eps_clip_low: float, eps_clip_high: float,
+             clip_ratio_c: float, loss_reduction: str, max_seq_len: int | None) -> None:
+    if policy_loss_type not in POLICY_LOSSES:
+        raise ValueError(
+            f"policy_loss_type {policy_loss_type!r} is not one of {sorted(POLICY_LOSSES)}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction {loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
+    if eps_clip_low < 0 or eps_clip_high < 0:
+        raise ValueError(f"eps_clip_low/high must be >= 0, got {eps_clip_low}, {eps_clip_high}")
+    if eps_clip_low >= 1:
+        raise ValueError(f"eps_clip_low must be < 1, got {eps_clip_low}")
+    if policy_loss_type == "dual_clip" and clip_ratio_c <= 1:
+        raise ValueError(f"clip_ratio_c must be > 1 for dual_clip, got {clip_ratio_c}")
+    if loss_reduction == "seq_mean_token_sum_norm" and (max_seq_len is None or max_seq_len < 1):
+        raise ValueError("loss_reduction seq_mean_token_sum_norm needs max_seq_len >= 1")
+
+
+def policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    loss_mask: Array,
+    *,
+    policy_loss_type: str = "regular",
+    eps_clip_low: float = 0.2,
+    eps_clip_high: float = 0.28,
+    clip_ratio_c: float = 3.0,
+    loss_reduction: str = "token_mean",
+    max_seq_len: int | None = None,
+    token_weights: Array | None = None,
+    denominator: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Reduced policy-gradient loss (a scalar) and metrics (masked token means, except
+    `num_tokens`).
+
+    `token_weights` multiplies the per-token loss (TIS weights); `denominator` is the
+    mini-batch-wide normaliser from `reduction_denominator` when this call sees only a
+    micro-batch (so gradients do not depend on how the mini-batch is split).
+    """
+    validate(policy_loss_type=policy_loss_type, eps_clip_low=eps_clip_low,
+             eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c,
+             loss_reduction=loss_reduction, max_seq_len=max_seq_len)
+    shapes = {"logprobs": logprobs.shape, "old_logprobs": old_logprobs.shape,
+              "advantages": advantages.shape, "loss_mask": loss_mask.shape}
+    if token_weights is not None:
+        shapes["token_weights"] = token_weights.shape
+    if len(set(shapes.values())) != 1 or logprobs.ndim != 2:
+        raise ValueError(f"policy_loss needs equal [B, T] shapes, got {shapes}")
+    per_token, indicators = POLICY_LOSSES[policy_loss_type](
+        logprobs, old_logprobs, advantages, loss_mask, eps_clip_low=eps_clip_low,
+        eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = reduce_loss(per_token, loss_mask, loss_reduction, max_seq_len=max_seq_len,
+                       denominator=denominator)
+    indicators["approx_kl"] = old_logprobs - logprobs
+    indicators.setdefault("dual_clip_frac", jnp.zeros_like(logprobs))
+    metrics = {k: masked_mean(v, loss_mask) for k, v in indicators.items()}
+    metrics["num_tokens"] = jnp.sum(loss_mask.astype(jnp.float32))
+    return loss, metrics
+
+
+def masked_mean(values: Array, mask: Array) -> Array:
+    m = mask.astype(jnp.float32)
+    return jnp.sum(jax.lax.stop_gradient(values) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def total_loss(
+    logprobs: Array,
+    entropy: Array,
+    batch: dict[str, Array],
+    *,
+    loss_kwargs: dict[str, Any],
+    denominator: Array,
+    kl_loss_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    tis_cap: float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """policy_loss + kl_loss_coef * KL - entropy_coef * entropy, all reduced the same way.
+
+    `batch` holds old_logprobs, advantages, loss_mask and, when used, ref_logprobs (KL) and
+    rollout_logprobs (TIS)."""
+    mask = batch["loss_mask"]
+    weights = None
+    if tis_cap is not None:
+        weights = tis_weights(batch["old_logprobs"], batch["rollout_logprobs"], tis_cap)
+    loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                token_weights=weights, denominator=denominator, **loss_kwargs)
+    metrics["pg_loss"] = loss
+    reduce = lambda v: reduce_loss(v, mask, loss_kwargs.get("loss_reduction", "token_mean"),
+                                   max_seq_len=loss_kwargs.get("max_seq_len"),
+                                   denominator=denominator)
+    if kl_loss_coef:
+        kl = reduce(kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator))
+        loss = loss + kl_loss_coef * kl
+        metrics["kl_loss"] = kl
+    if entropy_coef:
+        loss = loss - entropy_coef * reduce(entropy)
+    metrics["entropy"] = masked_mean(entropy, mask)
+    if tis_cap is not None:
+        metrics["tis_weight"] = masked_mean(weights, mask)
+    return loss, metrics

@@ -1,0 +1,36 @@
+"""Overlong handling (DAPO_FACTS section 3): reward shaping and loss-mask filtering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: int,
+                          penalty_factor: float) -> Array:
+    """Soft overlong punishment, lengths in TOKENS:
+
+        expected = L_max - L_cache
+        penalty  = min(-(|y| - expected) / L_cache * f, 0)      in [-f, 0] for |y| <= L_max
+
+    Added to the correctness reward (after dynamic sampling has looked at correctness)."""
+    if not 0 < buffer_len <= max_generate_length:
+        raise ValueError(f"overlong_buffer.len must be in (0, max_generate_length="
+                         f"{max_generate_length}], got {buffer_len}")
+    if penalty_factor < 0:
+        raise ValueError(f"overlong_buffer.penalty_factor must be >= 0, got {penalty_factor}")
+    expected = max_generate_length - buffer_len
+    excess = lengths.astype(jnp.float32) - expected
+    return jnp.minimum(-excess / buffer_len * penalty_factor, 0.0)
+
+
+def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
+    """Overlong filtering: responses whose finish reason is `length` (no stop token within
+    max_generate_length) get an all-zero loss mask. They still count in their group's
+    advantage statistics; only their tokens stop training."""
+    if truncated.shape != loss_mask.shape[:1]:
+        raise ValueError(f"truncated must be [N] for loss_mask {loss_mask.shape}, got "
+                         f"{truncated.shape}")
+    return jnp.where(truncated[:, None], jnp.zeros_like(loss_mask), loss_mask)

@@ -1,0 +1,283 @@
+"""The jitted, sharded policy update and the forward-only log-prob recomputation.
+
+A mini-batch is a dict of [N, T] arrays: input_ids, attention_mask, loss_mask (1 on response
+tokens that train), old_logprobs, advantages, and optionally ref_logprobs (KL loss) and
+rollout_logprobs (TIS). Per-token arrays are aligned with input_ids: entry t belongs to token
+t, predicted from tokens < t.
+
+The mini-batch is split into micro-batches inside the jitted step (`lax.scan`), gradients are
+summed, and every micro-batch's loss is divided by the normaliser of the WHOLE mini-batch
+(`reduction_denominator` of the full loss mask), so the gradient does not depend on how the
+mini-batch is split into micro-batches or over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dapo_jax.models.logprobs import token_logprobs
+from dapo_jax.models.qwen import Qwen
+from dapo_jax.sharding import constrain
+from dapo_jax.train import objective
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+
+
+# ----------------------------------------------------------------------------- optimiser
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" | "cosine"
+    total_steps: int = 0  # optimiser steps, for cosine decay
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr schedule {self.schedule!r} is not 'constant' or 'cosine'")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError("cosine schedule needs total_steps > warmup_steps")
+        if self.max_grad_norm <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("max_grad_norm must be > 0, weight_decay and warmup_steps >= 0")
+
+
+def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Linear warmup lr * (t + 1) / warmup for t < warmup (the first step is not wasted at
+    lr 0), then constant, or cosine down to min_lr_ratio * lr at total_steps."""
+    warm = lambda t: cfg.lr * jnp.minimum(1.0, (t + 1.0) / max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        return warm
+    decay = optax.cosine_decay_schedule(cfg.lr, cfg.total_steps - cfg.warmup_steps,
+                                        alpha=cfg.min_lr_ratio)
+    return lambda t: jnp.where(t < cfg.warmup_steps, warm(t), decay(t - cfg.warmup_steps))
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: not on norm scales or biases."""
+    def keep(path: tuple, _: Any) -> bool:
+        names = [str(getattr(k, "key", "")) for k in path]
+        return not any("norm" in n or n.endswith("bias") for n in names)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule (lr is in the state, for metrics)."""
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+# ----------------------------------------------------------------------------- loss config
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """`trainer.algorithm.*` settings of the objective (SkyRL names)."""
+
+    policy_loss_type: str = "regular"
+    eps_clip_low: float = 0.2
+    eps_clip_high: float = 0.28
+    clip_ratio_c: float = 3.0
+    loss_reduction: str = "token_mean"
+    max_seq_len: int | None = None
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    tis_cap: float | None = None  # truncated importance sampling when set
+    temperature: float = 1.0  # the sampling temperature: log-probs of that distribution
+
+    def __post_init__(self) -> None:
+        objective.validate(**self.policy_kwargs())
+        if self.kl_estimator not in objective.KL_ESTIMATORS:
+            raise ValueError(f"kl estimator {self.kl_estimator!r} is not one of "
+                             f"{objective.KL_ESTIMATORS}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis cap must be > 0, got {self.tis_cap}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        return dict(policy_loss_type=self.policy_loss_type, eps_clip_low=self.eps_clip_low,
+                    eps_clip_high=self.eps_clip_high, clip_ratio_c=self.clip_ratio_c,
+                    loss_reduction=self.loss_reduction, max_seq_len=self.max_seq_len)
+
+
+# ----------------------------------------------------------------------------- log-probs
+def sequence_logprobs(model: Qwen, input_ids: jax.Array, attention_mask: jax.Array,
+                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """log p(token_t | tokens_<t) and the entropy of that next-token distribution, [N, T]
+    float32, aligned with input_ids (entry 0 has no prediction and is 0)."""
+    h = model.hidden_states(input_ids, attention_mask)
+    logp, entropy = token_logprobs(h[:, :-1], model.lm_head_weight(), input_ids[:, 1:],
+                                   temperature=temperature)
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+    return pad(logp), pad(entropy)
+
+
+def _split(x: jax.Array, num_micro: int) -> jax.Array:
+    """[N, ...] -> [M, N/M, ...]; row i goes to micro-batch i % M so each micro-batch keeps
+    the batch sharding of the rows (the sum over micro-batches does not care which rows)."""
+    n = x.shape[0]
+    if n % num_micro:
+        raise ValueError(f"batch of {n} rows does not split into {num_micro} micro-batches")
+    x = x.reshape(n // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+# ----------------------------------------------------------------------------- the step
+@dataclasses.dataclass
+class TrainFns:
+    """The two jitted functions the trainer calls (see `make_train_fns`)."""
+
+    update: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
+    logprobs: Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def make_train_fns(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    optimizer: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    *,
+    num_micro_batches: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainFns:
+    """Builds the jitted update and log-prob functions for parameters laid out like `params`.
+
+    update(params, opt_state, batch) -> (params, opt_state, metrics): one optimiser step on a
+    mini-batch; params and opt_state are donated. logprobs(params, input_ids,
+    attention_mask) -> (logp, entropy): forward only, `num_micro_batches` at a time.
+    """
+    policy_kwargs = loss_cfg.policy_kwargs()
+
+    def loss_fn(params: nnx.State, mb: Batch, denominator: jax.Array):
+        model = nnx.merge(graphdef, params)
+        logp, entropy = sequence_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                          loss_cfg.temperature)
+        return objective.total_loss(
+            logp, entropy, mb, loss_kwargs=policy_kwargs, denominator=denominator,
+            kl_loss_coef=loss_cfg.kl_loss_coef if loss_cfg.use_kl_loss else 0.0,
+            kl_estimator=loss_cfg.kl_estimator, entropy_coef=loss_cfg.entropy_coef,
+            tis_cap=loss_cfg.tis_cap)
+
+    def update(params: nnx.State, opt_state: Any, batch: Batch):
+        _check_batch(batch, loss_cfg)
+        denominator = objective.reduction_denominator(
+            batch["loss_mask"], loss_cfg.loss_reduction, loss_cfg.max_seq_len)
+        micro = {k: _split(v, num_micro_batches) for k, v in batch.items()}
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def body(grads, mb):
+            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb,
+                                                                           denominator)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return grads, {**metrics, "loss": loss}
+
+        grads, per_micro = jax.lax.scan(body, zeros, micro)
+        metrics = _combine_metrics(per_micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics["lr"] = opt_state[1].hyperparams["learning_rate"]
+        return params, opt_state, metrics
+
+    def logprobs(params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array):
+        model = nnx.merge(graphdef, params)
+        fn = lambda ids_mask: sequence_logprobs(model, *ids_mask, loss_cfg.temperature)
+        micro = (_split(input_ids, num_micro_batches), _split(attention_mask, num_micro_batches))
+        logp, entropy = jax.lax.map(fn, micro)
+        return _unsplit(logp), _unsplit(entropy)
+
+    if mesh is None:
+        update_jit = jax.jit(update, donate_argnums=(0, 1))
+        logprobs_jit = jax.jit(logprobs)
+        return TrainFns(update=update_jit, logprobs=logprobs_jit)
+
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # The optimiser state keeps the layout it was created with (`init_optimizer`: moments
+    # follow their parameter), hence None (taken from the argument) for it.
+    update_jit = jax.jit(update, donate_argnums=(0, 1),
+                         in_shardings=(param_sh, None, batch_sh),
+                         out_shardings=(param_sh, None, replicated))
+    logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh),
+                           out_shardings=(batch_sh, batch_sh))
+    return TrainFns(update=_under_mesh(update_jit, mesh), logprobs=_under_mesh(logprobs_jit, mesh))
+
+
+def _under_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """Calls (and traces) `fn` with `mesh` set, so activation constraints apply."""
+    def wrapped(*args: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return wrapped
+
+
+def _check_batch(batch: Batch, loss_cfg: LossConfig) -> None:
+    needed = list(BATCH_KEYS)
+    if loss_cfg.use_kl_loss:
+        needed.append("ref_logprobs")
+    if loss_cfg.tis_cap is not None:
+        needed.append("rollout_logprobs")
+    missing = [k for k in needed if k not in batch]
+    if missing:
+        raise ValueError(f"mini-batch is missing {missing} (has {sorted(batch)})")
+    shape = batch["input_ids"].shape
+    bad = {k: v.shape for k, v in batch.items() if v.shape != shape}
+    if bad:
+        raise ValueError(f"mini-batch arrays must all be {shape} like input_ids, got {bad}")
+
+
+def _combine_metrics(per_micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Losses (already divided by the mini-batch normaliser) add up over micro-batches;
+    token-mean metrics are weighted by each micro-batch's token count."""
+    tokens = per_micro["num_tokens"]
+    total = jnp.sum(tokens)
+    out = {}
+    for k, v in per_micro.items():
+        if k.endswith("loss") or k == "num_tokens":
+            out[k] = jnp.sum(v)
+        else:
+            out[k] = jnp.sum(v * tokens) / jnp.maximum(total, 1.0)
+    return out
+
+
+def init_optimizer(optimizer: optax.GradientTransformation, params: nnx.State) -> Any:
+    """Optimiser state laid out like `params` (moments inherit each parameter's sharding)."""
+    return jax.jit(optimizer.init)(params)
+
+
+# ----------------------------------------------------------------------------- host side
+def mini_batches(batch: dict[str, np.ndarray], mini_batch_rows: int,
+                 epochs: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive mini-batches of a rollout batch, `epochs` passes (groups stay whole when
+    `mini_batch_rows` is a multiple of the group size)."""
+    n = len(batch["input_ids"])
+    if n % mini_batch_rows:
+        raise ValueError(f"rollout batch of {n} rows does not split into mini-batches of "
+                         f"{mini_batch_rows}")
+    for _ in range(epochs):
+        for start in range(0, n, mini_batch_rows):
+            yield {k: v[start:start + mini_batch_rows] for k, v in batch.items()}

@@ -1,0 +1,273 @@
+"""Every DAPO formula against a float64 NumPy reference on fresh random inputs."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dapo_jax.train import objective
+from dapo_jax.train.advantages import grpo_advantages, rloo_advantages, token_advantages
+from dapo_jax.train.objective import kl_penalty, policy_loss, tis_weights
+from dapo_jax.train.shaping import overlong_filter, soft_overlong_penalty
+
+
+# ----------------------------------------------------------------------------- references
+def ref_per_token(logp, old, adv, mask, kind, lo, hi, c):
+    logp, old, adv = (np.asarray(x, np.float64) for x in (logp, old, adv))
+    if kind == "gspo":
+        m = np.asarray(mask, np.float64)
+        seq = (np.clip(logp - old, -20, 20) * m).sum(-1) / np.maximum(m.sum(-1), 1)
+        ratio = np.exp(np.clip(np.broadcast_to(seq[:, None], logp.shape), -20, 20))
+    else:
+        ratio = np.exp(np.clip(logp - old, -20, 20))
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - lo, 1 + hi))
+    if kind == "dual_clip":
+        loss = np.where(adv < 0, np.minimum(loss, -adv * c), loss)
+    return loss, ratio
+
+
+def ref_reduce(values, mask, reduction, max_seq_len=None):
+    m = np.asarray(mask, np.float64)
+    if reduction == "token_mean":
+        return (values * m).sum() / max(m.sum(), 1)
+    if reduction == "sequence_mean":
+        rows = m.sum(-1) > 0
+        per_seq = (values * m).sum(-1)[rows] / m.sum(-1)[rows]
+        return per_seq.sum() / max(rows.sum(), 1)
+    return (values * m).sum() / (m.shape[0] * max_seq_len)
+
+
+def random_inputs(seed, B=6, T=9, spread=0.5):
+    rng = np.random.default_rng(seed)
+    old = rng.normal(-2, 1, (B, T)).astype(np.float32)
+    logp = (old + rng.normal(0, spread, (B, T))).astype(np.float32)
+    adv = rng.normal(0, 1, (B, T)).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    mask[0] = 0.0  # an all-masked row
+    return logp, old, adv, mask
+
+
+# ----------------------------------------------------------------------------- policy loss
+@pytest.mark.parametrize("kind", ["regular", "dual_clip", "gspo"])
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_policy_loss_matches_reference(kind, reduction, seed):
+    # spread 2.0 puts many ratios far outside the clip range (and past the dual clip).
+    logp, old, adv, mask = random_inputs(seed, spread=2.0)
+    kw = dict(policy_loss_type=kind, eps_clip_low=0.2, eps_clip_high=0.28, clip_ratio_c=3.0,
+              loss_reduction=reduction, max_seq_len=32)
+    loss, metrics = jax.jit(lambda *a: policy_loss(*a, **kw))(logp, old, adv, mask)
+    chex.assert_shape(loss, ())
+    chex.assert_type(loss, jnp.float32)
+    per_token, ratio = ref_per_token(logp, old, adv, mask, kind, 0.2, 0.28, 3.0)
+    np.testing.assert_allclose(loss, ref_reduce(per_token, mask, reduction, 32), rtol=1e-5,
+                               atol=1e-6)
+    m = mask.astype(bool)
+    np.testing.assert_allclose(metrics["clip_frac_high"],
+                               ((ratio > 1.28) & (adv > 0))[m].mean(), atol=1e-6)
+    np.testing.assert_allclose(metrics["clip_frac_low"],
+                               ((ratio < 0.8) & (adv < 0))[m].mean(), atol=1e-6)
+    np.testing.assert_allclose(metrics["approx_kl"], (old - logp)[m].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["ratio"], ratio[m].mean(), rtol=1e-5)
+    assert 0 < float(metrics["clip_frac_high"]) < 1
+
+
+def test_dual_clip_bounds_negative_advantages():
+    """A < 0 and a huge ratio: regular loss is -A r (unbounded); dual clip caps it at -A c."""
+    logp = np.array([[0.0, 0.0, 0.0]], np.float32)
+    old = np.array([[-5.0, -5.0, -0.1]], np.float32)  # r = e^5 = 148, 148, 1.105
+    adv = np.array([[-1.0, 2.0, -1.0]], np.float32)
+    mask = np.ones_like(adv)
+    kw = dict(eps_clip_low=0.2, eps_clip_high=0.28, clip_ratio_c=3.0, loss_reduction="token_mean")
+    reg, _ = policy_loss(logp, old, adv, mask, policy_loss_type="regular", **kw)
+    dual, metrics = policy_loss(logp, old, adv, mask, policy_loss_type="dual_clip", **kw)
+    r = np.exp(5.0)
+    # token 0: max(r, 1.28) = r -> dual min(r, 3) = 3; token 1: A>0, max(-2r, -2*1.28) = -2.56;
+    # token 2: max(1.105, 1.105) = 1.105 (within bounds; dual inactive).
+    np.testing.assert_allclose(reg, (r - 2.56 + np.exp(0.1)) / 3, rtol=1e-5)
+    np.testing.assert_allclose(dual, (3.0 - 2.56 + np.exp(0.1)) / 3, rtol=1e-5)
+    np.testing.assert_allclose(metrics["dual_clip_frac"], 1 / 3, rtol=1e-6)
+
+
+def test_all_masked_batch_gives_zero_not_nan():
+    logp, old, adv, _ = random_inputs(3)
+    for reduction in ["token_mean", "sequence_mean", "seq_mean_token_sum_norm"]:
+        loss, metrics = policy_loss(logp, old, adv, np.zeros_like(adv), loss_reduction=reduction,
+                                    max_seq_len=16)
+        assert float(loss) == 0.0
+        assert all(np.isfinite(np.asarray(v)) for v in metrics.values())
+
+
+def test_global_denominator_makes_split_exact():
+    """Sum of micro-batch losses with the full batch's denominator == full-batch loss."""
+    logp, old, adv, mask = random_inputs(4, B=8)
+    for reduction in ["token_mean", "sequence_mean", "seq_mean_token_sum_norm"]:
+        kw = dict(loss_reduction=reduction, max_seq_len=20)
+        full, _ = policy_loss(logp, old, adv, mask, **kw)
+        denom = objective.reduction_denominator(jnp.asarray(mask), reduction, 20)
+        parts = sum(policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2],
+                                denominator=denom, **kw)[0] for i in range(0, 8, 2))
+        np.testing.assert_allclose(parts, full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(policy_loss_type="ppo2"), "policy_loss_type"),
+    (dict(loss_reduction="mean"), "loss_reduction"),
+    (dict(eps_clip_low=-0.1), "eps_clip"),
+    (dict(eps_clip_high=-0.1), "eps_clip"),
+    (dict(policy_loss_type="dual_clip", clip_ratio_c=1.0), "clip_ratio_c"),
+    (dict(loss_reduction="seq_mean_token_sum_norm"), "max_seq_len"),
+])
+def test_invalid_arguments_raise_at_trace_time(kwargs, match):
+    logp, old, adv, mask = random_inputs(0)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda *a: policy_loss(*a, **kwargs))(logp, old, adv, mask)
+
+
+def test_shape_mismatch_raises():
+    logp, old, adv, mask = random_inputs(0)
+    with pytest.raises(ValueError, match="equal"):
+        policy_loss(logp, old[:, :-1], adv, mask)
+
+
+def test_registry_accepts_a_new_loss():
+    @objective.register_policy_loss("test_plain_pg")
+    def plain(logprobs, old_logprobs, advantages, loss_mask, **_):
+        return -advantages * logprobs, {}
+
+    try:
+        logp, old, adv, mask = random_inputs(5)
+        loss, _ = policy_loss(logp, old, adv, mask, policy_loss_type="test_plain_pg")
+        np.testing.assert_allclose(loss, ref_reduce(-adv.astype(np.float64) * logp, mask,
+                                                    "token_mean"), rtol=1e-5)
+        with pytest.raises(ValueError, match="already registered"):
+            objective.register_policy_loss("test_plain_pg")(plain)
+    finally:
+        objective.POLICY_LOSSES.pop("test_plain_pg")
+
+
+def test_policy_gradient_sign_and_clip_zeroes_gradient():
+    """d loss / d logp = -A r inside the clip range, 0 where the clip is active."""
+    logp = np.array([[0.0, 0.0]], np.float32)
+    old = np.array([[0.0, -1.0]], np.float32)  # r = 1 and e = 2.72 (> 1.28, clipped)
+    adv = np.array([[1.0, 1.0]], np.float32)
+    g = jax.grad(lambda lp: policy_loss(lp, old, adv, np.ones_like(adv))[0])(jnp.asarray(logp))
+    np.testing.assert_allclose(g, [[-0.5, 0.0]], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- KL, TIS
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_kl_estimators(estimator):
+    rng = np.random.default_rng(7)
+    logp = rng.normal(-2, 1, (4, 5)).astype(np.float32)
+    ref = (logp + rng.normal(0, 1.5, (4, 5))).astype(np.float32)
+    d = ref.astype(np.float64) - logp
+    expected = {"k1": -d, "abs": np.abs(d), "k2": d * d / 2,
+                "k3": np.clip(np.exp(np.clip(d, -20, 20)) - d - 1, -10, 10)}[estimator]
+    out = kl_penalty(jnp.asarray(logp), jnp.asarray(ref), estimator)
+    chex.assert_shape(out, (4, 5))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda lp: jnp.sum(kl_penalty(lp, jnp.asarray(ref), estimator)))(
+        jnp.asarray(logp))
+    assert float(jnp.abs(grad).sum()) > 0  # the KL term carries a gradient
+
+
+def test_tis_weights_are_capped_and_constant():
+    old = jnp.array([[0.0, 0.0, 0.0]])
+    rollout = jnp.array([[0.0, -0.5, -3.0]])
+    w = tis_weights(old, rollout, 2.0)
+    np.testing.assert_allclose(w, [[1.0, np.exp(0.5), 2.0]], rtol=1e-6)
+    assert float(jnp.sum(jax.grad(lambda o: jnp.sum(tis_weights(o, rollout, 2.0)))(old))) == 0
+
+
+# ----------------------------------------------------------------------------- advantages
+def ref_grpo(rewards, groups, norm_by_std):
+    out = np.zeros(len(rewards))
+    for g in np.unique(groups):
+        idx = groups == g
+        r = rewards[idx].astype(np.float64)
+        if len(r) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean, std = r.mean(), r.std(ddof=1)
+        out[idx] = (r - mean) / (std + 1e-6) if norm_by_std else r - mean
+    return out
+
+
+def ref_rloo(rewards, groups):
+    out = np.zeros(len(rewards))
+    for g in np.unique(groups):
+        idx = groups == g
+        r, n = rewards[idx].astype(np.float64), idx.sum()
+        out[idx] = 0.0 if n == 1 else (r - r.mean()) * n / (n - 1)
+    return out
+
+
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_grpo_advantages(norm_by_std):
+    rng = np.random.default_rng(11)
+    # groups of 4, 3, 1 (a group of one) and 2 equal rewards (std 0), shuffled order
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 2, 3, 3])
+    rewards = rng.choice([-1.0, 1.0], size=10).astype(np.float32)
+    rewards[8:] = 1.0
+    perm = rng.permutation(10)
+    groups, rewards = groups[perm], rewards[perm]
+    adv = jax.jit(grpo_advantages, static_argnums=2)(rewards, groups, norm_by_std)
+    chex.assert_shape(adv, (10,))
+    chex.assert_type(adv, jnp.float32)
+    np.testing.assert_allclose(adv, ref_grpo(rewards, groups, norm_by_std), rtol=1e-5,
+                               atol=1e-6)
+    # The equal-reward group gets 0, not a NaN.
+    assert np.all(np.asarray(adv)[groups == 3] == 0)
+
+
+def test_grpo_continuous_rewards():
+    rng = np.random.default_rng(12)
+    groups = np.repeat(np.arange(5), 8)
+    rewards = rng.normal(size=40).astype(np.float32)
+    np.testing.assert_allclose(grpo_advantages(rewards, groups), ref_grpo(rewards, groups, True),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rloo_advantages():
+    rng = np.random.default_rng(13)
+    groups = np.array([0, 0, 0, 1, 2, 2, 2, 2])
+    rewards = rng.normal(size=8).astype(np.float32)
+    np.testing.assert_allclose(rloo_advantages(rewards, groups), ref_rloo(rewards, groups),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_token_advantages_broadcast():
+    adv = jnp.array([1.0, -2.0])
+    mask = jnp.array([[0, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(token_advantages(adv, mask), [[0, 1, 1], [-2, -2, 0]])
+
+
+def test_advantage_shape_errors():
+    with pytest.raises(ValueError, match="rewards and group_ids"):
+        grpo_advantages(jnp.zeros(4), jnp.zeros(3, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- shaping
+def test_soft_overlong_penalty():
+    rng = np.random.default_rng(14)
+    L_max, L_cache, f = 100, 30, 1.0
+    lengths = np.concatenate([[0, 70, 71, 85, 100], rng.integers(0, 101, 20)])
+    expected = np.minimum(-(lengths - (L_max - L_cache)) / L_cache * f, 0.0)
+    out = soft_overlong_penalty(jnp.asarray(lengths), L_max, L_cache, f)
+    chex.assert_type(out, jnp.float32)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[:5], [0, 0, -1 / 30, -0.5, -1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="overlong_buffer.len"):
+        soft_overlong_penalty(jnp.asarray(lengths), 100, 0, 1.0)
+
+
+def test_overlong_filter_zeroes_truncated_rows():
+    mask = jnp.ones((3, 4))
+    out = overlong_filter(mask, jnp.array([False, True, False]))
+    np.testing.assert_array_equal(out, [[1] * 4, [0] * 4, [1] * 4])
+    with pytest.raises(ValueError, match="truncated"):
+        overlong_filter(mask, jnp.array([True]))
