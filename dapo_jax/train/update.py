@@ -199,7 +199,9 @@ def make_train_fns(
         metrics["grad_norm"] = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics["lr"] = opt_state[1].hyperparams["learning_rate"]
+        lr = _current_lr(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
         return params, opt_state, metrics
 
     def logprobs(params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array):
@@ -217,11 +219,10 @@ def make_train_fns(
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # The optimiser state keeps the layout it was created with (`init_optimizer`: moments
-    # follow their parameter), hence None (taken from the argument) for it.
+    opt_sh = optimizer_shardings(optimizer, params)
     update_jit = jax.jit(update, donate_argnums=(0, 1),
-                         in_shardings=(param_sh, None, batch_sh),
-                         out_shardings=(param_sh, None, replicated))
+                         in_shardings=(param_sh, opt_sh, batch_sh),
+                         out_shardings=(param_sh, opt_sh, replicated))
     logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh),
                            out_shardings=(batch_sh, batch_sh))
     return TrainFns(update=_under_mesh(update_jit, mesh), logprobs=_under_mesh(logprobs_jit, mesh))
@@ -233,6 +234,13 @@ def _under_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
         with jax.set_mesh(mesh):
             return fn(*args)
     return wrapped
+
+
+def _current_lr(opt_state: Any) -> jax.Array | None:
+    """The learning rate `inject_hyperparams` recorded for this step (None without it)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+    values = [v for _, v in found if isinstance(v, jax.Array)]
+    return values[0] if values else None
 
 
 def _check_batch(batch: Batch, loss_cfg: LossConfig) -> None:
@@ -264,9 +272,22 @@ def _combine_metrics(per_micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def optimizer_shardings(optimizer: optax.GradientTransformation, params: nnx.State) -> Any:
+    """Shardings of the optimiser state: moments take their parameter's sharding, counters
+    and other scalars are replicated. None when `params` are not on a mesh."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(param_sh)[0]
+    if not isinstance(first, jax.sharding.NamedSharding):
+        return None
+    replicated = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+        param_sh, transform_non_params=lambda _: replicated)
+
+
 def init_optimizer(optimizer: optax.GradientTransformation, params: nnx.State) -> Any:
-    """Optimiser state laid out like `params` (moments inherit each parameter's sharding)."""
-    return jax.jit(optimizer.init)(params)
+    """Optimiser state created in place, laid out by `optimizer_shardings`."""
+    return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, params))(params)
 
 
 # ----------------------------------------------------------------------------- host side

@@ -1,0 +1,167 @@
+"""The jitted update step: micro-batch and device invariance, learning sign, errors."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dapo_jax.models import init_model, preset
+from dapo_jax.sharding import make_mesh
+from dapo_jax.train.update import (
+    LossConfig,
+    OptimizerConfig,
+    init_optimizer,
+    lr_schedule,
+    make_optimizer,
+    make_train_fns,
+    mini_batches,
+)
+from tests import hf_models
+
+CFG = preset("qwen3-tiny")
+
+
+def make_batch(seed: int = 0, n: int = 8, t: int = 16) -> dict[str, np.ndarray]:
+    ids, mask = hf_models.rl_batch(batch=n, length=t, vocab=CFG.vocab_size, seed=seed)
+    rng = np.random.default_rng(seed)
+    # Response = the real tokens after the 5th position: prompts are left-padded to col 5.
+    loss_mask = (mask * (np.arange(t)[None, :] >= 5)).astype(np.float32)
+    return {
+        "input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
+        "old_logprobs": rng.normal(-6.3, 0.3, (n, t)).astype(np.float32),
+        "advantages": (rng.normal(size=(n, 1)) * loss_mask).astype(np.float32),
+        "ref_logprobs": rng.normal(-6.3, 0.3, (n, t)).astype(np.float32),
+        "rollout_logprobs": rng.normal(-6.3, 0.3, (n, t)).astype(np.float32),
+    }
+
+
+def sgd_gradient(loss_cfg, num_micro, mesh=None, batch=None):
+    """The mini-batch gradient, read off one SGD(lr=1) step: g = params_before - params_after."""
+    model = init_model(CFG, seed=0, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    before = jax.tree.map(np.asarray, params)
+    opt = optax.sgd(1.0)
+    fns = make_train_fns(graphdef, params, opt, loss_cfg, num_micro_batches=num_micro, mesh=mesh)
+    batch = batch if batch is not None else make_batch()
+    if mesh is not None:
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        batch = {k: jax.device_put(v, sh) for k, v in batch.items()}
+    params, _, metrics = fns.update(params, init_optimizer(opt, params), batch)
+    grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, params)
+    return jax.tree.leaves(grads), metrics
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+def test_gradient_independent_of_micro_batches(reduction):
+    cfg = LossConfig(policy_loss_type="dual_clip", loss_reduction=reduction, tis_cap=2.0)
+    g1, m1 = sgd_gradient(cfg, 1)
+    for num_micro in (2, 4):
+        g, m = sgd_gradient(cfg, num_micro)
+        for a, b in zip(g1, g, strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+        np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m["clip_frac_low"], m1["clip_frac_low"], rtol=1e-5)
+    assert float(m1["grad_norm"]) > 0
+
+
+def test_gradient_same_on_8_devices():
+    cfg = LossConfig(loss_reduction="token_mean")
+    g1, m1 = sgd_gradient(cfg, 2)
+    g8, m8 = sgd_gradient(cfg, 2, mesh=make_mesh((2, 2, 2)))
+    for a, b in zip(g1, g8, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+
+def test_kl_loss_changes_the_gradient():
+    base, _ = sgd_gradient(LossConfig(), 1)
+    with_kl, m = sgd_gradient(LossConfig(use_kl_loss=True, kl_loss_coef=1.0,
+                                         kl_estimator="k3"), 1)
+    assert float(m["kl_loss"]) > 0
+    diff = sum(float(np.abs(a - b).sum()) for a, b in zip(base, with_kl, strict=True))
+    assert diff > 1e-3
+
+
+def test_training_raises_logprobs_of_positive_advantage_tokens():
+    """Sign check of the whole chain: log-prob recompute -> loss -> grad -> AdamW."""
+    model = init_model(CFG, seed=1)
+    graphdef, params = nnx.split(model)
+    opt = make_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0))
+    fns = make_train_fns(graphdef, params, opt, LossConfig(), num_micro_batches=2)
+    batch = make_batch(seed=2)
+    logp0, _ = fns.logprobs(params, batch["input_ids"], batch["attention_mask"])
+    batch["old_logprobs"] = np.asarray(logp0)
+    adv = np.where(np.arange(8)[:, None] % 2 == 0, 1.0, -1.0) * batch["loss_mask"]
+    batch["advantages"] = adv.astype(np.float32)
+    opt_state = init_optimizer(opt, params)
+    for _ in range(5):
+        params, opt_state, metrics = fns.update(params, opt_state, batch)
+    logp1, _ = fns.logprobs(params, batch["input_ids"], batch["attention_mask"])
+    delta = np.asarray(logp1 - logp0)
+    pos, neg = adv > 0, adv < 0
+    assert delta[pos].mean() > 0.1, delta[pos].mean()
+    assert delta[neg].mean() < -0.1, delta[neg].mean()
+    assert float(metrics["lr"]) == pytest.approx(3e-3)
+    assert fns.update._cache_size() == 1  # no recompiles after the first step
+
+
+def test_optimizer_state_follows_parameter_sharding():
+    mesh = make_mesh((1, 4, 2))
+    model = init_model(CFG, seed=0, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))
+    opt_state = init_optimizer(opt, params)
+
+    def check(params, opt_state):
+        mu = opt_state[1].inner_state[0].mu
+        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mu), strict=True):
+            assert p.sharding.is_equivalent_to(m.sharding, p.ndim)
+        assert jax.tree.leaves(params)[0].sharding.spec == jax.sharding.PartitionSpec(
+            "tensor", "fsdp")
+
+    check(params, opt_state)
+    fns = make_train_fns(graphdef, params, opt, LossConfig(), mesh=mesh)
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = {k: jax.device_put(v, sh) for k, v in make_batch().items()}
+    params, opt_state, _ = fns.update(params, opt_state, batch)
+    check(params, opt_state)  # the step keeps both layouts
+
+
+def test_lr_schedule_warmup_constant_and_cosine():
+    s = lr_schedule(OptimizerConfig(lr=1.0, warmup_steps=4))
+    np.testing.assert_allclose([s(t) for t in range(6)], [0.25, 0.5, 0.75, 1, 1, 1])
+    c = lr_schedule(OptimizerConfig(lr=1.0, warmup_steps=2, schedule="cosine", total_steps=6,
+                                    min_lr_ratio=0.1))
+    np.testing.assert_allclose([c(t) for t in (0, 1, 2, 4, 6)],
+                               [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1], rtol=1e-6)
+
+
+def test_batch_errors_are_clear():
+    model = init_model(CFG, seed=0)
+    graphdef, params = nnx.split(model)
+    opt = optax.sgd(1.0)
+    fns = make_train_fns(graphdef, params, opt, LossConfig(use_kl_loss=True, kl_loss_coef=0.1))
+    batch = make_batch()
+    del batch["ref_logprobs"]
+    with pytest.raises(ValueError, match="missing.*ref_logprobs"):
+        fns.update(params, init_optimizer(opt, params), batch)
+    batch = make_batch()
+    batch["advantages"] = batch["advantages"][:, :-1]
+    with pytest.raises(ValueError, match="advantages"):
+        fns.update(params, init_optimizer(opt, params), batch)
+    with pytest.raises(ValueError, match="micro-batches"):
+        make_train_fns(graphdef, params, opt, LossConfig(), num_micro_batches=3).update(
+            params, init_optimizer(opt, params), make_batch())
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        LossConfig(policy_loss_type="dual_clip", clip_ratio_c=0.5)
+
+
+def test_mini_batches_and_epochs():
+    batch = {"input_ids": np.arange(8)[:, None]}
+    chunks = [b["input_ids"].ravel().tolist() for b in mini_batches(batch, 4, epochs=2)]
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    with pytest.raises(ValueError, match="mini-batches of 3"):
+        list(mini_batches(batch, 3))
