@@ -29,6 +29,9 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 
 _init = nnx.initializers.normal(0.02)
 
+KVLayer = tuple[jax.Array, jax.Array]  # one layer's (k, v) cache, each [B, S, K, H]
+KVCache = tuple[jax.Array, jax.Array]  # all layers' (k, v), each [L, B, S, K, H]
+
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
@@ -127,9 +130,16 @@ class Attention(nnx.Module):
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...].astype(self.dtype))
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array):
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
+                 kv: KVLayer | None = None, index: jax.Array | None = None):
+        """Without `kv`, attends within x (S = T). With a layer's cache `kv` ([B, S, K, H]
+        each), writes this chunk's k/v at slot `index` and attends over the whole cache."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
-        return self.attend(q, k, v, mask_BTT)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            kv = (k, v)
+        return self.attend(q, k, v, mask_BTS), kv
 
 
 class MLP(nnx.Module):
@@ -159,9 +169,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
         self.mlp = MLP(cfg, precision, rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array):
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, mask_BTT)
-        return x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
+                 kv: KVLayer | None = None, index: jax.Array | None = None):
+        attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTS, kv, index)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), kv
 
 
 class Qwen(nnx.Module):
@@ -223,9 +235,41 @@ class Qwen(nnx.Module):
         mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
         x_BTD = self.embed_tokens(input_ids_BT)
         x_BTD, _ = self.scan_layers(
-            lambda layer, x: (layer(x, positions_BT, mask_BTT), None), x_BTD
+            lambda layer, x: (layer(x, positions_BT, mask_BTT)[0], None), x_BTD
         )
         return self.final_norm(x_BTD)
+
+    def hidden_states_cached(
+        self,
+        input_ids_BT: jax.Array,
+        positions_BT: jax.Array,
+        slots_valid_BS: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Generation: the T new tokens occupy cache slots [index, index + T) of every row.
+        A token at slot s attends slots <= s that `slots_valid_BS` marks as real (left
+        padding of the prompt is not). Returns final-norm hidden states and the new cache."""
+        T, S = input_ids_BT.shape[1], slots_valid_BS.shape[1]
+        slot_T = index + jnp.arange(T)
+        causal_TS = jnp.arange(S)[None, :] <= slot_T[:, None]
+        mask_BTS = causal_TS[None] & slots_valid_BS.astype(jnp.bool_)[:, None, :]
+        x_BTD = self.embed_tokens(input_ids_BT)
+
+        def step(layer, x, k_BSKH, v_BSKH):
+            x, (k_BSKH, v_BSKH) = layer(x, positions_BT, mask_BTS, (k_BSKH, v_BSKH), index)
+            return x, (k_BSKH, v_BSKH)
+
+        x_BTD, cache = self.scan_layers(step, x_BTD, *cache)
+        return self.final_norm(x_BTD), cache
+
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """Zeroed KV cache, (k, v) each [L, B, S, K, H] in the compute dtype."""
+        c = self.config
+        shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, self.precision.dtype)
+        zeros = constrain(zeros, ("layers", "batch", "length", "kv_heads", "head_dim"))
+        return zeros, zeros
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] in float32. Memory grows with B*T*V: the trainer uses

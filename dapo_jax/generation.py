@@ -1,0 +1,218 @@
+"""The JAX generation engine: batched sampling with a preallocated KV cache.
+
+One jitted function per (batch, prompt, new-token) bucket does a prefill of the left-padded
+prompts, then a `lax.while_loop` of single-token decode steps that stops as soon as every
+sequence has finished. Sampling settings are traced values, so changing them does not
+recompile.
+
+Log-probs: each sampled token's log-prob under the distribution it was drawn from, i.e.
+log_softmax(logits / temperature) after top-k / top-p truncation and renormalisation (the same
+convention as vLLM's `processed_logprobs`). With top_p = 1 and top_k = -1, the DAPO training
+setting, that is exactly the trainer's teacher-forced log_softmax(logits / temperature).
+Greedy decoding (temperature 0) reports log_softmax(logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dapo_jax.sharding import constrain
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    max_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token was sampled, and is included) or "length"
+    weight_version: int
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Next power of two >= max(n, minimum): few distinct shapes, few compilations."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _truncate(z_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets logits outside the top-k and outside the smallest top-p nucleus to -inf."""
+    V = z_BV.shape[-1]
+    sorted_BV = jnp.sort(z_BV, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth_B = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k - 1, (z_BV.shape[0], 1)), -1)
+    probs_BV = jax.nn.softmax(jnp.where(jnp.arange(V) < k, sorted_BV, -jnp.inf), axis=-1)
+    # Keep a sorted token if the mass before it is < top_p (the first is always kept).
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = (mass_before_BV < top_p) & (jnp.arange(V) < k)
+    threshold_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(z_BV >= jnp.maximum(threshold_B, kth_B), z_BV, -jnp.inf)
+
+
+def sample_tokens(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
+                  top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row; returns (tokens [B], log-probs [B]) per the module docstring."""
+    greedy = temperature <= 0
+    z = logits_BV / jnp.where(greedy, 1.0, temperature)
+    z = jax.lax.cond((top_k > 0) | (top_p < 1.0), _truncate, lambda z, *_: z, z, top_k, top_p)
+    logp_BV = jax.nn.log_softmax(z, axis=-1)
+    drawn = jax.random.categorical(key, z, axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), drawn).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp_BV, tokens[:, None], -1)[:, 0]
+
+
+def _logits_last(model: Any, h_BTD: jax.Array) -> jax.Array:
+    return jnp.einsum("BD,DV->BV", h_BTD[:, -1], model.lm_head_weight(),
+                      preferred_element_type=jnp.float32)
+
+
+def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
+              prompt_mask_BP: jax.Array, active_B: jax.Array, stop_ids: jax.Array,
+              key: jax.Array, max_new: jax.Array, temperature: jax.Array, top_k: jax.Array,
+              top_p: jax.Array, *, new_bucket: int) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    B, P = prompt_BP.shape
+    S = P + new_bucket
+    prompt_len_B = jnp.sum(prompt_mask_BP, axis=-1).astype(jnp.int32)
+    valid_BS = jnp.pad(prompt_mask_BP.astype(jnp.bool_), ((0, 0), (0, new_bucket)))
+    positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=-1) - 1, 0)
+    cache = model.init_cache(B, S)
+    h, cache = model.hidden_states_cached(prompt_BP, positions_BP, valid_BS, cache,
+                                          jnp.int32(0))
+    key, sub = jax.random.split(key)
+    tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p)
+    tokens_BM = jnp.zeros((B, new_bucket), jnp.int32).at[:, 0].set(tok_B)
+    logps_BM = jnp.zeros((B, new_bucket), jnp.float32).at[:, 0].set(logp_B)
+    stopped_B = jnp.isin(tok_B, stop_ids)
+    state = dict(i=jnp.int32(1), tokens=tokens_BM, logps=logps_BM, stopped=stopped_B,
+                 length=jnp.ones((B,), jnp.int32), valid=valid_BS, cache=cache, key=key)
+
+    def running(s):
+        return (s["i"] < max_new) & jnp.any(active_B & ~s["stopped"])
+
+    def step(s):
+        i = s["i"]
+        slot = P + i - 1  # the previous token's cache slot
+        valid = s["valid"].at[:, slot].set(True)
+        prev_B1 = jax.lax.dynamic_slice_in_dim(s["tokens"], i - 1, 1, axis=1)
+        positions_B1 = (prompt_len_B + i - 1)[:, None]
+        h, cache = model.hidden_states_cached(prev_B1, positions_B1, valid, s["cache"], slot)
+        key, sub = jax.random.split(s["key"])
+        tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p)
+        live_B = ~s["stopped"]
+        tok_B = jnp.where(live_B, tok_B, 0)
+        logp_B = jnp.where(live_B, logp_B, 0.0)
+        return dict(
+            i=i + 1,
+            tokens=jax.lax.dynamic_update_slice_in_dim(s["tokens"], tok_B[:, None], i, 1),
+            logps=jax.lax.dynamic_update_slice_in_dim(s["logps"], logp_B[:, None], i, 1),
+            stopped=s["stopped"] | (live_B & jnp.isin(tok_B, stop_ids)),
+            length=s["length"] + live_B.astype(jnp.int32),
+            valid=valid,
+            cache=cache,
+            key=key,
+        )
+
+    s = jax.lax.while_loop(running, step, state)
+    tokens = constrain(s["tokens"], ("batch", None))
+    return dict(tokens=tokens, logprobs=s["logps"], length=s["length"], stopped=s["stopped"])
+
+
+class Generator:
+    """Samples from a `Qwen` model's parameters; `set_params` swaps in new weights with a
+    version number that every returned sample carries."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *,
+                 stop_token_ids: Sequence[int], max_model_len: int, pad_token_id: int = 0,
+                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0):
+        if not stop_token_ids:
+            raise ValueError("stop_token_ids is empty: generation would never stop early")
+        self.graphdef = graphdef
+        self.params = params
+        self.version = weight_version
+        self.stop_ids = np.asarray(sorted(set(int(t) for t in stop_token_ids)), np.int32)
+        self.max_model_len = max_model_len
+        self.pad_token_id = pad_token_id
+        self.mesh = mesh
+        self._fn = jax.jit(_generate, static_argnums=(0,), static_argnames=("new_bucket",))
+
+    def set_params(self, params: nnx.State, version: int) -> None:
+        self.params = params
+        self.version = int(version)
+
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                 n: int = 1) -> list[list[Sample]]:
+        """`n` samples for each prompt (token-id lists); one list of Samples per prompt."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompts:
+            return []
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + sampling.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it "
+                    f"exceeds the model's maximum length {self.max_model_len}")
+        rows = [list(p) for p in prompts for _ in range(n)]
+        B = bucket(len(rows), minimum=max(self._batch_multiple(), 1))
+        P = bucket(max(len(r) for r in rows))
+        M = bucket(sampling.max_tokens)
+        prompt = np.full((B, P), self.pad_token_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for b, r in enumerate(rows):
+            prompt[b, P - len(r):] = r
+            mask[b, P - len(r):] = 1
+        prompt[len(rows):, -1] = self.pad_token_id  # filler rows: one token, inactive
+        mask[len(rows):, -1] = 1
+        active = np.arange(B) < len(rows)
+        args = (self.graphdef, self.params, prompt, mask, active, self.stop_ids,
+                jax.random.key(sampling.seed), np.int32(sampling.max_tokens),
+                np.float32(sampling.temperature), np.int32(sampling.top_k),
+                np.float32(sampling.top_p))
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                out = self._fn(*args, new_bucket=M)
+        else:
+            out = self._fn(*args, new_bucket=M)
+        out = jax.device_get(out)
+        samples = []
+        for b in range(len(rows)):
+            length = int(out["length"][b])
+            samples.append(Sample(
+                token_ids=out["tokens"][b, :length].tolist(),
+                logprobs=out["logprobs"][b, :length].tolist(),
+                finish_reason="stop" if out["stopped"][b] else "length",
+                weight_version=self.version,
+            ))
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,131 @@
+"""The JAX generation engine against transformers and against the trainer's log-probs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from dapo_jax.generation import Generator, SamplingParams, bucket
+from dapo_jax.models import load_pretrained
+from dapo_jax.sharding import make_mesh
+from dapo_jax.train.update import sequence_logprobs
+from tests import hf_models
+
+STOP = [7, 11]
+
+
+def prompts(seed=0, count=5):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(20, 500, size=int(rng.integers(3, 12))).tolist() for _ in range(count)]
+
+
+def hf_greedy(path, prompt_list, max_new):
+    model = hf_models.load_hf(path)
+    P = max(len(p) for p in prompt_list)
+    ids = np.zeros((len(prompt_list), P), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompt_list):
+        ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             do_sample=False, max_new_tokens=max_new, eos_token_id=STOP,
+                             pad_token_id=0)
+    result = []
+    for row in out[:, P:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in STOP), len(row))
+        result.append(row[:cut])
+    return result
+
+
+@pytest.mark.parametrize("variant", ["qwen3_tied", "qwen2_bias_untied"])
+def test_greedy_matches_transformers(tiny_checkpoints, variant):
+    path = tiny_checkpoints[variant]
+    graphdef, params = nnx.split(load_pretrained(path))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
+    ps = prompts()
+    out = gen.generate(ps, SamplingParams(temperature=0.0, max_tokens=20))
+    ref = hf_greedy(path, ps, 20)
+    for got, want in zip(out, ref, strict=True):
+        assert got[0].token_ids == want
+        assert got[0].finish_reason == ("stop" if want[-1] in STOP else "length")
+
+
+def test_greedy_on_8_device_mesh_matches_single(tiny_checkpoints):
+    path = tiny_checkpoints["qwen3_tied"]
+    ps = prompts(1)
+    sp = SamplingParams(temperature=0.0, max_tokens=12)
+    single = Generator(*nnx.split(load_pretrained(path)), stop_token_ids=STOP, max_model_len=1024)
+    mesh = make_mesh((2, 2, 2))
+    sharded = Generator(*nnx.split(load_pretrained(path, mesh=mesh)), stop_token_ids=STOP,
+                        max_model_len=1024, mesh=mesh)
+    a, b = single.generate(ps, sp), sharded.generate(ps, sp)
+    assert [s[0].token_ids for s in a] == [s[0].token_ids for s in b]
+
+
+def teacher_forced(graphdef, params, prompt, sample, temperature):
+    ids = np.array([prompt + sample.token_ids], np.int32)
+    mask = np.ones_like(ids)
+    logp, _ = sequence_logprobs(nnx.merge(graphdef, params), ids, mask, temperature)
+    return np.asarray(logp)[0, len(prompt):]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_teacher_forced(tiny_checkpoints, temperature):
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen2_bias_untied"]))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024, weight_version=4)
+    ps = prompts(2, count=3)
+    out = gen.generate(ps, SamplingParams(temperature=temperature, max_tokens=24, seed=3), n=2)
+    assert [len(o) for o in out] == [2, 2, 2]
+    for prompt, group in zip(ps, out, strict=True):
+        assert group[0].token_ids != group[1].token_ids  # n samples differ
+        for s in group:
+            assert s.weight_version == 4
+            assert len(s.logprobs) == len(s.token_ids)
+            np.testing.assert_allclose(s.logprobs, teacher_forced(graphdef, params, prompt, s,
+                                                                  temperature), atol=1e-4)
+
+
+def test_seed_is_deterministic_and_top_k_top_p_restrict(tiny_checkpoints):
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
+    ps = prompts(3, count=2)
+    sp = SamplingParams(temperature=1.0, max_tokens=16, seed=5)
+    assert gen.generate(ps, sp, n=3) == gen.generate(ps, sp, n=3)
+    # top_k=1 is greedy, with log-prob 0 (all mass on the one kept token).
+    top1 = gen.generate(ps, SamplingParams(temperature=1.0, top_k=1, max_tokens=16, seed=9))
+    greedy = gen.generate(ps, SamplingParams(temperature=0.0, max_tokens=16))
+    for a, b in zip(top1, greedy, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        np.testing.assert_allclose(a[0].logprobs, 0.0, atol=1e-6)
+    # tiny top_p keeps only the most likely token too.
+    nucleus = gen.generate(ps, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=16))
+    assert [s[0].token_ids for s in nucleus] == [s[0].token_ids for s in greedy]
+
+
+def test_compiles_once_per_bucket(tiny_checkpoints):
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
+    sizes = []
+    for seed in range(3):  # same buckets, different lengths, counts and sampling settings
+        gen.generate(prompts(seed, count=3 + seed), SamplingParams(
+            temperature=0.5 + seed, top_p=1.0 - 0.1 * seed, max_tokens=10 + seed, seed=seed))
+        sizes.append(gen._fn._cache_size())
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert bucket(1) == 16 and bucket(17) == 32 and bucket(64) == 64
+
+
+def test_bad_requests(tiny_checkpoints):
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum length 64"):
+        gen.generate([[1] * 60], SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="n must be"):
+        gen.generate([[1]], SamplingParams(), n=0)
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    jax.clear_caches()
