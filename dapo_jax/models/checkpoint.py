@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -123,7 +124,29 @@ def load_pretrained(
     mis-shaped tensors are errors naming the tensor.
     """
     path = Path(path)
-    cfg = read_config(path)
+    return load_from_tensors(read_config(path), TensorIndex(find_safetensors(path)), str(path),
+                             dtype=dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh)
+
+
+class TensorSource(Protocol):
+    """HF-named tensors: a safetensors directory (`TensorIndex`) or an orbax weight export."""
+
+    def names(self) -> set[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+def load_from_tensors(
+    cfg: QwenConfig,
+    index: TensorSource,
+    path: str,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    remat: str = "none",
+    mesh: jax.sharding.Mesh | None = None,
+) -> Qwen:
+    """Builds a `Qwen` for `cfg` from HF-named tensors, each device reading only its slice."""
     precision = Precision(param_dtype=dtype, dtype=compute_dtype or dtype)
     abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
                                            rngs=nnx.Rngs(0)))
@@ -135,7 +158,6 @@ def load_pretrained(
     else:
         shardings = state_shardings(abstract_state, mesh)
 
-    index = TensorIndex(find_safetensors(path))
     _check_tensors(index, hf_specs(cfg, abstract_state), cfg, path)
     by_path = {e.path: e for e in _mapping(cfg)}
 
@@ -170,7 +192,7 @@ def hf_specs(cfg: QwenConfig, state: nnx.State) -> list[tuple[Entry, int | None,
     return specs
 
 
-def _check_tensors(index: TensorIndex, specs: list, cfg: QwenConfig, path: Path) -> None:
+def _check_tensors(index: TensorSource, specs: list, cfg: QwenConfig, path: str) -> None:
     expected = {name for _, _, name, _ in specs}
     present = {n for n in index.names() if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
@@ -188,6 +210,23 @@ def _check_tensors(index: TensorIndex, specs: list, cfg: QwenConfig, path: Path)
         if index.shape(name) != tuple(shape):
             raise ValueError(f"{path}: tensor {name} has shape {index.shape(name)}, but "
                              f"config.json implies {tuple(shape)}")
+
+
+def hf_state_dict(model: Qwen) -> dict[str, jax.Array]:
+    """All parameters as HF-named arrays in HF layout, computed on device (one jitted
+    transform, so shardings carry over); used by the orbax weight export."""
+    state = nnx.state(model)
+    cfg = model.config
+
+    @jax.jit
+    def convert(state: nnx.State) -> dict[str, jax.Array]:
+        out = {}
+        for entry, layer, name in hf_tensors(cfg):
+            value = _get(state, entry.path)
+            out[name] = entry.to_hf(value if layer is None else value[layer], cfg)
+        return out
+
+    return convert(state)
 
 
 def _host_tensors(model: Qwen) -> Iterator[tuple[str, Array]]:

@@ -1,0 +1,130 @@
+"""Weight hand-off from the trainer to generation engines: orbax exports under HF names.
+
+`export_weights` writes `<export_dir>/step_<N>`: an orbax PyTree checkpoint of
+{hf_tensor_name: array} plus `dapo_export.json` (weight version, step, HF config). It is
+written under a temporary name and renamed, so a reader never sees a half-written export;
+older exports beyond `keep` are pruned. All processes call it (orbax writes each host's
+shards); process 0 renames and prunes.
+
+`ExportIndex` reads an export back tensor by tensor (host numpy arrays, or torch tensors via
+`to_torch`), and `load_export` builds a `Qwen` from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dapo_jax.models.checkpoint import hf_state_dict, load_from_tensors
+from dapo_jax.models.config import QwenConfig
+from dapo_jax.models.qwen import Qwen
+
+META_FILE = "dapo_export.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def export_weights(model: Qwen, export_dir: str | Path, *, step: int, version: int,
+                   keep: int = 2) -> Path:
+    """Writes the model's weights to `<export_dir>/step_<step>` and returns that path."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    export_dir = Path(export_dir)
+    final = export_dir / f"step_{step}"
+    tmp = export_dir / f".tmp_step_{step}"
+    primary = jax.process_index() == 0
+    if primary:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed export
+    tensors = hf_state_dict(model)
+    ocp.PyTreeCheckpointer().save(tmp / "weights", tensors)
+    if primary:
+        meta = {"version": int(version), "step": int(step),
+                "config": model.config.to_hf(str(np.dtype(model.precision.param_dtype)))}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(export_dir, keep)
+    return final
+
+
+def _prune(export_dir: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in export_dir.iterdir()
+                   if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    for _, p in steps[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_export(export_dir: str | Path) -> Path | None:
+    steps = sorted((int(m.group(1)), p) for p in Path(export_dir).iterdir()
+                   if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).exists())
+    return steps[-1][1] if steps else None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta_file = Path(path) / META_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a complete weight export (no {META_FILE})")
+    return json.loads(meta_file.read_text())
+
+
+class ExportIndex:
+    """HF-named tensors of an export, restored one at a time as host numpy arrays."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self._ckpt = ocp.PyTreeCheckpointer()
+        tree = self._ckpt.metadata(self.path / "weights").item_metadata.tree
+        self._shapes = {name: tuple(m.shape) for name, m in tree.items()}
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["version"])
+
+    def config(self) -> QwenConfig:
+        return QwenConfig.from_hf(self.meta["config"], source=str(self.path / META_FILE))
+
+    def names(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - per-device loaders ask for a tensor twice
+    def get(self, name: str) -> np.ndarray:
+        args = ocp.args.PyTreeRestore(
+            item={name: np.zeros(0)}, partial_restore=True,
+            restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)})
+        return self._ckpt.restore(self.path / "weights", args=args)[name]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in sorted(self._shapes):
+            yield name, self.get(name)
+
+
+def to_torch(array: np.ndarray) -> Any:
+    """A numpy array (bfloat16 included, which torch.from_numpy lacks) as a torch tensor."""
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_export(path: str | Path, *, dtype: str | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[Qwen, int]:
+    """(model, weight version) from an export; dtype defaults to the exported one."""
+    index = ExportIndex(path)
+    dtype = dtype or index.meta["config"]["dtype"]
+    return load_from_tensors(index.config(), index, str(path), dtype=dtype, mesh=mesh), \
+        index.version
