@@ -15,7 +15,9 @@ Greedy decoding (temperature 0) reports log_softmax(logits).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -53,6 +55,31 @@ class Sample:
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop token was sampled, and is included) or "length"
     weight_version: int
+
+
+def stop_token_ids(model_dir: str | Path) -> list[int]:
+    """Stop tokens of a HF model directory: generation_config.json and config.json
+    `eos_token_id` (int or list), plus the tokenizer's eos token (Qwen chat models end turns on
+    <|im_end|>, which is only there)."""
+    model_dir = Path(model_dir)
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        f = model_dir / name
+        if f.exists():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+    tok_cfg, tok_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if tok_cfg.exists() and tok_file.exists():
+        eos = json.loads(tok_cfg.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if eos:
+            from tokenizers import Tokenizer
+
+            token_id = Tokenizer.from_file(str(tok_file)).token_to_id(eos)
+            if token_id is None:
+                raise ValueError(f"{tok_cfg}: eos_token {eos!r} is not in {tok_file}")
+            ids.add(token_id)
+    return sorted(ids)
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:

