@@ -87,28 +87,71 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def _largest_passing(x_BV: jax.Array, passes, iters: int = 40) -> jax.Array:
+    """Per row, (nearly) the largest threshold t in [min x, max x] with passes(t) true, for a
+    predicate that only turns false as t grows; bisection, `iters` masked reductions."""
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = passes(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.min(x_BV, axis=-1, keepdims=True)
+    hi = jnp.max(x_BV, axis=-1, keepdims=True)
+    return jax.lax.fori_loop(0, iters, body, (lo, hi))[0]
+
+
 def _truncate(z_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets logits outside the top-k and outside the smallest top-p nucleus to -inf."""
+    """Top-k, then top-p on the renormalised top-k distribution: logits outside are -inf.
+
+    Thresholds come from bisection, not a sort (sorting [64, 32k] logits costs 330 ms per
+    decode step on CPU; bisection a few ms). Tokens tied with the threshold are kept."""
     V = z_BV.shape[-1]
-    sorted_BV = jnp.sort(z_BV, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth_B = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k - 1, (z_BV.shape[0], 1)), -1)
-    probs_BV = jax.nn.softmax(jnp.where(jnp.arange(V) < k, sorted_BV, -jnp.inf), axis=-1)
-    # Keep a sorted token if the mass before it is < top_p (the first is always kept).
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = (mass_before_BV < top_p) & (jnp.arange(V) < k)
-    threshold_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(z_BV >= jnp.maximum(threshold_B, kth_B), z_BV, -jnp.inf)
+    k_B1 = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    t_k = _largest_passing(z_BV, lambda t: jnp.sum(z_BV >= t, -1, keepdims=True) >= k_B1)
+    z_BV = jnp.where(z_BV >= t_k, z_BV, -jnp.inf)
+    p_BV = jax.nn.softmax(z_BV, axis=-1)
+    # The nucleus: the most likely tokens whose mass reaches top_p, i.e. p >= t for the
+    # largest t whose kept mass is still >= top_p.
+    t_p = _largest_passing(
+        p_BV, lambda t: jnp.sum(jnp.where(p_BV >= t, p_BV, 0.0), -1, keepdims=True) >= top_p)
+    return jnp.where(p_BV >= t_p, z_BV, -jnp.inf)
+
+
+_BLOCK = 128
+
+
+def _inverse_cdf(probs_BV: jax.Array, key: jax.Array) -> jax.Array:
+    """One draw per row from `probs_BV` with a single uniform per row: first pick a block of
+    128 tokens by its mass, then the token inside it. (`jax.random.categorical` draws B x V
+    Gumbel numbers: 30 ms of a 60 ms decode step at B=64, V=32k on CPU; this takes <1 ms.)"""
+    B, V = probs_BV.shape
+    nb = -(-V // _BLOCK)
+    p_BnC = jnp.pad(probs_BV, ((0, 0), (0, nb * _BLOCK - V))).reshape(B, nb, _BLOCK)
+    mass_Bn = jnp.sum(p_BnC, axis=-1)
+    cdf_Bn = jnp.cumsum(mass_Bn, axis=-1)
+    u_B1 = (1.0 - jax.random.uniform(key, (B, 1))) * cdf_Bn[:, -1:]  # in (0, total]
+    block_B = jnp.minimum(jnp.sum(cdf_Bn < u_B1, axis=-1), nb - 1)
+    inner_BC = jnp.take_along_axis(p_BnC, block_B[:, None, None], axis=1)[:, 0]
+    before_B1 = jnp.take_along_axis(cdf_Bn - mass_Bn, block_B[:, None], axis=1)
+    k_B = jnp.sum(before_B1 + jnp.cumsum(inner_BC, axis=-1) < u_B1, axis=-1)
+    # Rounding can leave u just past the block's last entry: take its last non-zero token.
+    last_B = _BLOCK - 1 - jnp.argmax((inner_BC > 0)[:, ::-1], axis=-1)
+    return block_B * _BLOCK + jnp.minimum(k_B, last_B)
 
 
 def sample_tokens(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
-                  top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Draws one token per row; returns (tokens [B], log-probs [B]) per the module docstring."""
+                  top_k: jax.Array, top_p: jax.Array, *, truncate: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row; returns (tokens [B], log-probs [B]) per the module docstring.
+    `truncate` (static) turns top-k/top-p on; a traced switch would cost the copy of a
+    conditional's operands on every step even when off."""
     greedy = temperature <= 0
     z = logits_BV / jnp.where(greedy, 1.0, temperature)
-    z = jax.lax.cond((top_k > 0) | (top_p < 1.0), _truncate, lambda z, *_: z, z, top_k, top_p)
+    if truncate:
+        z = _truncate(z, top_k, top_p)
     logp_BV = jax.nn.log_softmax(z, axis=-1)
-    drawn = jax.random.categorical(key, z, axis=-1)
+    drawn = _inverse_cdf(jnp.exp(logp_BV), key)
     tokens = jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), drawn).astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp_BV, tokens[:, None], -1)[:, 0]
 
@@ -121,7 +164,7 @@ def _logits_last(model: Any, h_BTD: jax.Array) -> jax.Array:
 def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
               prompt_mask_BP: jax.Array, active_B: jax.Array, stop_ids: jax.Array,
               key: jax.Array, max_new: jax.Array, temperature: jax.Array, top_k: jax.Array,
-              top_p: jax.Array, *, new_bucket: int) -> dict[str, jax.Array]:
+              top_p: jax.Array, *, new_bucket: int, truncate: bool) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params)
     B, P = prompt_BP.shape
     S = P + new_bucket
@@ -132,7 +175,8 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
     h, cache = model.hidden_states_cached(prompt_BP, positions_BP, valid_BS, cache,
                                           jnp.int32(0))
     key, sub = jax.random.split(key)
-    tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p)
+    tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p,
+                                      truncate=truncate)
     tokens_BM = jnp.zeros((B, new_bucket), jnp.int32).at[:, 0].set(tok_B)
     logps_BM = jnp.zeros((B, new_bucket), jnp.float32).at[:, 0].set(logp_B)
     stopped_B = jnp.isin(tok_B, stop_ids)
@@ -150,7 +194,8 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
         positions_B1 = (prompt_len_B + i - 1)[:, None]
         h, cache = model.hidden_states_cached(prev_B1, positions_B1, valid, s["cache"], slot)
         key, sub = jax.random.split(s["key"])
-        tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p)
+        tok_B, logp_B = sample_tokens(_logits_last(model, h), sub, temperature, top_k, top_p,
+                                      truncate=truncate)
         live_B = ~s["stopped"]
         tok_B = jnp.where(live_B, tok_B, 0)
         logp_B = jnp.where(live_B, logp_B, 0.0)
@@ -186,7 +231,8 @@ class Generator:
         self.max_model_len = max_model_len
         self.pad_token_id = pad_token_id
         self.mesh = mesh
-        self._fn = jax.jit(_generate, static_argnums=(0,), static_argnames=("new_bucket",))
+        self._fn = jax.jit(_generate, static_argnums=(0,),
+                           static_argnames=("new_bucket", "truncate"))
 
     def set_params(self, params: nnx.State, version: int) -> None:
         self.params = params
@@ -223,15 +269,16 @@ class Generator:
         prompt[len(rows):, -1] = self.pad_token_id  # filler rows: one token, inactive
         mask[len(rows):, -1] = 1
         active = np.arange(B) < len(rows)
+        truncate = sampling.top_k > 0 or sampling.top_p < 1.0
         args = (self.graphdef, self.params, prompt, mask, active, self.stop_ids,
                 jax.random.key(sampling.seed), np.int32(sampling.max_tokens),
                 np.float32(sampling.temperature), np.int32(sampling.top_k),
                 np.float32(sampling.top_p))
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
-                out = self._fn(*args, new_bucket=M)
+                out = self._fn(*args, new_bucket=M, truncate=truncate)
         else:
-            out = self._fn(*args, new_bucket=M)
+            out = self._fn(*args, new_bucket=M, truncate=truncate)
         out = jax.device_get(out)
         samples = []
         for b in range(len(rows)):

@@ -30,11 +30,11 @@ def vllm_python() -> str | None:
 
 def start(engine: str, model: str, export_root: Path, *, port: int | None = None,
           python: str = sys.executable, token: str | None = None,
-          log: Path | None = None) -> tuple[subprocess.Popen, str]:
+          log: Path | None = None, stop_ids: str = STOP_IDS) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     cmd = [python, "-m", "rollout.server", "--engine", engine, "--model", model,
            "--port", str(port), "--export-root", str(export_root),
-           "--stop-token-ids", STOP_IDS]
+           "--stop-token-ids", stop_ids]
     if token:
         cmd += ["--token", token]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dapo_jax.generation import Generator, SamplingParams, bucket
+from dapo_jax.generation import Generator, SamplingParams, _inverse_cdf, _truncate, bucket
 from dapo_jax.models import load_pretrained
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.update import sequence_logprobs
@@ -110,8 +110,8 @@ def test_compiles_once_per_bucket(tiny_checkpoints):
     gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
     sizes = []
     for seed in range(3):  # same buckets, different lengths, counts and sampling settings
-        gen.generate(prompts(seed, count=3 + seed), SamplingParams(
-            temperature=0.5 + seed, top_p=1.0 - 0.1 * seed, max_tokens=10 + seed, seed=seed))
+        gen.generate(prompts(seed, count=5 + seed), SamplingParams(  # 5-7 rows: bucket 8
+            temperature=0.5 + seed, top_p=0.9 - 0.1 * seed, max_tokens=10 + seed, seed=seed))
         sizes.append(gen._fn._cache_size())
     assert sizes[0] == sizes[1] == sizes[2]
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(64) == 64
@@ -129,3 +129,29 @@ def test_bad_requests(tiny_checkpoints):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
     jax.clear_caches()
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    # 300 tokens (3 blocks of 128), zero-probability tokens in between and at the end.
+    p = np.zeros(300)
+    p[[0, 5, 130, 131, 299 - 20]] = [0.1, 0.25, 0.3, 0.05, 0.3]
+    draws = np.asarray(_inverse_cdf(jax.numpy.tile(jax.numpy.asarray(p, "float32"),
+                                                   (40000, 1)), jax.random.key(0)))
+    assert set(np.unique(draws)) <= set(np.flatnonzero(p))
+    freq = np.bincount(draws, minlength=300) / len(draws)
+    np.testing.assert_allclose(freq, p, atol=0.01)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 0.7), (5, 1.0), (20, 0.5), (1, 0.9)])
+def test_truncate_keeps_the_top_k_then_nucleus(top_k, top_p):
+    rng = np.random.default_rng(top_k + 10)
+    z = rng.normal(0, 2, (6, 300)).astype(np.float32)
+    kept = np.isfinite(np.asarray(_truncate(jax.numpy.asarray(z), top_k, top_p)))
+    for row, keep in zip(z, kept, strict=True):
+        order = np.argsort(-row.astype(np.float64))
+        k = len(row) if top_k < 0 else top_k
+        probs = np.exp(row[order[:k]] - row[order[0]])
+        probs /= probs.sum()
+        # smallest prefix whose mass reaches top_p
+        n = int(np.searchsorted(np.cumsum(probs), top_p - 1e-6) + 1)
+        assert set(np.flatnonzero(keep)) == set(order[:min(n, k)])

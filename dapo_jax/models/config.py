@@ -190,11 +190,13 @@ PRESETS: dict[str, QwenConfig] = {
     # The CPU benchmark shapes of ENVIRONMENT.md.
     "bench-small": _qwen3(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-        num_kv_heads=2, head_dim=64, max_position_embeddings=4096,
+        num_kv_heads=2, head_dim=64, max_position_embeddings=4096, bos_token_id=None,
+        eos_token_id=None,
     ),
     "bench-medium": _qwen3(
         vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-        num_kv_heads=4, head_dim=64, max_position_embeddings=4096,
+        num_kv_heads=4, head_dim=64, max_position_embeddings=4096, bos_token_id=None,
+        eos_token_id=None,
     ),
 }
 
