@@ -119,13 +119,13 @@ def main() -> None:
                 client.update_weights(str(path), 1)
                 sync[name] = time.perf_counter() - start
         finally:
-            jax_proc.kill()
+            sidecar.stop(jax_proc)
         size_mb = cfg.num_params * 4 / 2**20
         print(f"\nweight sync, {size_mb:.0f} MiB float32: " +
               ", ".join(f"{k} {v:.2f} s" for k, v in sync.items()))
     finally:
         if vllm:
-            vllm[0].kill()
+            sidecar.stop(vllm[0])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,8 +40,17 @@ def start(engine: str, model: str, export_root: Path, *, port: int | None = None
         cmd += ["--token", token]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    # Own session: stop() kills the whole group (vLLM spawns engine and worker processes).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """kill -9 of the sidecar and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, token: str | None = None,
@@ -68,8 +78,7 @@ def running(engine: str, model: str, export_root: Path, **kw) -> Iterator[tuple[
         wait_healthy(proc, url, token)
         yield url, proc
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc)
 
 
 def post(url: str, route: str, body: bytes | dict, token: str | None = None) -> tuple[int, dict]:

@@ -116,8 +116,7 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
         while not client.health(url)["busy"]:
             assert time.monotonic() < deadline, "sidecar never became busy"
             time.sleep(0.05)
-        proc.kill()
-        proc.wait()
+        sidecar.stop(proc)
         proc, _ = sidecar.start("jax", setup["model"], setup["root"], port=port, log=log)
         worker.join(timeout=300)
         assert not worker.is_alive()
@@ -127,8 +126,7 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
         reference = client.generate(prompts, long)  # same weights, no interruption
         assert [g[0].token_ids for g in out] == [g[0].token_ids for g in reference]
     finally:
-        proc.kill()
-        proc.wait()
+        sidecar.stop(proc)
 
 
 def test_client_splits_across_replicas(setup):

@@ -1,0 +1,63 @@
+"""Settings shared by the seed's three DAPO runs (DAPO_FACTS section 5): 8xH100, vLLM
+sidecars for generation, DAPO-Math-17k for training and AIME-2024 for evaluation. Model and
+data paths are local directories/files: set them with --config.model.path=...,
+--config.data.train_data=..., --config.data.val_data=...
+"""
+
+from dapo_jax.train.config import default_config
+
+
+def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps: int):
+    c = default_config()
+    c.model.path = model_path
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.mesh.shape = (1, 8, 1)  # FSDP over the 8 GPUs
+    c.data.train_data = "/data/dapo-math-17k.parquet"
+    c.data.val_data = "/data/aime-2024.parquet"
+    c.reward.fn = "dapo_math"
+    c.reward.num_workers = 16
+
+    t = c.trainer
+    t.run_dir = run_dir
+    t.max_steps = max_steps
+    t.max_prompt_length = 2048
+    t.train_batch_size = 512
+    t.policy_mini_batch_size = 32
+    t.micro_train_batch_size_per_gpu = 2
+    t.update_epochs_per_batch = 1
+    t.eval_before_train = True
+    t.eval_interval = eval_interval
+    t.ckpt_interval = 10
+    t.max_ckpts_to_keep = 3
+    o = t.policy.optimizer_config
+    o.lr = 1e-6
+    o.num_warmup_steps = 160
+    o.weight_decay = 0.1
+    o.max_grad_norm = 1.0
+
+    a = t.algorithm
+    a.advantage_estimator = "grpo"
+    a.policy_loss_type = "dual_clip"
+    a.clip_ratio_c = 10.0
+    a.eps_clip_low = 0.2
+    a.eps_clip_high = 0.28
+    a.loss_reduction = "token_mean"
+    a.use_kl_loss = False
+    a.overlong_buffer.len = 4096
+    a.overlong_buffer.penalty_factor = 1.0
+    a.dynamic_sampling.type = ""  # the seed's runs are "w/o dynamic sampling"
+
+    g = c.generator
+    g.backend = "sidecar"
+    g.sidecar_urls = ("http://127.0.0.1:8001",)  # python -m rollout.server --engine vllm ...
+    g.n_samples_per_prompt = 16
+    g.apply_overlong_filtering = True
+    g.sampling_params.max_generate_length = 8192
+    g.sampling_params.temperature = 1.0
+    g.sampling_params.top_p = 1.0
+    g.eval_n_samples_per_prompt = 32
+    g.eval_sampling_params.max_generate_length = 8192
+    g.eval_sampling_params.temperature = 1.0
+    g.eval_sampling_params.top_p = 0.7
+    return c

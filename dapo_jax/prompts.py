@@ -1,0 +1,173 @@
+"""Prompts: datasets in the DAPO-Math-17k / AIME-2024 schema, the built-in arithmetic task,
+chat-template tokenisation, and a deterministic, resumable shuffled sampler.
+
+Row schema (parquet or jsonl): `prompt` = [{"role": ..., "content": ...}, ...],
+`reward_model` = {"ground_truth": str, ...}, optional `data_source`, `extra_info`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DAPO_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be "
+    "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+    "\n\n{problem}\n\nRemember to put your answer on its own line after \"Answer:\".")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    ground_truth: str
+    data_source: str = ""
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.messages)
+
+
+# ----------------------------------------------------------------------------- loading
+def _parse_row(row: dict[str, Any], where: str) -> Example:
+    prompt = row.get("prompt")
+    if isinstance(prompt, np.ndarray):  # parquet list columns arrive as arrays
+        prompt = list(prompt)
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where}: 'prompt' must be a non-empty list of "
+                         f"{{role, content}} messages, got {type(prompt).__name__}")
+    messages = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: prompt[{i}] must be {{role: system|user|assistant, "
+                             f"content: str}}, got {m!r}")
+        messages.append((m["role"], m["content"]))
+    rm = row.get("reward_model")
+    if not isinstance(rm, dict) or "ground_truth" not in rm:
+        raise ValueError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
+    return Example(tuple(messages), str(rm["ground_truth"]), str(row.get("data_source", "")))
+
+
+def load_examples(path: str | Path) -> tuple[list[Example], int]:
+    """Examples from a .parquet or .jsonl file, deduplicated by prompt (first kept).
+    Returns (examples, number of duplicates dropped). Bad rows are errors naming the row."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}, line {i}: malformed JSON: {e}") from None
+    else:
+        raise ValueError(f"dataset {path}: expected a .parquet or .jsonl file")
+    seen: set[str] = set()
+    examples = []
+    for i, row in enumerate(rows):
+        ex = _parse_row(row, f"{path}, row {i}")
+        if ex.key not in seen:
+            seen.add(ex.key)
+            examples.append(ex)
+    return examples, len(rows) - len(examples)
+
+
+# ----------------------------------------------------------------------------- built-in task
+ARITHMETIC_SPLITS = {"eval": (0,), "sft": (1, 2, 3), "train": (4,)}
+
+
+def _pair_bucket(a: int, b: int) -> int:
+    # A hash, not a linear form: (a * c + b) % 5 with c = 1 (mod 5) is (a + b) % 5, which
+    # would tie each split to the answer's residue (a model then never gets another split
+    # right).
+    return int(hashlib.md5(f"{a}+{b}".encode()).hexdigest(), 16) % 5
+
+
+def arithmetic_examples(count: int, seed: int, split: str = "train",
+                        digits: int = 2) -> list[Example]:
+    """Deterministic `a + b` problems with `digits`-digit operands, answered on an `Answer:`
+    line. The splits are disjoint sets of (a, b) pairs, by a hash of the pair: "eval" (1/5)
+    for held-out evaluation, "sft" (3/5) for the base model's supervised warm-up, "train"
+    (1/5) for RL, so RL and evaluation both see problems the base model never saw."""
+    if split not in ARITHMETIC_SPLITS:
+        raise ValueError(f"split must be one of {sorted(ARITHMETIC_SPLITS)}, got {split!r}")
+    rng = random.Random(f"{seed}-{split}")
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    out = []
+    while len(out) < count:
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if _pair_bucket(a, b) in ARITHMETIC_SPLITS[split]:
+            out.append(Example((("user", f"What is {a} + {b}?"),), str(a + b), "arithmetic"))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenising
+def encode_prompts(tokenizer: Any, examples: Sequence[Example]) -> list[list[int]]:
+    """Token ids of each example's chat, rendered with the tokenizer's chat template."""
+    return [tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in ex.messages],
+                                          add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+            for ex in examples]
+
+
+def filter_by_length(examples: list[Example], ids: list[list[int]], max_prompt_length: int,
+                     on_overlong: str, source: str) -> tuple[list[Example], list[list[int]], int]:
+    """Drops prompts longer than `max_prompt_length` tokens (counted), or raises."""
+    if on_overlong not in ("drop", "error"):
+        raise ValueError(f"data.overlong_prompts must be 'drop' or 'error', got {on_overlong!r}")
+    keep = [i for i, x in enumerate(ids) if len(x) <= max_prompt_length]
+    dropped = len(ids) - len(keep)
+    if dropped and on_overlong == "error":
+        first = next(i for i, x in enumerate(ids) if len(x) > max_prompt_length)
+        raise ValueError(f"{source}: prompt {first} has {len(ids[first])} tokens > "
+                         f"max_prompt_length {max_prompt_length} ({dropped} such prompts)")
+    if not keep:
+        raise ValueError(f"{source}: no prompt fits max_prompt_length {max_prompt_length}")
+    return [examples[i] for i in keep], [ids[i] for i in keep], dropped
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclasses.dataclass
+class SamplerState:
+    """Where the shuffled pass over the data stands; goes into checkpoints."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class PromptSampler:
+    """Batches of example indices in a seeded shuffled order, epoch after epoch. The order is
+    a pure function of (seed, epoch), so restoring `state` resumes it exactly."""
+
+    def __init__(self, num_examples: int, seed: int, state: SamplerState | None = None):
+        self.n = num_examples
+        self.seed = seed
+        self.state = state or SamplerState()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next_batch(self, size: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < size:
+            order = self._order(self.state.epoch)
+            take = order[self.state.index:self.state.index + size - len(out)]
+            out.extend(int(i) for i in take)
+            self.state.index += len(take)
+            if self.state.index >= self.n:
+                self.state = SamplerState(self.state.epoch + 1, 0)
+        return out

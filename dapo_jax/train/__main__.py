@@ -1,0 +1,19 @@
+"""python -m dapo_jax.train --config configs/<name>.py [--config.a.b=value ...]"""
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
+                                          lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from dapo_jax.train.loop import run
+
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,65 @@
+"""Training checkpoints with orbax's CheckpointManager.
+
+Each step directory holds the parameters, the optimiser state and a JSON host state (step,
+data position, weight version, dynamic-sampling accumulator). orbax writes a step under a
+temporary name and renames it when complete, so a run killed at any moment (also during a
+save) resumes from the last complete checkpoint; sampling seeds are derived from (seed,
+step), so the resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int):
+        self.directory = Path(directory).resolve()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def save(self, step: int, params: Any, opt_state: Any, host: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            host=ocp.args.JsonSave(host)))
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Restores into the structure, dtypes and shardings of the given (live) trees."""
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(params)),
+            opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+            host=ocp.args.JsonRestore()))
+        return out.params, out.opt_state, dict(out.host)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve_resume(mode: str, run_ckpt_dir: Path, resume_path: str) -> tuple[Path, int] | None:
+    """(checkpoint directory, step) to resume from, or None to start fresh.
+
+    `latest`: the newest complete checkpoint of this run, if any; `from_path`: a step
+    directory (`.../checkpoints/<step>`) of any run; `none`: start fresh."""
+    if mode == "none":
+        return None
+    if mode == "latest":
+        if not run_ckpt_dir.exists():
+            return None
+        step = ocp.CheckpointManager(run_ckpt_dir).latest_step()
+        return None if step is None else (run_ckpt_dir, step)
+    path = Path(resume_path).resolve()
+    if not path.name.isdigit():
+        raise ValueError(f"trainer.resume_path {resume_path!r} must be a step directory "
+                         "(<run_dir>/checkpoints/<step>)")
+    return path.parent, int(path.name)

@@ -1,0 +1,229 @@
+"""The trainer's configuration: SkyRL key names and defaults, validated before any compute.
+
+Config files in `configs/` start from `default_config()` (locked: setting a key that does
+not exist is an error) and change what they need. `validate` checks the combination and
+names the offending key in every error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from dapo_jax.generation import SamplingParams
+from dapo_jax.sharding import resolve_mesh_shape
+from dapo_jax.train import objective
+from dapo_jax.train.dynamic_sampling import TYPES as DS_TYPES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.model = ConfigDict({
+        "path": "",  # local HF directory (config.json, safetensors, tokenizer)
+        "dtype": "float32",  # parameter dtype
+        "compute_dtype": "",  # "" = dtype
+        "remat": "none",  # none | full | dots_saveable
+    })
+    c.mesh = ConfigDict({
+        "shape": (1, -1, 1),  # data x fsdp x tensor; one -1 fills the devices
+        "coordinator_address": "",  # multi-host: jax.distributed.initialize(...)
+        "num_processes": 1,
+        "process_id": 0,
+    })
+    c.data = ConfigDict({
+        "train_data": "",  # .parquet/.jsonl in the DAPO-Math-17k schema, or "builtin:arithmetic"
+        "val_data": "",  # likewise (AIME-2024 schema), or "builtin:arithmetic"
+        "builtin_train_size": 4096,
+        "builtin_val_size": 128,
+        "overlong_prompts": "drop",  # drop (counted) | error
+    })
+    c.reward = ConfigDict({
+        "fn": "dapo_math",  # dapo_math | boxed | arithmetic | package.module:function
+        "num_workers": 2,
+        "timeout_s": 10.0,
+    })
+    c.generator = ConfigDict({
+        "backend": "jax",  # jax (in process) | sidecar (rollout.server over HTTP)
+        "sidecar_urls": (),
+        "sidecar_token": "",
+        "export_dir": "",  # weight exports for the sidecars (default: <run_dir>/exports)
+        "n_samples_per_prompt": 5,
+        "eval_n_samples_per_prompt": 1,
+        "apply_overlong_filtering": False,
+        "sampling_params": ConfigDict({
+            "max_generate_length": 1024, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+        }),
+        "eval_sampling_params": ConfigDict({
+            "max_generate_length": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
+        }),
+    })
+    c.trainer = ConfigDict({
+        "seed": 42,
+        "run_dir": "runs/default",
+        "max_steps": 0,  # 0: trainer.epochs passes over the training data
+        "epochs": 1,
+        "max_prompt_length": 512,
+        "train_batch_size": 64,  # prompts per step
+        "policy_mini_batch_size": 16,  # prompts per optimiser step
+        "micro_train_batch_size_per_gpu": 4,  # sequences per device per micro-batch
+        "update_epochs_per_batch": 1,
+        "eval_interval": 5,  # steps; <= 0: never
+        "eval_before_train": True,
+        "ckpt_interval": 10,
+        "max_ckpts_to_keep": 3,
+        "resume_mode": "latest",  # none | latest | from_path
+        "resume_path": "",
+        "logger": ("console", "jsonl"),  # plus tensorboard, wandb
+        "project_name": "dapo_jax",
+        "run_name": "",
+        "policy": ConfigDict({"optimizer_config": ConfigDict({
+            "lr": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0, "num_warmup_steps": 0,
+            "scheduler": "constant",  # constant | cosine (after the linear warmup)
+            "adam_betas": (0.9, 0.999),
+        })}),
+        "algorithm": ConfigDict({
+            "advantage_estimator": "grpo",  # grpo | rloo
+            "grpo_norm_by_std": True,
+            "policy_loss_type": "regular",  # any registered: regular | dual_clip | gspo
+            "eps_clip_low": 0.2,
+            "eps_clip_high": 0.2,
+            "clip_ratio_c": 3.0,
+            "loss_reduction": "token_mean",
+            "max_seq_len": 0,  # seq_mean_token_sum_norm; 0: prompt + generate length
+            "use_kl_loss": False,
+            "kl_loss_coef": 0.001,
+            "kl_estimator_type": "k3",
+            "use_entropy_loss": False,
+            "entropy_loss_coef": 0.01,
+            "use_tis": False,
+            "tis_imp_ratio_cap": 2.0,
+            "overlong_buffer": ConfigDict({"len": 0, "penalty_factor": 1.0}),  # len 0: off
+            "dynamic_sampling": ConfigDict({
+                "type": "",  # "" (off) | filter | replace
+                "max_sample_batches": 30,
+                "min_replace_ratio": 0.3,
+            }),
+        }),
+    })
+    c.lock()
+    return c
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
+    """Checks a full config before any compute. Returns derived sizes (max_steps, rows per
+    mini-batch, micro-batches per mini-batch, data-parallel size)."""
+    t, g, alg = cfg.trainer, cfg.generator, cfg.trainer.algorithm
+    try:
+        shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+    except ValueError as e:
+        _fail("mesh.shape", str(e))
+    dp = shape[0] * shape[1]
+    if not cfg.model.path:
+        _fail("model.path", "a local HF model directory is required")
+    config_file = Path(cfg.model.path) / "config.json"
+    if not config_file.exists():
+        _fail("model.path", f"{config_file} does not exist")
+    max_pos = json.loads(config_file.read_text()).get("max_position_embeddings", 0)
+    n = g.n_samples_per_prompt
+    for key in ("train_batch_size", "policy_mini_batch_size", "micro_train_batch_size_per_gpu",
+                "update_epochs_per_batch", "max_prompt_length", "max_ckpts_to_keep"):
+        if t[key] < 1:
+            _fail(f"trainer.{key}", f"must be >= 1, got {t[key]}")
+    if n < 1 or g.eval_n_samples_per_prompt < 1:
+        _fail("generator.n_samples_per_prompt", "n_samples_per_prompt and "
+              "eval_n_samples_per_prompt must be >= 1")
+    if t.train_batch_size % t.policy_mini_batch_size:
+        _fail("trainer.train_batch_size", f"{t.train_batch_size} is not divisible by "
+              f"trainer.policy_mini_batch_size {t.policy_mini_batch_size}")
+    mini_rows = t.policy_mini_batch_size * n
+    micro_rows = t.micro_train_batch_size_per_gpu * dp
+    if mini_rows % micro_rows:
+        _fail("trainer.micro_train_batch_size_per_gpu", f"a mini-batch of "
+              f"{t.policy_mini_batch_size} prompts x {n} samples = {mini_rows} sequences does "
+              f"not split into micro-batches of {t.micro_train_batch_size_per_gpu} per device x "
+              f"{dp} data-parallel devices")
+    for name in ("sampling_params", "eval_sampling_params"):
+        sp = g[name]
+        try:
+            SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                           max_tokens=sp.max_generate_length)
+        except ValueError as e:
+            _fail(f"generator.{name}", str(e))
+        if t.max_prompt_length + sp.max_generate_length > max_pos:
+            _fail(f"generator.{name}.max_generate_length", f"trainer.max_prompt_length "
+                  f"{t.max_prompt_length} + max_generate_length {sp.max_generate_length} "
+                  f"exceeds the model's max_position_embeddings {max_pos}")
+    if g.backend not in ("jax", "sidecar"):
+        _fail("generator.backend", f"must be 'jax' or 'sidecar', got {g.backend!r}")
+    if g.backend == "sidecar" and not g.sidecar_urls:
+        _fail("generator.sidecar_urls", "the sidecar backend needs at least one URL")
+    if alg.advantage_estimator not in ("grpo", "rloo"):
+        _fail("trainer.algorithm.advantage_estimator", f"{alg.advantage_estimator!r} is not "
+              "grpo or rloo")
+    max_seq_len = alg.max_seq_len or t.max_prompt_length + g.sampling_params.max_generate_length
+    try:
+        objective.validate(policy_loss_type=alg.policy_loss_type, eps_clip_low=alg.eps_clip_low,
+                           eps_clip_high=alg.eps_clip_high, clip_ratio_c=alg.clip_ratio_c,
+                           loss_reduction=alg.loss_reduction, max_seq_len=max_seq_len)
+    except ValueError as e:
+        _fail("trainer.algorithm", str(e))
+    if alg.kl_estimator_type not in objective.KL_ESTIMATORS:
+        _fail("trainer.algorithm.kl_estimator_type", f"{alg.kl_estimator_type!r} is not one of "
+              f"{objective.KL_ESTIMATORS}")
+    ds = alg.dynamic_sampling
+    if (ds.type or None) not in DS_TYPES:
+        _fail("trainer.algorithm.dynamic_sampling.type", f"{ds.type!r} is not '', filter or "
+              "replace")
+    if not 0 <= ds.min_replace_ratio <= 1:
+        _fail("trainer.algorithm.dynamic_sampling.min_replace_ratio", "must be in [0, 1]")
+    ob = alg.overlong_buffer
+    if ob.len < 0 or ob.len > g.sampling_params.max_generate_length:
+        _fail("trainer.algorithm.overlong_buffer.len", f"{ob.len} must be in [0, "
+              f"max_generate_length {g.sampling_params.max_generate_length}]")
+    if ob.penalty_factor < 0:
+        _fail("trainer.algorithm.overlong_buffer.penalty_factor", "must be >= 0")
+    if alg.use_tis and alg.tis_imp_ratio_cap <= 0:
+        _fail("trainer.algorithm.tis_imp_ratio_cap", "must be > 0")
+    if t.resume_mode not in ("none", "latest", "from_path"):
+        _fail("trainer.resume_mode", f"{t.resume_mode!r} is not none, latest or from_path")
+    if t.resume_mode == "from_path" and not Path(t.resume_path).exists():
+        _fail("trainer.resume_path", f"{t.resume_path!r} does not exist")
+    for logger in t.logger:
+        if logger not in ("console", "jsonl", "tensorboard", "wandb"):
+            _fail("trainer.logger", f"unknown logger {logger!r}")
+    for key in ("train_data", "val_data"):
+        path = cfg.data[key]
+        if key == "train_data" and not path:
+            _fail("data.train_data", "a dataset file or builtin:arithmetic is required")
+        if path and not path.startswith("builtin:") and not Path(path).exists():
+            _fail(f"data.{key}", f"{path} does not exist")
+        if path.startswith("builtin:") and path != "builtin:arithmetic":
+            _fail(f"data.{key}", f"unknown built-in task {path!r} (builtin:arithmetic)")
+    opt = t.policy.optimizer_config
+    if opt.scheduler not in ("constant", "cosine"):
+        _fail("trainer.policy.optimizer_config.scheduler", f"{opt.scheduler!r} is not constant "
+              "or cosine")
+    if opt.lr <= 0:
+        _fail("trainer.policy.optimizer_config.lr", "must be > 0")
+    if t.max_steps < 0:
+        _fail("trainer.max_steps", "must be >= 0 (0: derive from trainer.epochs)")
+    return {"dp": dp, "mini_rows": mini_rows, "num_micro": mini_rows // micro_rows,
+            "max_seq_len": max_seq_len}
+
+
+def total_steps(cfg: ConfigDict, num_train_prompts: int) -> int:
+    if cfg.trainer.max_steps > 0:
+        return cfg.trainer.max_steps
+    return max(1, math.floor(cfg.trainer.epochs * num_train_prompts /
+                             cfg.trainer.train_batch_size))

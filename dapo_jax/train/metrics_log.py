@@ -1,0 +1,70 @@
+"""Where metrics go: console, `<run_dir>/metrics.jsonl` (one JSON object per line, always
+with `step`), and optionally TensorBoard (tensorboardX) and Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CONSOLE_KEYS = ("reward/avg_raw_reward", "reward/accuracy", "policy/grad_norm",
+                "policy/entropy", "generate/avg_response_length",
+                "dynamic_sampling/batches_drawn", "eval/all/accuracy", "timing/step")
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, loggers: Sequence[str], *, project: str, run_name: str,
+                 config: dict[str, Any], write: bool = True):
+        self.write = write
+        self.jsonl = None
+        self.tb = None
+        self.wandb = None
+        self.console = "console" in loggers
+        if not write:
+            return
+        if "jsonl" in loggers:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if "tensorboard" in loggers:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ImportError("trainer.logger has 'tensorboard': pip install tensorboardX"
+                                  ) from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("trainer.logger has 'wandb': pip install wandb") from None
+            self.wandb = wandb.init(project=project, name=run_name or None, config=config,
+                                    dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict[str, float], echo: Any = print) -> None:
+        if not self.write:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in clean.items() if not math.isfinite(v)]
+        if bad:  # logged as null, never as NaN in the file; the trainer decides what to do
+            clean.update({k: None for k in bad})
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in clean.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(clean, step=step)
+        if self.console:
+            shown = [f"{k}={clean[k]:.4g}" for k in CONSOLE_KEYS if clean.get(k) is not None]
+            echo(f"step {step}: " + " ".join(shown))
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
