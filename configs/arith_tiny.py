@@ -17,7 +17,7 @@ def get_config():
     c.data.train_data = "builtin:arithmetic"
     c.data.val_data = "builtin:arithmetic"
     c.data.builtin_train_size = 4096
-    c.data.builtin_val_size = 128
+    c.data.builtin_val_size = 256
     c.reward.fn = "arithmetic"
 
     t = c.trainer
@@ -52,5 +52,5 @@ def get_config():
     g.eval_n_samples_per_prompt = 4
     g.eval_sampling_params.max_generate_length = 16
     g.eval_sampling_params.temperature = 1.0
-    g.eval_sampling_params.top_p = 0.7
+    g.eval_sampling_params.top_p = 1.0  # the policy as trained: top_p < 1 hides its changes
     return c

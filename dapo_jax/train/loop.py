@@ -112,9 +112,10 @@ class SidecarEngine:
 # ----------------------------------------------------------------------------- rollouts
 def rollout(engine: Any, prompt_set: PromptSet, indices: list[int], sampling: SamplingParams,
             n: int, tokenizer: Any, rewards: RewardPool, version: int,
-            timings: dict[str, float]) -> dict[str, np.ndarray]:
+            timings: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Generates n responses per prompt and scores them: one row per response, groups
-    contiguous. Refuses samples generated with another weight version than `version`."""
+    contiguous, and the reward pool's failure counts. Refuses samples generated with another
+    weight version than `version`."""
     start = time.perf_counter()
     groups = engine.generate([prompt_set.ids[i] for i in indices], sampling, n)
     timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
@@ -138,21 +139,21 @@ def rollout(engine: Any, prompt_set: PromptSet, indices: list[int], sampling: Sa
         "score": np.array([r.score for r in results], np.float32),
         "acc": np.array([r.acc for r in results], bool),
         "truncated": np.array([s.finish_reason == "length" for s in samples], bool),
-        "reward_timeouts": np.full(len(samples), stats["reward/timeouts"] / len(samples)),
-        "reward_errors": np.full(len(samples), stats["reward/errors"] / len(samples)),
-    }
+    }, stats
 
 
-def reward_metrics(drawn: list[dict[str, np.ndarray]], n: int) -> dict[str, float]:
+def reward_metrics(drawn: list[tuple[dict[str, np.ndarray], dict[str, float]]],
+                   n: int) -> dict[str, float]:
     """Reward metrics over EVERY response generated this step. (The batch dynamic sampling
     keeps holds only groups with mixed outcomes, so its accuracy drifts towards the middle
     whatever the policy does; it is reported separately as reward/kept_accuracy.)"""
-    acc = np.concatenate([d["acc"] for d in drawn])
-    score = np.concatenate([d["score"] for d in drawn])
-    return {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
-            f"reward/avg_pass_at_{n}": pass_at(acc, n),
-            "reward/timeouts": float(sum(d["reward_timeouts"].sum() for d in drawn)),
-            "reward/errors": float(sum(d["reward_errors"].sum() for d in drawn))}
+    acc = np.concatenate([batch["acc"] for batch, _ in drawn])
+    score = np.concatenate([batch["score"] for batch, _ in drawn])
+    out = {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
+           f"reward/avg_pass_at_{n}": pass_at(acc, n)}
+    for key in ("reward/timeouts", "reward/errors"):
+        out[key] = float(sum(stats[key] for _, stats in drawn))
+    return out
 
 
 def pass_at(acc: np.ndarray, group_size: int) -> float:
@@ -254,8 +255,8 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             return {}
         k = g.eval_n_samples_per_prompt
         sp = dataclasses.replace(eval_sampling, seed=t.seed)
-        out = rollout(engine, val_set, list(range(len(val_set.examples))), sp, k, tokenizer,
-                      rewards, version, {})
+        out, stats = rollout(engine, val_set, list(range(len(val_set.examples))), sp, k,
+                             tokenizer, rewards, version, {})
         if primary:
             (run_dir / "eval").mkdir(exist_ok=True)
             with open(run_dir / "eval" / f"step_{step}.jsonl", "w") as f:
@@ -266,6 +267,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                                         "score": float(out["score"][i]),
                                         "acc": bool(out["acc"][i])}) + "\n")
         return {"eval/all/avg_score": float(out["score"].mean()),
+                "eval/all/reward_failures": stats["reward/timeouts"] + stats["reward/errors"],
                 "eval/all/accuracy": float(out["acc"].mean()),
                 f"eval/all/pass_at_{k}": pass_at(out["acc"], k)}
 
@@ -281,14 +283,14 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             step_start = time.perf_counter()
             timings: dict[str, float] = {}
             state = DynamicSamplingState()
-            drawn: list[dict[str, np.ndarray]] = []  # every generation batch, for metrics
+            drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
             batches = tqdm(desc="generation batches", leave=False, disable=not primary)
             while True:  # dynamic sampling: draw until train_batch_size groups are kept
                 sp = dataclasses.replace(train_sampling, seed=t.seed * 100_003 + step * 1009 +
                                          state.batches_drawn)
-                gen = rollout(engine, train_set, sampler.next_batch(t.train_batch_size), sp, n,
-                              tokenizer, rewards, version, timings)
-                drawn.append(gen)
+                gen, stats = rollout(engine, train_set, sampler.next_batch(t.train_batch_size),
+                                     sp, n, tokenizer, rewards, version, timings)
+                drawn.append((gen, stats))
                 # The filter looks at correctness: raw scores, before overlong punishment.
                 state, batch = accumulate(
                     state, gen, gen["score"], kind=ds_kind, group_size=n,

@@ -151,6 +151,15 @@ class TrainFns:
 
     update: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
     logprobs: Callable[..., tuple[jax.Array, jax.Array]]
+    update_jit: Any = None  # the jitted update itself, for AOT lowering on abstract inputs
+    mesh: jax.sharding.Mesh | None = None
+
+    def lower_update(self, params: Any, opt_state: Any, batch: Any) -> Any:
+        """`jax.jit(...).lower` of the update on (abstract) inputs, under the mesh."""
+        if self.mesh is None:
+            return self.update_jit.lower(params, opt_state, batch)
+        with jax.set_mesh(self.mesh):
+            return self.update_jit.lower(params, opt_state, batch)
 
 
 def make_train_fns(
@@ -214,7 +223,7 @@ def make_train_fns(
     if mesh is None:
         update_jit = jax.jit(update, donate_argnums=(0, 1))
         logprobs_jit = jax.jit(logprobs)
-        return TrainFns(update=update_jit, logprobs=logprobs_jit)
+        return TrainFns(update=update_jit, logprobs=logprobs_jit, update_jit=update_jit)
 
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -225,7 +234,8 @@ def make_train_fns(
                          out_shardings=(param_sh, opt_sh, replicated))
     logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh),
                            out_shardings=(batch_sh, batch_sh))
-    return TrainFns(update=_under_mesh(update_jit, mesh), logprobs=_under_mesh(logprobs_jit, mesh))
+    return TrainFns(update=_under_mesh(update_jit, mesh), logprobs=_under_mesh(logprobs_jit, mesh),
+                    update_jit=update_jit, mesh=mesh)
 
 
 def _under_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
