@@ -1,7 +1,7 @@
 """Builds the embedded base model of the default config: a tiny Qwen3 briefly supervised on the
 built-in arithmetic task, so that it sometimes answers right (as a real base model does on
-math) and DAPO has something to improve: it adds imperfectly and follows the `Answer:` format
-only about half the time (otherwise another format, or rambling past the length limit).
+math) and DAPO has something to improve. (Mixing in other answer formats to leave RL a
+format to fix was tried: the 2-layer model then lost most of its arithmetic.)
 Deterministic; regenerate with
 
     python scripts/make_arith_base.py [--out dapo_jax/assets/arith_base] [--steps 1000]
@@ -76,15 +76,9 @@ def main() -> None:
 
     train = arithmetic_examples(a.steps * a.batch, seed=0, split="sft")
     prompts = encode_prompts(tok, train)
-    # Like a real base model on math, it does not always follow the answer format: half the
-    # supervised responses give the `Answer:` line, a quarter another format, a quarter ramble
-    # past the 16-token generation limit (truncated: what overlong shaping is for).
-    style = np.random.default_rng(0).choice(3, size=len(train), p=[0.5, 0.25, 0.25])
-    texts = [(f"Answer: {ex.ground_truth}", f"The sum is {ex.ground_truth}.",
-              f"Let me add these two numbers carefully, one digit at a time: "
-              f"{ex.ground_truth}")[k] for ex, k in zip(train, style, strict=True)]
-    responses = [tok.encode(text, add_special_tokens=False) + [eos] for text in texts]
-    data = pack_sequences(prompts, responses, 48, 80, pad)
+    responses = [tok.encode(f"Answer: {ex.ground_truth}", add_special_tokens=False) + [eos]
+                 for ex in train]
+    data = pack_sequences(prompts, responses, 48, 16, pad)
     opt = optax.adamw(optax.cosine_decay_schedule(a.lr, a.steps), weight_decay=0.0)
     opt_state = opt.init(params)
 

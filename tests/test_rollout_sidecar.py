@@ -106,8 +106,8 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
     sidecar.wait_healthy(proc, url)
     client = RolloutClient([url], retries=8, backoff_s=0.5)
     client.update_weights(str(setup["export"]), 1)
-    long = SamplingParams(temperature=0.0, max_tokens=600)
-    prompts = [[i % 500 + 1, 3, 5] for i in range(48)]
+    long = SamplingParams(temperature=0.0, max_tokens=400)
+    prompts = [[i % 500 + 1, 3, 5] for i in range(32)]
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(out=client.generate(prompts, long)))
     worker.start()
