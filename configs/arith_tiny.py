@@ -1,6 +1,7 @@
 """The embedded default: DAPO on the built-in arithmetic task from the tiny base checkpoint
 shipped in dapo_jax/assets/arith_base (made by scripts/make_arith_base.py). CPU, no downloads,
-a few minutes.
+about 3 minutes on 2 cores;
+held-out accuracy (temperature 1) rises from 0.39 to about 0.48.
 
     python -m dapo_jax.train --config configs/arith_tiny.py
 """
@@ -22,15 +23,17 @@ def get_config():
 
     t = c.trainer
     t.run_dir = "runs/arith_tiny"
-    t.max_steps = 30
+    t.max_steps = 150
     t.max_prompt_length = 48
     t.train_batch_size = 32
     t.policy_mini_batch_size = 16
     t.micro_train_batch_size_per_gpu = 64
-    t.eval_interval = 5
-    t.ckpt_interval = 10
+    t.eval_interval = 25
+    t.ckpt_interval = 25
     t.max_ckpts_to_keep = 2
-    t.policy.optimizer_config.lr = 2e-4
+    # Measured: 2e-4 and above knock held-out accuracy down in the first steps (Adam's
+    # normalised early steps disturb the supervised weights); 5e-5 rises steadily.
+    t.policy.optimizer_config.lr = 5e-5
     t.policy.optimizer_config.weight_decay = 0.0
 
     a = t.algorithm  # DAPO: clip-higher, dual clip, token-level loss, overlong shaping, filter
