@@ -158,3 +158,40 @@ def test_dapo_raises_held_out_accuracy(tmp_path):
                 "eval/all/avg_score", "generate/truncated_frac"):
         assert key in last, key
     assert last["rollout/logprob_abs_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_sidecar_backend_and_resume_from_path(tmp_path):
+    """Two steps generating through a JAX sidecar (weights exported and pushed after each
+    step), then a new run resuming from the first run's step-1 checkpoint reproduces step 2."""
+    from tests import sidecar
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    exports = first / "exports"
+    exports.mkdir(parents=True)
+    model = str(REPO / "dapo_jax" / "assets" / "arith_base")
+    short = ["--config.trainer.max_steps=2", "--config.trainer.ckpt_interval=1",
+             "--config.trainer.eval_interval=0", "--config.trainer.eval_before_train=false"]
+    with sidecar.running("jax", model, exports, stop_ids="0,2") as (url, _):
+        out = subprocess.run(
+            CLI_BASE + short + [f"--config.trainer.run_dir={first}",
+                                "--config.generator.backend=sidecar",
+                                f"--config.generator.sidecar_urls=('{url}',)"],
+            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+            text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        health = json.loads(__import__("urllib.request").request.urlopen(url + "/health").read())
+        assert health["weight_version"] == 2  # pushed after each of the two steps
+    assert sorted(p.name for p in exports.iterdir())[-1] == "step_2"
+    out = subprocess.run(
+        CLI_BASE + short + [f"--config.trainer.run_dir={second}",
+                            "--config.trainer.resume_mode=from_path",
+                            f"--config.trainer.resume_path={first / 'checkpoints' / '1'}"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = DETERMINISTIC(read_metrics(first)[-1])
+    got = DETERMINISTIC(read_metrics(second)[-1])
+    assert got["step"] == want["step"] == 2
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
