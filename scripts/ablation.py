@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import arith_tiny  # noqa: E402
+from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.loop import run  # noqa: E402
 
 # Each stage adds one DAPO component to the previous one (cumulative, as in the paper).
@@ -47,13 +48,7 @@ def configure(overrides: dict, seed: int, steps: int, run_dir: Path):
     c.trainer.resume_mode = "none"
     c.trainer.logger = ("jsonl",)
     c.trainer.run_dir = str(run_dir)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.apply_overrides(c, overrides)
 
 
 def main() -> None:

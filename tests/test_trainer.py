@@ -23,13 +23,7 @@ from configs import arith_tiny  # noqa: E402
 def tiny(run_dir, **overrides):
     c = arith_tiny.get_config()
     c.trainer.run_dir = str(run_dir)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.apply_overrides(c, overrides)
 
 
 def read_metrics(run_dir):

@@ -116,6 +116,18 @@ def default_config() -> ConfigDict:
     return c
 
 
+def apply_overrides(cfg: ConfigDict, overrides: dict) -> ConfigDict:
+    """Sets dotted keys ({"trainer.algorithm.eps_clip_high": 0.28}); unknown keys fail as
+    with --config.a.b on the command line (the config is locked)."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
 def _fail(key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
 
