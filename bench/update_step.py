@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dapo_jax.experiments.timing import seconds_per_update, synthetic_batch  # noqa: E402
 from dapo_jax.models import init_model, preset  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
     LossConfig,
@@ -29,16 +28,6 @@ from dapo_jax.train.update import (  # noqa: E402
 )
 
 
-def make_batch(cfg, B: int, T: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    loss_mask = np.zeros((B, T), np.float32)
-    loss_mask[:, T // 4:] = 1.0  # a quarter prompt, three quarters response
-    return {"input_ids": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-            "attention_mask": np.ones((B, T), np.int32), "loss_mask": loss_mask,
-            "old_logprobs": rng.normal(-np.log(cfg.vocab_size), 0.1, (B, T)).astype(np.float32),
-            "advantages": (rng.normal(size=(B, 1)) * loss_mask).astype(np.float32)}
-
-
 def jax_step_s(cfg, batch, steps: int) -> float:
     graphdef, params = nnx.split(init_model(cfg, seed=0))
     opt = make_optimizer(OptimizerConfig(lr=1e-6, weight_decay=0.1))
@@ -46,13 +35,7 @@ def jax_step_s(cfg, batch, steps: int) -> float:
     fns = make_train_fns(graphdef, params, opt,
                          LossConfig(policy_loss_type="dual_clip", clip_ratio_c=10.0,
                                     eps_clip_high=0.28))
-    params, opt_state, m = fns.update(params, opt_state, batch)
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, m = fns.update(params, opt_state, batch)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_update(fns, params, opt_state, batch, steps)
 
 
 def torch_step_s(cfg, batch, steps: int) -> float:
@@ -97,7 +80,7 @@ def main() -> None:
     rows = []
     for name in a.presets.split(","):
         cfg = preset(name)
-        batch = make_batch(cfg, a.batch, a.seq_len)
+        batch = synthetic_batch(cfg, a.batch, a.seq_len)
         tokens = a.batch * a.seq_len
         j = tokens / jax_step_s(cfg, batch, a.steps)
         t = tokens / torch_step_s(cfg, batch, a.steps)

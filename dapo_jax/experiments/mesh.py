@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dapo_jax.experiments.timing import seconds_per_update, synthetic_batch  # noqa: E402
 from dapo_jax.models import Precision, Qwen, preset, state_shardings  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
@@ -129,19 +130,8 @@ def time_real_step(cfg, mesh, seq_len: int, rows: int, steps: int) -> float:
     optimizer = make_optimizer(OptimizerConfig(lr=1e-6))
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, LossConfig(), mesh=mesh)
-    rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(0, cfg.vocab_size, (rows, seq_len)).astype(np.int32),
-             "attention_mask": np.ones((rows, seq_len), np.int32),
-             "loss_mask": np.ones((rows, seq_len), np.float32),
-             "old_logprobs": np.full((rows, seq_len), -8.0, np.float32),
-             "advantages": rng.normal(size=(rows, seq_len)).astype(np.float32)}
-    params, opt_state, m = fns.update(params, opt_state, batch)  # compile
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, m = fns.update(params, opt_state, batch)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_update(fns, params, opt_state, synthetic_batch(cfg, rows, seq_len),
+                              steps)
 
 
 def main() -> None:
