@@ -3,7 +3,7 @@
 One jitted function per (batch, prompt, new-token) bucket does a prefill of the left-padded
 prompts, then a `lax.while_loop` of single-token decode steps that stops as soon as every
 sequence has finished. Sampling settings are traced values, so changing them does not
-recompile.
+recompile; only turning top-k/top-p truncation on or off selects a second (static) variant.
 
 Log-probs: each sampled token's log-prob under the distribution it was drawn from, i.e.
 log_softmax(logits / temperature) after top-k / top-p truncation and renormalisation (the same
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dapo_jax.sharding import constrain
+from dapo_jax.sharding import constrain, mesh_context
 
 MIN_BUCKET = 16
 
@@ -258,7 +258,7 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it "
                     f"exceeds the model's maximum length {self.max_model_len}")
         rows = [list(p) for p in prompts for _ in range(n)]
-        B = bucket(len(rows), minimum=max(self._batch_multiple(), 1))
+        B = bucket(len(rows), minimum=self._batch_multiple())
         P = bucket(max(len(r) for r in rows))
         M = bucket(sampling.max_tokens)
         prompt = np.full((B, P), self.pad_token_id, np.int32)
@@ -274,10 +274,7 @@ class Generator:
                 jax.random.key(sampling.seed), np.int32(sampling.max_tokens),
                 np.float32(sampling.temperature), np.int32(sampling.top_k),
                 np.float32(sampling.top_p))
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
-                out = self._fn(*args, new_bucket=M, truncate=truncate)
-        else:
+        with mesh_context(self.mesh):
             out = self._fn(*args, new_bucket=M, truncate=truncate)
         out = jax.device_get(out)
         samples = []

@@ -11,9 +11,11 @@ axis (`data`, `fsdp`, `tensor`) each logical axis is split over:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,6 +96,12 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     shape = resolve_mesh_shape(shape, len(devices))
     device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_context(mesh: Mesh | None) -> Any:
+    """`jax.set_mesh(mesh)`, or nothing for single-device code (mesh None): calls traced
+    inside it see the mesh, so the activation constraints below apply."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def logical_to_spec(

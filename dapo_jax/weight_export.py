@@ -57,17 +57,21 @@ def export_weights(model: Qwen, export_dir: str | Path, *, step: int, version: i
     return final
 
 
+def _step_dirs(export_dir: Path) -> list[Path]:
+    """The `step_<N>` directories, oldest first."""
+    found = [(int(m.group(1)), p) for p in export_dir.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def _prune(export_dir: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in export_dir.iterdir()
-                   if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-    for _, p in steps[:-keep]:
+    for p in _step_dirs(export_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_export(export_dir: str | Path) -> Path | None:
-    steps = sorted((int(m.group(1)), p) for p in Path(export_dir).iterdir()
-                   if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).exists())
-    return steps[-1][1] if steps else None
+    complete = [p for p in _step_dirs(Path(export_dir)) if (p / META_FILE).exists()]
+    return complete[-1] if complete else None
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

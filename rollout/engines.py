@@ -24,10 +24,11 @@ class JaxEngine:
 
         self.model = model
         self.dtype = dtype
-        self.config = read_config(model)
+        loaded = load_pretrained(model, dtype=dtype)
+        self.config = loaded.config
         self.max_model_len = self.config.max_position_embeddings
         self.vocab_size = self.config.vocab_size
-        graphdef, params = nnx.split(load_pretrained(model, dtype=dtype))
+        graphdef, params = nnx.split(loaded)
         self.generator = Generator(graphdef, params,
                                    stop_token_ids=stop_ids or stop_token_ids(model),
                                    max_model_len=self.max_model_len)

@@ -9,6 +9,7 @@ a second full copy of the model, and on multi-host each host reads only its own 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -215,8 +216,13 @@ def _check_tensors(index: TensorSource, specs: list, cfg: QwenConfig, path: str)
 def hf_state_dict(model: Qwen) -> dict[str, jax.Array]:
     """All parameters as HF-named arrays in HF layout, computed on device (one jitted
     transform, so shardings carry over); used by the orbax weight export."""
-    state = nnx.state(model)
-    cfg = model.config
+    return _hf_converter(model.config)(nnx.state(model))
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_converter(cfg: QwenConfig) -> Callable[[nnx.State], dict[str, jax.Array]]:
+    """The jitted conversion for one architecture, built once: a fresh closure per export
+    would be traced and compiled again on every training step."""
 
     @jax.jit
     def convert(state: nnx.State) -> dict[str, jax.Array]:
@@ -226,7 +232,7 @@ def hf_state_dict(model: Qwen) -> dict[str, jax.Array]:
             out[name] = entry.to_hf(value if layer is None else value[layer], cfg)
         return out
 
-    return convert(state)
+    return convert
 
 
 def _host_tensors(model: Qwen) -> Iterator[tuple[str, Array]]:

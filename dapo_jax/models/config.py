@@ -27,7 +27,7 @@ class QwenConfig:
     qkv_bias: bool  # Qwen2: bias on q/k/v projections
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:
@@ -92,7 +92,7 @@ class QwenConfig:
             qkv_bias=bool(hf.get("attention_bias", False)) if is_qwen3 else True,
             qk_norm=is_qwen3,
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos := hf.get("eos_token_id"), list) else eos,
         )
 
     def to_hf(self, dtype: str = "float32") -> dict[str, Any]:

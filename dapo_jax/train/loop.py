@@ -235,7 +235,9 @@ def run(cfg: ConfigDict) -> dict[str, float]:
         start_step, version = host["step"], host["weight_version"]
         sampler.state = SamplerState(**host["sampler"])
         print(f"resumed from {resume[0]}/{resume[1]} (step {start_step})")
-    engine.sync(model, params, start_step, version)
+        # A fresh run needs no sync: the generator holds the base weights and sidecars start
+        # on them as version 0.
+        engine.sync(model, params, start_step, version)
 
     log = MetricsLog(run_dir, t.logger, project=t.project_name, run_name=t.run_name,
                      config=json.loads(cfg.to_json_best_effort()), write=primary)

@@ -14,7 +14,7 @@ mini-batch is split into micro-batches or over devices.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ from flax import nnx
 
 from dapo_jax.models.logprobs import token_logprobs
 from dapo_jax.models.qwen import Qwen
-from dapo_jax.sharding import constrain
+from dapo_jax.sharding import constrain, mesh_context
 from dapo_jax.train import objective
 
 Batch = dict[str, jax.Array]
@@ -147,18 +147,26 @@ def _unsplit(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the step
 @dataclasses.dataclass
 class TrainFns:
-    """The two jitted functions the trainer calls (see `make_train_fns`)."""
+    """The two jitted functions the trainer calls (see `make_train_fns`), run under the
+    mesh so that activation constraints apply when they are traced."""
 
-    update: Callable[..., tuple[Any, Any, dict[str, jax.Array]]]
-    logprobs: Callable[..., tuple[jax.Array, jax.Array]]
-    update_jit: Any = None  # the jitted update itself, for AOT lowering on abstract inputs
+    update_jit: Any
+    logprobs_jit: Any
     mesh: jax.sharding.Mesh | None = None
+
+    def update(self, params: Any, opt_state: Any, batch: Any
+               ) -> tuple[Any, Any, dict[str, jax.Array]]:
+        with mesh_context(self.mesh):
+            return self.update_jit(params, opt_state, batch)
+
+    def logprobs(self, params: Any, input_ids: Any, attention_mask: Any
+                 ) -> tuple[jax.Array, jax.Array]:
+        with mesh_context(self.mesh):
+            return self.logprobs_jit(params, input_ids, attention_mask)
 
     def lower_update(self, params: Any, opt_state: Any, batch: Any) -> Any:
         """`jax.jit(...).lower` of the update on (abstract) inputs, under the mesh."""
-        if self.mesh is None:
-            return self.update_jit.lower(params, opt_state, batch)
-        with jax.set_mesh(self.mesh):
+        with mesh_context(self.mesh):
             return self.update_jit.lower(params, opt_state, batch)
 
 
@@ -221,9 +229,7 @@ def make_train_fns(
         return _unsplit(logp), _unsplit(entropy)
 
     if mesh is None:
-        update_jit = jax.jit(update, donate_argnums=(0, 1))
-        logprobs_jit = jax.jit(logprobs)
-        return TrainFns(update=update_jit, logprobs=logprobs_jit, update_jit=update_jit)
+        return TrainFns(jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs))
 
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -234,16 +240,7 @@ def make_train_fns(
                          out_shardings=(param_sh, opt_sh, replicated))
     logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh),
                            out_shardings=(batch_sh, batch_sh))
-    return TrainFns(update=_under_mesh(update_jit, mesh), logprobs=_under_mesh(logprobs_jit, mesh),
-                    update_jit=update_jit, mesh=mesh)
-
-
-def _under_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """Calls (and traces) `fn` with `mesh` set, so activation constraints apply."""
-    def wrapped(*args: Any) -> Any:
-        with jax.set_mesh(mesh):
-            return fn(*args)
-    return wrapped
+    return TrainFns(update_jit, logprobs_jit, mesh)
 
 
 def _current_lr(opt_state: Any) -> jax.Array | None:
