@@ -8,8 +8,16 @@ import pytest
 import torch
 from flax import nnx
 
-from dapo_jax.generation import Generator, SamplingParams, _inverse_cdf, _truncate, bucket
+from dapo_jax.generation import (
+    Generator,
+    SamplingParams,
+    _argmax,
+    _inverse_cdf,
+    _truncate,
+    bucket,
+)
 from dapo_jax.models import load_pretrained
+from dapo_jax.models.qwen import cached_attention
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.update import sequence_logprobs
 from tests import hf_models
@@ -155,3 +163,36 @@ def test_truncate_keeps_the_top_k_then_nucleus(top_k, top_p):
         # smallest prefix whose mass reaches top_p
         n = int(np.searchsorted(np.cumsum(probs), top_p - 1e-6) + 1)
         assert set(np.flatnonzero(keep)) == set(order[:min(n, k)])
+
+
+def test_argmax_takes_the_first_of_tied_maxima():
+    x = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
+    x[1, [7, 40]] = x[2, [0, 299]] = 10.0  # ties: the first index wins, like np.argmax
+    np.testing.assert_array_equal(np.asarray(_argmax(jax.numpy.asarray(x))), x.argmax(-1))
+
+
+def test_cached_attention_is_one_softmax_over_cache_and_new():
+    """Against float64 softmax attention over the concatenation [cache slots, new tokens]."""
+    rng = np.random.default_rng(0)
+    B, T, S, N, K, H = 2, 3, 7, 4, 2, 8
+    q = rng.normal(size=(B, T, N, H))
+    k_cache, v_cache = rng.normal(size=(B, K, S, H)), rng.normal(size=(B, K, S, H))
+    k_new, v_new = rng.normal(size=(B, K, T, H)), rng.normal(size=(B, K, T, H))
+    cache_mask = rng.random((B, T, S)) < 0.6
+    new_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    f32 = lambda a: jax.numpy.asarray(a, "float32")
+    out = cached_attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)),
+                           jax.numpy.asarray(new_mask),
+                           (f32(k_cache.swapaxes(2, 3)), f32(v_cache)),
+                           jax.numpy.asarray(cache_mask))
+    keys = np.concatenate([k_cache, k_new], 2)  # [B, K, S + T, H]
+    values = np.concatenate([v_cache, v_new], 2)
+    mask = np.concatenate([cache_mask, new_mask], 2)
+    expected = np.zeros((B, T, N, H))
+    for b, t, n in np.ndindex(B, T, N):
+        kv = n // (N // K)
+        s = keys[b, kv] @ q[b, t, n] / np.sqrt(H)
+        s = np.where(mask[b, t], s, -np.inf)
+        p = np.exp(s - s.max())
+        expected[b, t, n] = (p / p.sum()) @ values[b, kv]
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)

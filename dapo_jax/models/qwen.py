@@ -29,8 +29,11 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 
 _init = nnx.initializers.normal(0.02)
 
-KVLayer = tuple[jax.Array, jax.Array]  # one layer's (k, v) cache, each [B, K, S, H]
-KVCache = tuple[jax.Array, jax.Array]  # all layers' (k, v), each [L, B, K, S, H]
+# A layer's cache: k [B, K, H, S] and v [B, K, S, H], so that both attention contractions
+# (over H for the scores, over S for the output) run over a non-minor axis and vectorise
+# along the minor one (3.5x faster scores on CPU than k [B, K, S, H]).
+KVLayer = tuple[jax.Array, jax.Array]
+KVCache = tuple[jax.Array, jax.Array]  # all layers': k [L, B, K, H, S], v [L, B, K, S, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +85,38 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return (x * jnp.cos(angles_BTH) + rotated * jnp.sin(angles_BTH)).astype(x_BTNH.dtype)
 
 
-def cached_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                     mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention over a KV cache laid out [B, K, S, H]: the N query
-    heads are K groups of G = N / K sharing one kv head. Scores and softmax in float32.
-    (On CPU this is 3.5x faster per decode step than `jax.nn.dot_product_attention` on a
-    [B, S, K, H] cache, which transposes the whole cache every step.)"""
+def cached_attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array, cache: KVLayer,
+                     cache_mask_BTS: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention of T new queries over a read-only KV cache plus the T
+    new keys/values themselves, one softmax across both: with m the joint row max,
+    out = (sum_s e^(c_s - m) v_s + sum_u e^(n_u - m) v_u) / (sum_s e^(c_s - m) + sum_u e^(n_u - m)).
+
+    `new` and `cache` are in the `KVLayer` layout (T and S slots); the N query heads are K
+    groups of G = N / K sharing one kv head. Scores and softmax in float32. The cache is only read,
+    so a decode step can write every layer's new slot once, in place, after the layer scan
+    instead of passing each layer's cache through the scan's outputs (a full cache copy per
+    step)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
+    K = cache[0].shape[1]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH,
-                        preferred_element_type=jnp.float32) * (H ** -0.5)
-    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BKSH)
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    neg = jnp.finfo(jnp.float32).min
+
+    def scores(k_BKHS: jax.Array, mask: jax.Array) -> jax.Array:
+        s = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS,
+                       preferred_element_type=jnp.float32) * (H ** -0.5)
+        return jnp.where(mask[:, None, None], s, neg)
+
+    s_cache = scores(cache[0], cache_mask_BTS)
+    s_new = scores(new[0], mask_BTT)
+    m = jnp.maximum(jnp.max(s_cache, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
+    p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+    denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
+    v_dtype = cache[1].dtype
+    out = (jnp.einsum("BKGTS,BKSH->BKGTH", p_cache.astype(v_dtype), cache[1],
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("BKGTS,BKSH->BKGTH", p_new.astype(v_dtype), new[1],
+                        preferred_element_type=jnp.float32)) / denom
+    return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 class Attention(nnx.Module):
@@ -141,20 +161,19 @@ class Attention(nnx.Module):
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...].astype(self.dtype))
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-                 kv: KVLayer | None = None, index: jax.Array | None = None):
-        """Without `kv`, attends within x (S = T). With a layer's cache `kv` ([B, K, S, H]
-        each), writes this chunk's k/v at slot `index`, attends over the whole cache and
-        returns the updated layer cache."""
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
+                 cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVLayer]:
+        """Attends within x (`mask_BTT`) and, given a layer's cache, also over the cache
+        (`cache_mask_BTS`). Returns the output and this chunk's k [B, K, H, T] and
+        v [B, K, T, H] (the cache layout) for the caller to store."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
-        if kv is None:
-            out_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None, :, :])
-            return self.project_out(out_BTNH), None
-        # The cache is [B, K, S, H]: attention reads it without a per-step transpose.
-        place = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-            cache, new.swapaxes(1, 2).astype(cache.dtype), index, axis=2)
-        kv = (place(kv[0], k), place(kv[1], v))
-        return self.project_out(cached_attention(q, kv[0], kv[1], mask_BTS)), kv
+        new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
+        if cache is None:
+            out_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask_BTT[:, None, :, :])
+        else:
+            out_BTNH = cached_attention(q, new, mask_BTT, cache, cache_mask_BTS)
+        return self.project_out(out_BTNH), new
 
 
 class MLP(nnx.Module):
@@ -184,9 +203,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
         self.mlp = MLP(cfg, precision, rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-                 kv: KVLayer | None = None, index: jax.Array | None = None):
-        attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTS, kv, index)
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
+                 cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVLayer]:
+        attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTT, cache,
+                                 cache_mask_BTS)
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), kv
 
@@ -245,46 +266,42 @@ class Qwen(nnx.Module):
     def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype."""
         positions_BT = positions_from_mask(attention_mask_BT)
-        T = input_ids_BT.shape[1]
-        causal_TT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
-        mask_BTT = causal_TT[None] & attention_mask_BT.astype(jnp.bool_)[:, None, :]
-        x_BTD = self.embed_tokens(input_ids_BT)
-        x_BTD, _ = self.scan_layers(
-            lambda layer, x: (layer(x, positions_BT, mask_BTT)[0], None), x_BTD
-        )
-        return self.final_norm(x_BTD)
+        return self.hidden_states_cached(input_ids_BT, positions_BT, attention_mask_BT)[0]
 
     def hidden_states_cached(
         self,
         input_ids_BT: jax.Array,
         positions_BT: jax.Array,
-        slots_valid_BS: jax.Array,
-        cache: KVCache,
-        index: jax.Array,
+        valid_BT: jax.Array,
+        cache: KVCache | None = None,
+        cache_mask_BS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Generation: the T new tokens occupy cache slots [index, index + T) of every row.
-        A token at slot s attends slots <= s that `slots_valid_BS` marks as real (left
-        padding of the prompt is not). Returns final-norm hidden states and the new cache."""
-        T, S = input_ids_BT.shape[1], slots_valid_BS.shape[1]
-        slot_T = index + jnp.arange(T)
-        causal_TS = jnp.arange(S)[None, :] <= slot_T[:, None]
-        mask_BTS = causal_TS[None] & slots_valid_BS.astype(jnp.bool_)[:, None, :]
+        """Final-norm hidden states of T tokens and their keys/values in the `KVCache`
+        layout with T slots, for the caller to write into its cache. A token attends the chunk's
+        earlier valid tokens (`valid_BT`: left padding is not) and, given a cache, every slot
+        that `cache_mask_BS` marks (the cache is only read)."""
+        T = input_ids_BT.shape[1]
+        causal_TT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
+        mask_BTT = causal_TT[None] & valid_BT.astype(jnp.bool_)[:, None, :]
+        cache_mask_BTS = None if cache is None else jnp.broadcast_to(
+            cache_mask_BS.astype(jnp.bool_)[:, None, :],
+            (cache_mask_BS.shape[0], T, cache_mask_BS.shape[1]))
         x_BTD = self.embed_tokens(input_ids_BT)
 
-        def step(layer, x, k_BSKH, v_BSKH):
-            x, (k_BSKH, v_BSKH) = layer(x, positions_BT, mask_BTS, (k_BSKH, v_BSKH), index)
-            return x, (k_BSKH, v_BSKH)
+        def step(layer, x, *kv):
+            return layer(x, positions_BT, mask_BTT, kv or None, cache_mask_BTS)
 
-        x_BTD, cache = self.scan_layers(step, x_BTD, *cache)
-        return self.final_norm(x_BTD), cache
+        x_BTD, new_kv = self.scan_layers(step, x_BTD, *(cache or ()))
+        return self.final_norm(x_BTD), new_kv
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
-        """Zeroed KV cache, (k, v) each [L, B, K, S, H] in the compute dtype."""
-        c = self.config
-        shape = (c.num_layers, batch, c.num_kv_heads, slots, c.head_dim)
-        zeros = jnp.zeros(shape, self.precision.dtype)
-        zeros = constrain(zeros, ("layers", "batch", "kv_heads", "length", "head_dim"))
-        return zeros, zeros
+        """Zeroed `KVCache` with S = `slots`, in the compute dtype."""
+        c, dtype = self.config, self.precision.dtype
+        k = jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, slots), dtype)
+        v = jnp.zeros((c.num_layers, batch, c.num_kv_heads, slots, c.head_dim), dtype)
+        k = constrain(k, ("layers", "batch", "kv_heads", "head_dim", "length"))
+        v = constrain(v, ("layers", "batch", "kv_heads", "length", "head_dim"))
+        return k, v
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] in float32. Memory grows with B*T*V: the trainer uses
