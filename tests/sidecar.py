@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,13 +31,15 @@ def vllm_python() -> str | None:
 
 def start(engine: str, model: str, export_root: Path, *, port: int | None = None,
           python: str = sys.executable, token: str | None = None,
-          log: Path | None = None, stop_ids: str = STOP_IDS) -> tuple[subprocess.Popen, str]:
+          log: Path | None = None, stop_ids: str = STOP_IDS,
+          extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     cmd = [python, "-m", "rollout.server", "--engine", engine, "--model", model,
            "--port", str(port), "--export-root", str(export_root),
            "--stop-token-ids", stop_ids]
     if token:
         cmd += ["--token", token]
+    cmd += list(extra_args)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     out = open(log, "ab") if log else subprocess.DEVNULL
     # Own session: stop() kills the whole group (vLLM spawns engine and worker processes).

@@ -17,7 +17,7 @@ from dapo_jax.generation import (
     bucket,
 )
 from dapo_jax.models import load_pretrained
-from dapo_jax.models.qwen import cached_attention
+from dapo_jax.models.qwen import attention
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.update import sequence_logprobs
 from tests import hf_models
@@ -171,7 +171,7 @@ def test_argmax_takes_the_first_of_tied_maxima():
     np.testing.assert_array_equal(np.asarray(_argmax(jax.numpy.asarray(x))), x.argmax(-1))
 
 
-def test_cached_attention_is_one_softmax_over_cache_and_new():
+def test_attention_is_one_softmax_over_cache_and_new():
     """Against float64 softmax attention over the concatenation [cache slots, new tokens]."""
     rng = np.random.default_rng(0)
     B, T, S, N, K, H = 2, 3, 7, 4, 2, 8
@@ -181,7 +181,7 @@ def test_cached_attention_is_one_softmax_over_cache_and_new():
     cache_mask = rng.random((B, T, S)) < 0.6
     new_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
     f32 = lambda a: jax.numpy.asarray(a, "float32")
-    out = cached_attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)),
+    out = attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)),
                            jax.numpy.asarray(new_mask),
                            (f32(k_cache.swapaxes(2, 3)), f32(v_cache)),
                            jax.numpy.asarray(cache_mask))
@@ -196,3 +196,11 @@ def test_cached_attention_is_one_softmax_over_cache_and_new():
         p = np.exp(s - s.max())
         expected[b, t, n] = (p / p.sum()) @ values[b, kv]
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+    # Without a cache (training): attention within the chunk only.
+    own = attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)), jax.numpy.asarray(new_mask))
+    for b, t, n in np.ndindex(B, T, N):
+        kv = n // (N // K)
+        s = np.where(new_mask[b, t], k_new[b, kv] @ q[b, t, n] / np.sqrt(H), -np.inf)
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(np.asarray(own[b, t, n]), (p / p.sum()) @ v_new[b, kv],
+                                   atol=1e-5)

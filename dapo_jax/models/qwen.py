@@ -85,19 +85,22 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return (x * jnp.cos(angles_BTH) + rotated * jnp.sin(angles_BTH)).astype(x_BTNH.dtype)
 
 
-def cached_attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array, cache: KVLayer,
-                     cache_mask_BTS: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention of T new queries over a read-only KV cache plus the T
-    new keys/values themselves, one softmax across both: with m the joint row max,
+def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
+              cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
+              ) -> jax.Array:
+    """Grouped-query softmax attention of T queries over their own chunk's keys/values
+    (`new`, `mask_BTT`) and, given one, a read-only KV cache (`cache`, `cache_mask_BTS`),
+    one softmax across both: with m the joint row max,
     out = (sum_s e^(c_s - m) v_s + sum_u e^(n_u - m) v_u) / (sum_s e^(c_s - m) + sum_u e^(n_u - m)).
 
     `new` and `cache` are in the `KVLayer` layout (T and S slots); the N query heads are K
-    groups of G = N / K sharing one kv head. Scores and softmax in float32. The cache is only read,
-    so a decode step can write every layer's new slot once, in place, after the layer scan
-    instead of passing each layer's cache through the scan's outputs (a full cache copy per
-    step)."""
+    groups of G = N / K sharing one kv head. Scores and softmax in float32. The cache is only
+    read, so a decode step writes every layer's new slot once, in place, after the layer
+    scan instead of passing each layer's cache through the scan's outputs (a full cache copy
+    per step). Training uses the same function without a cache (on CPU 5-10% faster per
+    update than `jax.nn.dot_product_attention`, whose per-head vmaps transpose more)."""
     B, T, N, H = q_BTNH.shape
-    K = cache[0].shape[1]
+    K = new[0].shape[1]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     neg = jnp.finfo(jnp.float32).min
 
@@ -106,16 +109,20 @@ def cached_attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array, cache
                        preferred_element_type=jnp.float32) * (H ** -0.5)
         return jnp.where(mask[:, None, None], s, neg)
 
-    s_cache = scores(cache[0], cache_mask_BTS)
+    def values(p_BKGTS: jax.Array, v_BKSH: jax.Array) -> jax.Array:
+        return jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS.astype(v_BKSH.dtype), v_BKSH,
+                          preferred_element_type=jnp.float32)
+
     s_new = scores(new[0], mask_BTT)
-    m = jnp.maximum(jnp.max(s_cache, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
-    p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
-    denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
-    v_dtype = cache[1].dtype
-    out = (jnp.einsum("BKGTS,BKSH->BKGTH", p_cache.astype(v_dtype), cache[1],
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("BKGTS,BKSH->BKGTH", p_new.astype(v_dtype), new[1],
-                        preferred_element_type=jnp.float32)) / denom
+    if cache is None:
+        out = values(jax.nn.softmax(s_new, axis=-1), new[1])
+    else:
+        s_cache = scores(cache[0], cache_mask_BTS)
+        m = jnp.maximum(jnp.max(s_cache, -1, keepdims=True),
+                        jnp.max(s_new, -1, keepdims=True))
+        p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+        denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
+        out = (values(p_cache, cache[1]) + values(p_new, new[1])) / denom
     return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -169,10 +176,7 @@ class Attention(nnx.Module):
         v [B, K, T, H] (the cache layout) for the caller to store."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
-        if cache is None:
-            out_BTNH = jax.nn.dot_product_attention(q, k, v, mask=mask_BTT[:, None, :, :])
-        else:
-            out_BTNH = cached_attention(q, new, mask_BTT, cache, cache_mask_BTS)
+        out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
         return self.project_out(out_BTNH), new
 
 
