@@ -204,3 +204,24 @@ def test_attention_is_one_softmax_over_cache_and_new():
         p = np.exp(s - s.max())
         np.testing.assert_allclose(np.asarray(own[b, t, n]), (p / p.sum()) @ v_new[b, kv],
                                    atol=1e-5)
+
+
+def test_blocked_attention_equals_whole_with_gradients():
+    """Query blocks (incl. a padded last block) give the same output and gradients."""
+    rng = np.random.default_rng(1)
+    B, T, N, K, H = 2, 11, 4, 2, 8
+    f32 = lambda a: jax.numpy.asarray(a, "float32")
+    q = f32(rng.normal(size=(B, T, N, H)))
+    k, v = f32(rng.normal(size=(B, K, H, T))), f32(rng.normal(size=(B, K, T, H)))
+    valid = np.ones((B, T), bool)
+    valid[0, :3] = False  # left padding
+    mask = jax.numpy.asarray(np.tril(np.ones((T, T), bool))[None] & valid[:, None, :])
+    w = f32(rng.normal(size=(B, T, N, H)))
+
+    def loss(q, k, v, block):
+        return jax.numpy.sum(w * attention(q, (k, v), mask, query_block=block))
+
+    whole = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, T)
+    blocked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 4)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

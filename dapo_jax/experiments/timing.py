@@ -11,6 +11,17 @@ import numpy as np
 from dapo_jax.models.config import QwenConfig
 
 
+def train_flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token (PaLM appendix B convention, what MFU divides):
+    6 x the matmul parameters (every layer's projections and the LM head; the embedding
+    lookup is not a matmul) + 12 L N H T for attention scores and values, without crediting
+    the causal mask. Remat's recomputation is not model work and is not counted."""
+    embed_lookup = cfg.vocab_size * cfg.hidden_size if not cfg.tie_word_embeddings else 0
+    matmul_params = cfg.num_params - embed_lookup
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
 def synthetic_batch(cfg: QwenConfig, rows: int, seq_len: int, seed: int = 0
                     ) -> dict[str, np.ndarray]:
     """Random tokens; the first quarter is prompt, the rest response with one advantage per

@@ -85,9 +85,12 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return (x * jnp.cos(angles_BTH) + rotated * jnp.sin(angles_BTH)).astype(x_BTNH.dtype)
 
 
+QUERY_BLOCK = 1024  # training attention: query rows per block (memory [B, N, block, T])
+
+
 def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
-              cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
-              ) -> jax.Array:
+              cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None,
+              *, query_block: int = QUERY_BLOCK) -> jax.Array:
     """Grouped-query softmax attention of T queries over their own chunk's keys/values
     (`new`, `mask_BTT`) and, given one, a read-only KV cache (`cache`, `cache_mask_BTS`),
     one softmax across both: with m the joint row max,
@@ -98,8 +101,14 @@ def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
     read, so a decode step writes every layer's new slot once, in place, after the layer
     scan instead of passing each layer's cache through the scan's outputs (a full cache copy
     per step). Training uses the same function without a cache (on CPU 5-10% faster per
-    update than `jax.nn.dot_product_attention`, whose per-head vmaps transpose more)."""
+    update than `jax.nn.dot_product_attention`, whose per-head vmaps transpose more).
+
+    Without a cache, more than `query_block` queries are processed in blocks under
+    `jax.checkpoint`: the scores held at once, forward and backward, are [B, N, block, T]
+    instead of [B, N, T, T] (13 GB per layer for Qwen3-4B at T = 10240)."""
     B, T, N, H = q_BTNH.shape
+    if cache is None and T > query_block:
+        return _blocked(q_BTNH, new, mask_BTT, query_block)
     K = new[0].shape[1]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     neg = jnp.finfo(jnp.float32).min
@@ -124,6 +133,21 @@ def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
         denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
         out = (values(p_cache, cache[1]) + values(p_new, new[1])) / denom
     return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _blocked(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array, block: int) -> jax.Array:
+    """`attention` without a cache, one block of queries at a time (rows padded to a whole
+    number of blocks are fully masked, and dropped)."""
+    B, T, N, H = q_BTNH.shape
+    nb = -(-T // block)
+    pad = nb * block - T
+    q = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask_BTT, ((0, 0), (0, pad), (0, 0)))
+    q_nBbNH = q.reshape(B, nb, block, N, H).swapaxes(0, 1)
+    mask_nBbT = mask.reshape(B, nb, block, T).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: attention(qm[0], new, qm[1], query_block=block))
+    out_nBbNH = jax.lax.map(one, (q_nBbNH, mask_nBbT))
+    return out_nBbNH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 
 class Attention(nnx.Module):
