@@ -206,8 +206,12 @@ def test_attention_is_one_softmax_over_cache_and_new():
                                    atol=1e-5)
 
 
-def test_blocked_attention_equals_whole_with_gradients():
-    """Query blocks (incl. a padded last block) give the same output and gradients."""
+@pytest.mark.parametrize("causal_max_len", [100, 0], ids=["causal_blocks", "sequential"])
+def test_blocked_attention_equals_whole_with_gradients(monkeypatch, causal_max_len):
+    """Query blocks (incl. a shorter or padded last block) give the same output and gradients
+    on every real query (fully masked left-padding rows are don't-cares)."""
+    from dapo_jax.models import qwen
+
     rng = np.random.default_rng(1)
     B, T, N, K, H = 2, 11, 4, 2, 8
     f32 = lambda a: jax.numpy.asarray(a, "float32")
@@ -216,12 +220,16 @@ def test_blocked_attention_equals_whole_with_gradients():
     valid = np.ones((B, T), bool)
     valid[0, :3] = False  # left padding
     mask = jax.numpy.asarray(np.tril(np.ones((T, T), bool))[None] & valid[:, None, :])
-    w = f32(rng.normal(size=(B, T, N, H)))
+    w = f32(rng.normal(size=(B, T, N, H)) * valid[:, :, None, None])
 
-    def loss(q, k, v, block):
-        return jax.numpy.sum(w * attention(q, (k, v), mask, query_block=block))
+    def loss(q, k, v):
+        return jax.numpy.sum(w * attention(q, (k, v), mask, causal_max_len=causal_max_len))
 
-    whole = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, T)
-    blocked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 4)
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    monkeypatch.setattr(qwen, "CAUSAL_BLOCK", 100)  # T <= CAUSAL_BLOCK: one whole block
+    whole = grad(q, k, v)
+    monkeypatch.setattr(qwen, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(qwen, "SEQUENTIAL_BLOCK", 4)
+    blocked = grad(q, k, v)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

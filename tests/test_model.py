@@ -100,10 +100,11 @@ def test_left_padding_does_not_change_real_tokens(tiny_checkpoints):
     np.testing.assert_allclose(logits[0, :10], logits[1, 4:], atol=1e-5)
 
 
-def test_blocked_training_attention_holds_less_memory():
-    """XLA's memory analysis of forward+backward: query blocks keep [B, N, block, T] scores
-    instead of [B, N, T, T] (the mesh experiment measures this at seq 10240)."""
-    from dapo_jax.models.qwen import attention
+def test_long_chunks_attend_one_query_block_at_a_time(monkeypatch):
+    """XLA's memory analysis of forward+backward: beyond the causal-block length, query blocks
+    run in a loop and hold [B, N, block, T] scores instead of [B, N, T, T] (the mesh
+    experiment measures this at seq 10240)."""
+    from dapo_jax.models import qwen
 
     B, T, N, K, H = 1, 2048, 4, 2, 16
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
@@ -111,11 +112,15 @@ def test_blocked_training_attention_holds_less_memory():
     v = jax.ShapeDtypeStruct((B, K, T, H), jnp.float32)
     mask = jax.ShapeDtypeStruct((B, T, T), jnp.bool_)
 
-    def temp_bytes(block):
-        loss = lambda q, k, v, m: jnp.sum(attention(q, (k, v), m, query_block=block))
+    def temp_bytes():
+        loss = lambda q, k, v, m: jnp.sum(qwen.attention(q, (k, v), m, causal_max_len=0))
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return fn.lower(q, k, v, mask).compile().memory_analysis().temp_size_in_bytes
 
-    whole, blocked = temp_bytes(T), temp_bytes(256)
+    monkeypatch.setattr(qwen, "CAUSAL_BLOCK", T)  # no blocking at all
+    whole = temp_bytes()
+    monkeypatch.setattr(qwen, "CAUSAL_BLOCK", 256)
+    monkeypatch.setattr(qwen, "SEQUENTIAL_BLOCK", 256)
+    blocked = temp_bytes()
     assert whole >= B * N * T * T * 4  # at least the float32 scores
     assert blocked * 4 <= whole, (blocked, whole)

@@ -13,8 +13,8 @@ For small presets `--time-steps N` also runs the real step N times on CPU.
 Writes a markdown table, a CSV and a PNG plot.
 
 XLA:CPU memory figures are an estimate of the GPU's: the CPU compiler makes different
-fusion and scheduling choices. Training attention runs in query blocks
-(`dapo_jax.models.qwen.QUERY_BLOCK`), so each layer's scores are [B, N, block, T].
+fusion and scheduling choices. Training attention runs in causal query blocks
+(`dapo_jax.models.qwen.query_block`), so each layer holds scores of [B, N, block, <= T].
 """
 
 from __future__ import annotations
