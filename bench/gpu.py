@@ -29,19 +29,12 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dapo_jax.experiments.timing import (  # noqa: E402
-    seconds_per_update,
     synthetic_batch,
     train_flops_per_token,
+    update_seconds,
 )
 from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import Precision, init_model, preset  # noqa: E402
-from dapo_jax.train.update import (  # noqa: E402
-    LossConfig,
-    OptimizerConfig,
-    init_optimizer,
-    make_optimizer,
-    make_train_fns,
-)
 
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # bf16 dense FLOP/s, bytes/s
 
@@ -75,22 +68,15 @@ def main() -> None:
           flush=True)
 
     # Update step.
-    graphdef, params = nnx.split(init_model(cfg, seed=0, precision=bf16, remat="full"))
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-6, weight_decay=0.1))
-    opt_state = init_optimizer(optimizer, params)
-    fns = make_train_fns(graphdef, params, optimizer,
-                         LossConfig(policy_loss_type="dual_clip", clip_ratio_c=10.0,
-                                    eps_clip_high=0.28))
-    step_s = seconds_per_update(fns, params, opt_state,
-                                synthetic_batch(cfg, a.batch, a.seq_len), a.steps)
+    step_s = update_seconds(cfg, synthetic_batch(cfg, a.batch, a.seq_len), a.steps,
+                            precision=bf16, remat="full")
     train_tps = a.batch * a.seq_len / step_s
     achieved = train_tps * train_flops_per_token(cfg, a.seq_len)
     mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a"
     print(f"update: {step_s * 1e3:.0f} ms/step, {train_tps:.0f} tok/s, "
           f"{achieved / 1e12:.1f} model TFLOP/s, MFU {mfu}", flush=True)
-    del opt_state, fns
 
-    # Decode. The update donated `params`; use a fresh bf16 copy of the same init.
+    # Decode, on a fresh bf16 copy of the same init.
     graphdef, params = nnx.split(init_model(cfg, seed=0, precision=bf16))
     gen = Generator(graphdef, params, stop_token_ids=[cfg.vocab_size - 1],
                     max_model_len=cfg.max_position_embeddings)

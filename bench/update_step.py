@@ -13,29 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from flax import nnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dapo_jax.experiments.timing import seconds_per_update, synthetic_batch  # noqa: E402
-from dapo_jax.models import init_model, preset  # noqa: E402
-from dapo_jax.train.update import (  # noqa: E402
-    LossConfig,
-    OptimizerConfig,
-    init_optimizer,
-    make_optimizer,
-    make_train_fns,
-)
-
-
-def jax_step_s(cfg, batch, steps: int) -> float:
-    graphdef, params = nnx.split(init_model(cfg, seed=0))
-    opt = make_optimizer(OptimizerConfig(lr=1e-6, weight_decay=0.1))
-    opt_state = init_optimizer(opt, params)
-    fns = make_train_fns(graphdef, params, opt,
-                         LossConfig(policy_loss_type="dual_clip", clip_ratio_c=10.0,
-                                    eps_clip_high=0.28))
-    return seconds_per_update(fns, params, opt_state, batch, steps)
+from dapo_jax.experiments.timing import synthetic_batch, update_seconds  # noqa: E402
+from dapo_jax.models import preset  # noqa: E402
 
 
 def torch_step_s(cfg, batch, steps: int) -> float:
@@ -82,7 +63,7 @@ def main() -> None:
         cfg = preset(name)
         batch = synthetic_batch(cfg, a.batch, a.seq_len)
         tokens = a.batch * a.seq_len
-        j = tokens / jax_step_s(cfg, batch, a.steps)
+        j = tokens / update_seconds(cfg, batch, a.steps)
         t = tokens / torch_step_s(cfg, batch, a.steps)
         rows.append((name, cfg.num_params / 1e6, j, t))
         print(f"{name}: jax {j:.0f} tok/s, torch {t:.0f} tok/s", flush=True)

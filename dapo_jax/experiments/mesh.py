@@ -39,15 +39,15 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dapo_jax.experiments.timing import (  # noqa: E402
-    seconds_per_update,
+    BENCH_LOSS,
+    BENCH_OPTIMIZER,
     synthetic_batch,
     train_flops_per_token,
+    update_seconds,
 )
 from dapo_jax.models import Precision, Qwen, preset, state_shardings  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
-    LossConfig,
-    OptimizerConfig,
     make_optimizer,
     make_train_fns,
     optimizer_shardings,
@@ -91,7 +91,7 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
     shardings = state_shardings(state, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-6))
+    optimizer = make_optimizer(BENCH_OPTIMIZER)
     opt_sh = optimizer_shardings(optimizer, params)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(optimizer.init, params), opt_sh)
@@ -101,10 +101,8 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
             "old_logprobs": jnp.float32, "advantages": jnp.float32}
     batch = {k: jax.ShapeDtypeStruct((rows, seq_len), d, sharding=batch_sh)
              for k, d in spec.items()}
-    fns = make_train_fns(graphdef, params, optimizer,
-                         LossConfig(policy_loss_type="dual_clip", clip_ratio_c=10.0,
-                                    eps_clip_high=0.28),
-                         num_micro_batches=1, mesh=mesh)
+    fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, num_micro_batches=1,
+                         mesh=mesh)
     start = time.perf_counter()
     compiled = fns.lower_update(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -122,21 +120,10 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
         "compile_s": compile_s,
     }
     if time_steps:
-        out["step_s_cpu"] = time_real_step(cfg, mesh, seq_len, rows, time_steps)
+        out["step_s_cpu"] = update_seconds(cfg, synthetic_batch(cfg, rows, seq_len),
+                                           time_steps, precision=Precision("float32", "float32"),
+                                           mesh=mesh)
     return out
-
-
-def time_real_step(cfg, mesh, seq_len: int, rows: int, steps: int) -> float:
-    from dapo_jax.models import init_model
-    from dapo_jax.train.update import init_optimizer
-
-    model = init_model(cfg, mesh=mesh, precision=Precision("float32", "float32"))
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-6))
-    opt_state = init_optimizer(optimizer, params)
-    fns = make_train_fns(graphdef, params, optimizer, LossConfig(), mesh=mesh)
-    return seconds_per_update(fns, params, opt_state, synthetic_batch(cfg, rows, seq_len),
-                              steps)
 
 
 def main() -> None:

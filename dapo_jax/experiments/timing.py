@@ -7,8 +7,22 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
+from dapo_jax.models import Precision, init_model
 from dapo_jax.models.config import QwenConfig
+from dapo_jax.train.update import (
+    LossConfig,
+    OptimizerConfig,
+    init_optimizer,
+    make_optimizer,
+    make_train_fns,
+)
+
+# The seed runs' policy loss (dual clip c = 10, clip-higher 0.2 / 0.28, token mean): what
+# every benchmark and mesh experiment times or compiles.
+BENCH_LOSS = LossConfig(policy_loss_type="dual_clip", clip_ratio_c=10.0, eps_clip_high=0.28)
+BENCH_OPTIMIZER = OptimizerConfig(lr=1e-6, weight_decay=0.1)
 
 
 def train_flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
@@ -46,3 +60,16 @@ def seconds_per_update(fns: Any, params: Any, opt_state: Any, batch: dict[str, n
         params, opt_state, m = fns.update(params, opt_state, batch)
     jax.block_until_ready(m)
     return (time.perf_counter() - start) / steps
+
+
+def update_seconds(cfg: QwenConfig, batch: dict[str, np.ndarray], steps: int, *,
+                   precision: Precision | None = None, remat: str = "none",
+                   mesh: jax.sharding.Mesh | None = None) -> float:
+    """`seconds_per_update` of the real DAPO update (BENCH_LOSS, AdamW as BENCH_OPTIMIZER)
+    for a randomly initialised model of `cfg` (float32 unless `precision` says otherwise)."""
+    graphdef, params = nnx.split(init_model(cfg, seed=0, precision=precision or Precision(),
+                                            remat=remat, mesh=mesh))
+    optimizer = make_optimizer(BENCH_OPTIMIZER)
+    opt_state = init_optimizer(optimizer, params)
+    fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
+    return seconds_per_update(fns, params, opt_state, batch, steps)
