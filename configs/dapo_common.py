@@ -1,16 +1,25 @@
-"""Settings shared by the seed's three DAPO runs (DAPO_FACTS section 5): 8xH100, vLLM
-sidecars for generation, DAPO-Math-17k for training and AIME-2024 for evaluation. Model and
-data paths are local directories/files: set them with --config.model.path=...,
---config.data.train_data=..., --config.data.val_data=...
+"""Settings shared by the seed's three DAPO runs (DAPO_FACTS section 5): 8xH100, DAPO-Math-17k
+for training and AIME-2024 for evaluation, one vLLM sidecar per GPU colocated with the
+FSDP trainer. Model and data paths are local directories/files: set them with
+--config.model.path=..., --config.data.train_data=..., --config.data.val_data=...
+
+    python -m dapo_jax.launch --config configs/dapo_qwen3_4b.py
+
+Precision: float32 master weights and AdamW state, bf16 compute, bf16 rollout weights
+(exports half the bytes). Memory: each H100 holds the trainer's shards and activations
+(`trainer.xla_memory_fraction`) next to one vLLM engine (`generator.gpu_memory_utilization`);
+the split and what it leaves for vLLM's KV cache are in bench/RESULTS.md ("GPU memory split").
 """
 
 from dapo_jax.train.config import default_config
 
 
-def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps: int):
+def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps: int,
+                xla_memory_fraction: float, micro_forward_batch_size_per_gpu: int):
     c = default_config()
     c.model.path = model_path
-    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
     c.model.remat = "full"
     c.mesh.shape = (1, 8, 1)  # FSDP over the 8 GPUs
     c.data.train_data = "/data/dapo-math-17k.parquet"
@@ -25,6 +34,7 @@ def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps:
     t.train_batch_size = 512
     t.policy_mini_batch_size = 32
     t.micro_train_batch_size_per_gpu = 2
+    t.micro_forward_batch_size_per_gpu = micro_forward_batch_size_per_gpu
     t.update_epochs_per_batch = 1
     t.eval_before_train = True
     t.eval_interval = eval_interval
@@ -48,9 +58,18 @@ def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps:
     a.overlong_buffer.penalty_factor = 1.0
     a.dynamic_sampling.type = ""  # the seed's runs are "w/o dynamic sampling"
 
+    t.xla_memory_fraction = xla_memory_fraction
+    t.placement.colocate_all = True
+    t.placement.policy_num_gpus_per_node = 8
+
     g = c.generator
     g.backend = "sidecar"
-    g.sidecar_urls = ("http://127.0.0.1:8001",)  # python -m rollout.server --engine vllm ...
+    g.sidecar_engine = "vllm"
+    g.num_inference_engines = 8
+    g.inference_engine_tensor_parallel_size = 1
+    # What the trainer leaves, less ~2% for the two processes' CUDA contexts.
+    g.gpu_memory_utilization = round(0.98 - xla_memory_fraction, 2)
+    g.model_dtype = "bfloat16"
     g.n_samples_per_prompt = 16
     g.apply_overlong_filtering = True
     g.sampling_params.max_generate_length = 8192

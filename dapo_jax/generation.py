@@ -59,10 +59,24 @@ class Sample:
     weight_version: int
 
 
+END_OF_TURN = "<|im_end|>"
+
+
 def stop_token_ids(model_dir: str | Path) -> list[int]:
-    """Stop tokens of a HF model directory: generation_config.json and config.json
-    `eos_token_id` (int or list), plus the tokenizer's eos token (Qwen chat models end turns on
-    <|im_end|>, which is only there)."""
+    """Stop tokens of a HF model directory, the same for every engine:
+
+    - `eos_token_id` of generation_config.json and config.json (an int or a list),
+    - the tokenizer's eos token (tokenizer_config.json), and
+    - the chat template's end of turn, <|im_end|>, when the template writes it: prompts go
+      through the chat template, so the answer ends its turn there. The seed's base models
+      (Qwen2.5-Math-7B, Qwen3-1.7B-Base, Qwen3-4B-Base) name only <|endoftext|> (151643) as
+      eos in all three files, but their chat template ends every turn with <|im_end|>
+      (151645); stopping on eos alone lets a response run on into an invented next turn until
+      <|endoftext|> or the length limit (and overlong filtering then drops it).
+
+    Token strings are resolved through tokenizer_config.json's `added_tokens_decoder`, then
+    tokenizer.json's added tokens and vocabulary; an eos token that resolves nowhere is an
+    error naming the file."""
     model_dir = Path(model_dir)
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
@@ -70,17 +84,28 @@ def stop_token_ids(model_dir: str | Path) -> list[int]:
         if f.exists():
             eos = json.loads(f.read_text()).get("eos_token_id")
             ids.update([eos] if isinstance(eos, int) else (eos or []))
-    tok_cfg, tok_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if tok_cfg.exists() and tok_file.exists():
-        eos = json.loads(tok_cfg.read_text()).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if eos:
-            from tokenizers import Tokenizer
-
-            token_id = Tokenizer.from_file(str(tok_file)).token_to_id(eos)
-            if token_id is None:
-                raise ValueError(f"{tok_cfg}: eos_token {eos!r} is not in {tok_file}")
-            ids.add(token_id)
+    tok_cfg_file = model_dir / "tokenizer_config.json"
+    if not tok_cfg_file.exists():
+        return sorted(ids)
+    tok_cfg = json.loads(tok_cfg_file.read_text())
+    token_ids = {v["content"]: int(k) for k, v in tok_cfg.get("added_tokens_decoder", {}).items()}
+    tok_file = model_dir / "tokenizer.json"
+    if tok_file.exists():
+        tok = json.loads(tok_file.read_text())
+        token_ids = {**(tok.get("model") or {}).get("vocab", {}), **token_ids,
+                     **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
+    eos = tok_cfg.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos:
+        if eos not in token_ids:
+            raise ValueError(f"{tok_cfg_file}: eos_token {eos!r} is not a token of the tokenizer")
+        ids.add(token_ids[eos])
+    template = tok_cfg.get("chat_template") or ""
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.exists():
+        template += template_file.read_text()
+    if END_OF_TURN in template and END_OF_TURN in token_ids:
+        ids.add(token_ids[END_OF_TURN])
     return sorted(ids)
 
 

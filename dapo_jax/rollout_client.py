@@ -1,7 +1,9 @@
 """Trainer-side client of rollout sidecars (`python -m rollout.server`).
 
 - A batch of prompts is split across the sidecar URLs (contiguous chunks, sent in parallel).
-- Network errors and 5xx answers are retried with exponential backoff, up to `retries`.
+- Network errors and 5xx answers are retried with exponential backoff (capped at 10 s) for
+  up to `retry_window_s`: long enough for a sidecar that died to be restarted and become
+  healthy again (the launcher restarts it).
 - Every answer carries the weight version it was generated with. The client refuses any
   other version than the one it pushed last: an older one means the sidecar restarted (or
   missed an update), so the client pushes the current export again and redoes the request;
@@ -35,13 +37,14 @@ class _Retryable(Exception):
 
 class RolloutClient:
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
-                 timeout_s: float = 600.0, retries: int = 4, backoff_s: float = 1.0):
+                 timeout_s: float = 600.0, retry_window_s: float = 15.0,
+                 backoff_s: float = 1.0):
         if not urls:
             raise ValueError("RolloutClient needs at least one sidecar URL")
         self.urls = [u.rstrip("/") for u in urls]
         self.token = token
         self.timeout_s = timeout_s
-        self.retries = retries
+        self.retry_window_s = retry_window_s
         self.backoff_s = backoff_s
         self.export_path: str | None = None
         self.version = 0  # sidecars start on the base model: version 0
@@ -65,17 +68,19 @@ class RolloutClient:
             raise _Retryable(f"{url}{route}: {e}") from None
 
     def _with_retries(self, url: str, fn: Any) -> Any:
-        for attempt in range(self.retries + 1):
+        deadline = time.monotonic() + self.retry_window_s
+        attempt = 0
+        while True:
             try:
                 return fn()
             except _Retryable as e:
-                if attempt == self.retries:
-                    raise RolloutError(f"sidecar {url} failed {self.retries + 1} times; last "
-                                       f"error: {e}") from None
-                wait = self.backoff_s * 2 ** attempt
+                wait = min(self.backoff_s * 2 ** attempt, 10.0)
+                attempt += 1
+                if time.monotonic() + wait > deadline:
+                    raise RolloutError(f"sidecar {url} failed {attempt} times in "
+                                       f"{self.retry_window_s:.0f} s; last error: {e}") from None
                 log.warning("%s; retrying in %.1fs", e, wait)
                 time.sleep(wait)
-        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ API
     def health(self, url: str) -> dict[str, Any]:

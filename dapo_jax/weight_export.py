@@ -33,8 +33,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def export_weights(model: Qwen, export_dir: str | Path, *, step: int, version: int,
-                   keep: int = 2) -> Path:
-    """Writes the model's weights to `<export_dir>/step_<step>` and returns that path."""
+                   keep: int = 2, dtype: str | None = None) -> Path:
+    """Writes the model's weights, cast to `dtype` (the serving dtype; default the parameter
+    dtype), to `<export_dir>/step_<step>` and returns that path."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     export_dir = Path(export_dir)
@@ -44,11 +45,11 @@ def export_weights(model: Qwen, export_dir: str | Path, *, step: int, version: i
     if primary:
         export_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed export
-    tensors = hf_state_dict(model)
+    dtype = str(np.dtype(dtype or model.precision.param_dtype))
+    tensors = hf_state_dict(model, dtype)
     ocp.PyTreeCheckpointer().save(tmp / "weights", tensors)
     if primary:
-        meta = {"version": int(version), "step": int(step),
-                "config": model.config.to_hf(str(np.dtype(model.precision.param_dtype)))}
+        meta = {"version": int(version), "step": int(step), "config": model.config.to_hf(dtype)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -17,7 +17,8 @@ from rollout.protocol import RequestError
 class JaxEngine:
     name = "jax"
 
-    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None):
+    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None,
+                 max_model_len: int | None = None):
         from flax import nnx
 
         from dapo_jax.models import load_pretrained
@@ -26,11 +27,11 @@ class JaxEngine:
         self.dtype = dtype
         loaded = load_pretrained(model, dtype=dtype)
         self.config = loaded.config
-        self.max_model_len = self.config.max_position_embeddings
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.vocab_size = self.config.vocab_size
         graphdef, params = nnx.split(loaded)
-        self.generator = Generator(graphdef, params,
-                                   stop_token_ids=stop_ids or stop_token_ids(model),
+        self.stop_ids = stop_ids or stop_token_ids(model)
+        self.generator = Generator(graphdef, params, stop_token_ids=self.stop_ids,
                                    max_model_len=self.max_model_len)
 
     @property
@@ -60,7 +61,8 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None,
-                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None):
+                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1):
         from vllm import LLM
 
         self.model = model
@@ -72,6 +74,7 @@ class VllmEngine:
         self.llm = LLM(
             model=model, dtype=dtype, max_model_len=self.max_model_len, seed=0,
             gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
+            tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls="rollout.vllm_worker.ExportLoader",
             logprobs_mode="processed_logprobs")
 

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from dapo_jax.procs import exit_with_parent
 from rollout import protocol
 from rollout.protocol import RequestError
 
@@ -46,7 +47,8 @@ class Sidecar:
     def health(self) -> dict[str, Any]:
         return {"engine": self.engine.name, "model": self.engine.model,
                 "weight_version": self.engine.version, "busy": self.busy,
-                "max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+                "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
+                "stop_token_ids": sorted(int(t) for t in self.engine.stop_ids)}
 
     def generate(self, body: Any) -> dict[str, Any]:
         prompts, n, sampling = protocol.parse_generate(
@@ -143,17 +145,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-token-ids", default="", help="comma-separated; default: from the "
                                                          "model's generation config/tokenizer")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.2,
-                   help="vLLM: on CPU, the fraction of RAM reserved for the KV cache")
+                   help="vLLM: fraction of the GPU's memory for weights, activations and KV "
+                        "cache (on CPU: of RAM). A JAX engine takes its memory fraction from "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION instead")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="longest prompt + response served (default: the model's positions)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rollout %(message)s")
+    exit_with_parent()
     stop_ids = [int(t) for t in a.stop_token_ids.split(",") if t] or None
     if a.engine == "jax":
         from rollout.engines import JaxEngine
-        engine = JaxEngine(a.model, dtype=a.dtype, stop_ids=stop_ids)
+        engine = JaxEngine(a.model, dtype=a.dtype, stop_ids=stop_ids,
+                           max_model_len=a.max_model_len or None)
     else:
         from rollout.engines import VllmEngine
         engine = VllmEngine(a.model, dtype=a.dtype, stop_ids=stop_ids,
-                            gpu_memory_utilization=a.gpu_memory_utilization)
+                            gpu_memory_utilization=a.gpu_memory_utilization,
+                            max_model_len=a.max_model_len or None,
+                            tensor_parallel_size=a.tensor_parallel_size)
     server = ThreadingHTTPServer((a.host, a.port), make_handler(Sidecar(engine, a.export_root,
                                                                         a.token)))
     log.info("serving %s engine for %s on %s:%d", a.engine, a.model, a.host, a.port)

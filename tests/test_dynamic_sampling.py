@@ -53,16 +53,6 @@ def test_filter_accumulates_then_truncates():
     assert state.kept is None
 
 
-def test_filter_state_roundtrips_through_dict():
-    kw = dict(kind="filter", group_size=G, train_batch_size=3, max_sample_batches=0)
-    state, _ = accumulate(DynamicSamplingState(), *gen_batch([MIXED, RIGHT], 0), **kw)
-    restored = DynamicSamplingState.from_dict(state.to_dict())
-    _, out_a = accumulate(state, *gen_batch([MIXED, MIXED], 5), **kw)
-    _, out_b = accumulate(restored, *gen_batch([MIXED, MIXED], 5), **kw)
-    for k in out_a:
-        np.testing.assert_array_equal(out_a[k], out_b[k])
-
-
 def test_max_sample_batches_error_names_the_problem():
     kw = dict(kind="filter", group_size=G, train_batch_size=2, max_sample_batches=3)
     state = DynamicSamplingState()

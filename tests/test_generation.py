@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from dapo_jax.generation import (
     _inverse_cdf,
     _truncate,
     bucket,
+    stop_token_ids,
 )
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.qwen import attention
@@ -233,3 +237,27 @@ def test_blocked_attention_equals_whole_with_gradients(monkeypatch, causal_max_l
     blocked = grad(q, k, v)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "seed_models"
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-math-7b", "qwen3-1.7b-base", "qwen3-4b-base"])
+def test_seed_models_stop_on_eos_and_end_of_turn(model):
+    """The seed's base models name only <|endoftext|> (151643) as eos in config.json,
+    generation_config.json and tokenizer_config.json, but prompts go through the chat
+    template, whose turns end with <|im_end|> (151645): both stop generation."""
+    assert stop_token_ids(FIXTURES / model) == [151643, 151645]
+
+
+def test_stop_tokens_without_chat_template_and_bad_eos(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [5, 6]}))
+    assert stop_token_ids(tmp_path) == [5, 6]
+    tok = json.loads((FIXTURES / "qwen3-4b-base" / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{{ messages }}"  # no <|im_end|> turns: only eos
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok))
+    assert stop_token_ids(tmp_path) == [5, 6, 151643]
+    tok["eos_token"] = "<|no_such_token|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="eos_token '<\\|no_such_token\\|>' is not a token"):
+        stop_token_ids(tmp_path)

@@ -104,7 +104,7 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
     log = tmp_path / "sidecar.log"
     proc, url = sidecar.start("jax", setup["model"], setup["root"], port=port, log=log)
     sidecar.wait_healthy(proc, url)
-    client = RolloutClient([url], retries=8, backoff_s=0.5)
+    client = RolloutClient([url], retry_window_s=120, backoff_s=0.5)
     client.update_weights(str(setup["export"]), 1)
     long = SamplingParams(temperature=0.0, max_tokens=400)
     prompts = [[i % 500 + 1, 3, 5] for i in range(32)]

@@ -46,10 +46,30 @@ def read_metrics(run_dir):
     ("model.path", "/nonexistent", "model.path"),
     ("generator.backend", "sidecar", "generator.sidecar_urls"),
     ("trainer.logger", ("console", "mlflow"), "trainer.logger"),
+    ("model.param_dtype", "bfloat16", "model.param_dtype: the trained weights and AdamW state "
+     "must be float32"),
+    ("model.compute_dtype", "float16", "model.compute_dtype"),
+    ("trainer.micro_forward_batch_size_per_gpu", 3,
+     "trainer.micro_forward_batch_size_per_gpu: a rollout batch of 32 prompts x 8 samples = "
+     "256 sequences does not split"),
+    ("generator.gpu_memory_utilization", 1.2, "generator.gpu_memory_utilization"),
 ])
 def test_invalid_config_is_a_clear_error(tmp_path, key, value, match):
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(tiny(tmp_path, **{key: value}), num_devices=1)
+
+
+def test_memory_split_over_one_is_refused(tmp_path):
+    """Colocated sidecars and trainer share each GPU: their fractions must fit in it."""
+    c = tiny(tmp_path, **{"generator.backend": "sidecar",
+                          "generator.sidecar_urls": ("http://127.0.0.1:1",),
+                          "trainer.xla_memory_fraction": 0.6,
+                          "generator.gpu_memory_utilization": 0.5})
+    with pytest.raises(config_lib.ConfigError, match=r"trainer.xla_memory_fraction: colocated"
+                       r".* 0.6 \+ generator.gpu_memory_utilization 0.5 = 1.1 > 1"):
+        config_lib.validate(c, num_devices=1)
+    c.trainer.placement.colocate_all = False  # engines on their own GPUs: no shared budget
+    config_lib.validate(c, num_devices=1)
 
 
 def test_unknown_keys_are_errors(tmp_path):

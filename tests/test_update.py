@@ -165,3 +165,41 @@ def test_mini_batches_and_epochs():
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
     with pytest.raises(ValueError, match="mini-batches of 3"):
         list(mini_batches(batch, 3))
+
+
+def test_weight_decay_mask_and_float32_hyperparameters():
+    """The optimiser state holds the hyperparameters in float32 and no `mask` entry (it is
+    static, not a schedule); with zero gradients one AdamW step shrinks exactly the weight
+    matrices by (1 - lr * weight_decay) and leaves norm scales alone."""
+    params = nnx.split(init_model(CFG, seed=0))[1]
+    opt = make_optimizer(OptimizerConfig(lr=0.5, weight_decay=0.1))
+    state = init_optimizer(opt, params)
+    hyper = state[1].hyperparams
+    assert "mask" not in hyper
+    assert {k: v.dtype for k, v in hyper.items()} == {k: np.dtype("float32") for k in hyper}
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = opt.update(zeros, state, params)
+    new = optax.apply_updates(params, updates)
+    for (path, before), (_, after) in zip(nnx.to_flat_state(params), nnx.to_flat_state(new),
+                                          strict=True):
+        a, b = np.asarray(before.get_value()), np.asarray(after.get_value())
+        decayed = "norm" not in "/".join(map(str, path))
+        np.testing.assert_allclose(b, a * (0.95 if decayed else 1.0), rtol=1e-6,
+                                   err_msg=str(path))
+
+
+def test_float32_master_weights_move_at_the_seed_learning_rate():
+    """At the seed runs' first warmup step (lr 1e-6 / 160) float32 master weights change;
+    the same step rounded to bf16 leaves (nearly) every weight where it was, which is why
+    bf16 master weights are refused."""
+    model = init_model(CFG, seed=0)
+    graphdef, params = nnx.split(model)
+    opt = make_optimizer(OptimizerConfig(lr=1e-6, warmup_steps=160, weight_decay=0.1))
+    fns = make_train_fns(graphdef, params, opt, LossConfig())
+    before = np.asarray(params["layers"]["mlp"]["up_proj"].get_value())
+    new, _, _ = fns.update(params, init_optimizer(opt, params), make_batch())
+    after = np.asarray(new["layers"]["mlp"]["up_proj"].get_value())
+    assert after.dtype == np.float32
+    assert np.mean(after != before) > 0.9
+    as_bf16 = lambda x: np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16))
+    assert np.mean(as_bf16(after) != as_bf16(before)) < 0.01

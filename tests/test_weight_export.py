@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -44,16 +45,22 @@ def test_export_roundtrip_matches_hf_checkpoint(tiny_checkpoints, tmp_path):
 
 
 def test_export_prunes_and_leaves_no_temporaries(tiny_checkpoints, tmp_path):
-    model = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="bfloat16")
+    """float32 master weights exported in the serving dtype (bf16): each tensor is the
+    float32 one rounded to bf16, and the export's config says bfloat16."""
+    model = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="float32")
     (tmp_path / ".tmp_step_9").mkdir()  # debris of an export killed half-way
     for step in (1, 2, 3):
-        export_weights(model, tmp_path, step=step, version=step, keep=2)
+        export_weights(model, tmp_path, step=step, version=step, keep=2, dtype="bfloat16")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp_step_9", "step_2", "step_3"]
     assert latest_export(tmp_path) == tmp_path / "step_3"
-    export_weights(model, tmp_path, step=9, version=9, keep=2)
+    export_weights(model, tmp_path, step=9, version=9, keep=2, dtype="bfloat16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_9"]
-    tensor = ExportIndex(tmp_path / "step_9").get("model.embed_tokens.weight")
+    index = ExportIndex(tmp_path / "step_9")
+    assert index.meta["config"]["dtype"] == "bfloat16"
+    tensor = index.get("model.embed_tokens.weight")
     assert tensor.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(
+        tensor, np.asarray(model.embed[...]).astype(jnp.bfloat16))
     t = to_torch(tensor)
     assert t.dtype == torch.bfloat16
     np.testing.assert_array_equal(t.float().numpy(), tensor.astype(np.float32))

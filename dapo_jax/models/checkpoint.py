@@ -213,23 +213,26 @@ def _check_tensors(index: TensorSource, specs: list, cfg: QwenConfig, path: str)
                              f"config.json implies {tuple(shape)}")
 
 
-def hf_state_dict(model: Qwen) -> dict[str, jax.Array]:
-    """All parameters as HF-named arrays in HF layout, computed on device (one jitted
-    transform, so shardings carry over); used by the orbax weight export."""
-    return _hf_converter(model.config)(nnx.state(model))
+def hf_state_dict(model: Qwen, dtype: str | None = None) -> dict[str, jax.Array]:
+    """All parameters as HF-named arrays in HF layout and `dtype` (default: the parameter
+    dtype), computed on device (one jitted transform, so shardings carry over); used by the
+    orbax weight export."""
+    dtype = str(np.dtype(dtype or model.precision.param_dtype))
+    return _hf_converter(model.config, dtype)(nnx.state(model))
 
 
 @functools.lru_cache(maxsize=8)
-def _hf_converter(cfg: QwenConfig) -> Callable[[nnx.State], dict[str, jax.Array]]:
-    """The jitted conversion for one architecture, built once: a fresh closure per export
-    would be traced and compiled again on every training step."""
+def _hf_converter(cfg: QwenConfig, dtype: str) -> Callable[[nnx.State], dict[str, jax.Array]]:
+    """The jitted conversion for one architecture and dtype, built once: a fresh closure per
+    export would be traced and compiled again on every training step."""
 
     @jax.jit
     def convert(state: nnx.State) -> dict[str, jax.Array]:
         out = {}
         for entry, layer, name in hf_tensors(cfg):
             value = _get(state, entry.path)
-            out[name] = entry.to_hf(value if layer is None else value[layer], cfg)
+            value = entry.to_hf(value if layer is None else value[layer], cfg)
+            out[name] = value.astype(dtype)
         return out
 
     return convert

@@ -27,8 +27,11 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.model = ConfigDict({
         "path": "",  # local HF directory (config.json, safetensors, tokenizer)
-        "dtype": "float32",  # parameter dtype
-        "compute_dtype": "",  # "" = dtype
+        # Master weights and AdamW state. Only float32 trains: optax casts Adam's
+        # hyperparameters to the parameter dtype (b2 = 0.999 is 1.0 in bf16) and a bf16 weight
+        # near 0.02 cannot take a step below ~1e-4, so "bfloat16" is refused by `validate`.
+        "param_dtype": "float32",
+        "compute_dtype": "float32",  # float32 | bfloat16: matmuls and activations
         "remat": "none",  # none | full | dots_saveable
     })
     c.mesh = ConfigDict({
@@ -51,8 +54,22 @@ def default_config() -> ConfigDict:
     })
     c.generator = ConfigDict({
         "backend": "jax",  # jax (in process) | sidecar (rollout.server over HTTP)
+        # Sidecars: `python -m dapo_jax.launch` starts `num_inference_engines` of them and
+        # fills in sidecar_urls; `python -m dapo_jax.train` needs sidecar_urls set.
         "sidecar_urls": (),
-        "sidecar_token": "",
+        "sidecar_token": "",  # default: the ROLLOUT_TOKEN environment variable
+        "sidecar_engine": "vllm",  # vllm | jax: what the launcher starts
+        "sidecar_python": "",  # interpreter with the engine installed ("": this one)
+        "num_inference_engines": 1,
+        "inference_engine_tensor_parallel_size": 1,
+        # Fraction of each engine GPU's memory the sidecar may take (vLLM's setting; a JAX
+        # sidecar gets it as XLA_PYTHON_CLIENT_MEM_FRACTION).
+        "gpu_memory_utilization": 0.45,
+        "sidecar_startup_timeout_s": 900.0,
+        "sidecar_max_restarts": 2,  # launcher: restarts of a sidecar that dies mid-run
+        # Rollout weights: exports to the sidecars and the in-process engine's copy are cast
+        # to this dtype (half the bytes to write, load and stream in bf16).
+        "model_dtype": "float32",
         "export_dir": "",  # weight exports for the sidecars (default: <run_dir>/exports)
         "n_samples_per_prompt": 5,
         "eval_n_samples_per_prompt": 1,
@@ -73,6 +90,8 @@ def default_config() -> ConfigDict:
         "train_batch_size": 64,  # prompts per step
         "policy_mini_batch_size": 16,  # prompts per optimiser step
         "micro_train_batch_size_per_gpu": 4,  # sequences per device per micro-batch
+        # Old/reference log-prob passes over the whole rollout batch, forward only.
+        "micro_forward_batch_size_per_gpu": 4,
         "update_epochs_per_batch": 1,
         "eval_interval": 5,  # steps; <= 0: never
         "eval_before_train": True,
@@ -83,6 +102,17 @@ def default_config() -> ConfigDict:
         "logger": ("console", "jsonl"),  # plus tensorboard, wandb
         "project_name": "dapo_jax",
         "run_name": "",
+        # Fraction of each GPU JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, set
+        # before JAX starts; JAX never hands memory back). Colocated with sidecars, it and
+        # generator.gpu_memory_utilization must sum to at most 1.
+        "xla_memory_fraction": 0.5,
+        "placement": ConfigDict({
+            # true: sidecars share the trainer's GPUs (engine i on GPUs i*tp .. (i+1)*tp - 1);
+            # false: the trainer takes the first policy_num_gpus_per_node GPUs and the
+            # engines the ones after them.
+            "colocate_all": True,
+            "policy_num_gpus_per_node": 8,
+        }),
         "policy": ConfigDict({"optimizer_config": ConfigDict({
             "lr": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0, "num_warmup_steps": 0,
             "scheduler": "constant",  # constant | cosine (after the linear warmup)
@@ -93,7 +123,7 @@ def default_config() -> ConfigDict:
             "grpo_norm_by_std": True,
             "policy_loss_type": "regular",  # any registered: regular | dual_clip | gspo
             "eps_clip_low": 0.2,
-            "eps_clip_high": 0.2,
+            "eps_clip_high": 0.28,  # DAPO's clip-higher
             "clip_ratio_c": 3.0,
             "loss_reduction": "token_mean",
             "max_seq_len": 0,  # seq_mean_token_sum_norm; 0: prompt + generate length
@@ -132,24 +162,39 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
 
 
-def validate(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
-    """Checks a full config before any compute. Returns derived sizes (max_steps, rows per
-    mini-batch, micro-batches per mini-batch, data-parallel size)."""
+DTYPES = ("float32", "bfloat16")
+
+
+def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
+    """Checks a full config before any compute. Returns derived sizes (rows per mini-batch,
+    micro-batches per mini-batch and per rollout batch, data-parallel size, max_seq_len).
+
+    `num_devices` is the trainer's JAX device count. None is the launcher's check, which must
+    not start JAX: it takes the data-parallel size from the mesh shape where that has no -1
+    (skipping the batch-split checks otherwise) and does not ask for sidecar URLs, which the
+    launcher fills in."""
     t, g, alg = cfg.trainer, cfg.generator, cfg.trainer.algorithm
-    try:
-        shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
-    except ValueError as e:
-        _fail("mesh.shape", str(e))
-    dp = shape[0] * shape[1]
+    if num_devices is None:
+        shape = tuple(cfg.mesh.shape)
+        if len(shape) != 3:
+            _fail("mesh.shape", f"must have 3 entries (data, fsdp, tensor), got {shape}")
+    else:
+        try:
+            shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+        except ValueError as e:
+            _fail("mesh.shape", str(e))
+    dp = shape[0] * shape[1] if -1 not in shape else None
     if not cfg.model.path:
         _fail("model.path", "a local HF model directory is required")
     config_file = Path(cfg.model.path) / "config.json"
     if not config_file.exists():
         _fail("model.path", f"{config_file} does not exist")
     max_pos = json.loads(config_file.read_text()).get("max_position_embeddings", 0)
+    _validate_precision(cfg)
     n = g.n_samples_per_prompt
     for key in ("train_batch_size", "policy_mini_batch_size", "micro_train_batch_size_per_gpu",
-                "update_epochs_per_batch", "max_prompt_length", "max_ckpts_to_keep"):
+                "micro_forward_batch_size_per_gpu", "update_epochs_per_batch",
+                "max_prompt_length", "max_ckpts_to_keep"):
         if t[key] < 1:
             _fail(f"trainer.{key}", f"must be >= 1, got {t[key]}")
     if n < 1 or g.eval_n_samples_per_prompt < 1:
@@ -159,12 +204,24 @@ def validate(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
         _fail("trainer.train_batch_size", f"{t.train_batch_size} is not divisible by "
               f"trainer.policy_mini_batch_size {t.policy_mini_batch_size}")
     mini_rows = t.policy_mini_batch_size * n
-    micro_rows = t.micro_train_batch_size_per_gpu * dp
-    if mini_rows % micro_rows:
-        _fail("trainer.micro_train_batch_size_per_gpu", f"a mini-batch of "
-              f"{t.policy_mini_batch_size} prompts x {n} samples = {mini_rows} sequences does "
-              f"not split into micro-batches of {t.micro_train_batch_size_per_gpu} per device x "
-              f"{dp} data-parallel devices")
+    rollout_rows = t.train_batch_size * n
+    sizes = {"dp": dp or 0, "mini_rows": mini_rows, "num_micro": 0, "num_forward_micro": 0}
+    if dp is not None:
+        micro_rows = t.micro_train_batch_size_per_gpu * dp
+        if mini_rows % micro_rows:
+            _fail("trainer.micro_train_batch_size_per_gpu", f"a mini-batch of "
+                  f"{t.policy_mini_batch_size} prompts x {n} samples = {mini_rows} sequences "
+                  f"does not split into micro-batches of {t.micro_train_batch_size_per_gpu} "
+                  f"per device x {dp} data-parallel devices")
+        forward_rows = t.micro_forward_batch_size_per_gpu * dp
+        if rollout_rows % forward_rows:
+            _fail("trainer.micro_forward_batch_size_per_gpu", f"a rollout batch of "
+                  f"{t.train_batch_size} prompts x {n} samples = {rollout_rows} sequences does "
+                  f"not split into forward micro-batches of "
+                  f"{t.micro_forward_batch_size_per_gpu} per device x {dp} data-parallel "
+                  "devices")
+        sizes["num_micro"] = mini_rows // micro_rows
+        sizes["num_forward_micro"] = rollout_rows // forward_rows
     for name in ("sampling_params", "eval_sampling_params"):
         sp = g[name]
         try:
@@ -176,14 +233,14 @@ def validate(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
             _fail(f"generator.{name}.max_generate_length", f"trainer.max_prompt_length "
                   f"{t.max_prompt_length} + max_generate_length {sp.max_generate_length} "
                   f"exceeds the model's max_position_embeddings {max_pos}")
-    if g.backend not in ("jax", "sidecar"):
-        _fail("generator.backend", f"must be 'jax' or 'sidecar', got {g.backend!r}")
-    if g.backend == "sidecar" and not g.sidecar_urls:
-        _fail("generator.sidecar_urls", "the sidecar backend needs at least one URL")
+    _validate_generator(cfg)
+    if num_devices is not None:
+        sidecars_required(cfg)
     if alg.advantage_estimator not in ("grpo", "rloo"):
         _fail("trainer.algorithm.advantage_estimator", f"{alg.advantage_estimator!r} is not "
               "grpo or rloo")
     max_seq_len = alg.max_seq_len or t.max_prompt_length + g.sampling_params.max_generate_length
+    sizes["max_seq_len"] = max_seq_len
     try:
         objective.validate(policy_loss_type=alg.policy_loss_type, eps_clip_low=alg.eps_clip_low,
                            eps_clip_high=alg.eps_clip_high, clip_ratio_c=alg.clip_ratio_c,
@@ -230,8 +287,67 @@ def validate(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
         _fail("trainer.policy.optimizer_config.lr", "must be > 0")
     if t.max_steps < 0:
         _fail("trainer.max_steps", "must be >= 0 (0: derive from trainer.epochs)")
-    return {"dp": dp, "mini_rows": mini_rows, "num_micro": mini_rows // micro_rows,
-            "max_seq_len": max_seq_len}
+    return sizes
+
+
+def _validate_precision(cfg: ConfigDict) -> None:
+    m = cfg.model
+    for key in ("param_dtype", "compute_dtype"):
+        if m[key] not in DTYPES:
+            _fail(f"model.{key}", f"{m[key]!r} is not one of {DTYPES}")
+    if m.param_dtype != "float32":
+        _fail("model.param_dtype", "the trained weights and AdamW state must be float32 "
+              "(bfloat16 master weights turn NaN at step 1 and cannot take steps below ~1e-4 "
+              "of a weight); for bf16 compute set model.compute_dtype=bfloat16, and "
+              "generator.model_dtype=bfloat16 for bf16 rollout weights")
+    if m.remat not in ("none", "full", "dots_saveable"):
+        _fail("model.remat", f"{m.remat!r} is not none, full or dots_saveable")
+    if cfg.generator.model_dtype not in DTYPES:
+        _fail("generator.model_dtype", f"{cfg.generator.model_dtype!r} is not one of {DTYPES}")
+
+
+def _validate_generator(cfg: ConfigDict) -> None:
+    g, t = cfg.generator, cfg.trainer
+    if g.backend not in ("jax", "sidecar"):
+        _fail("generator.backend", f"must be 'jax' or 'sidecar', got {g.backend!r}")
+    if g.sidecar_engine not in ("vllm", "jax"):
+        _fail("generator.sidecar_engine", f"must be 'vllm' or 'jax', got {g.sidecar_engine!r}")
+    for key in ("num_inference_engines", "inference_engine_tensor_parallel_size"):
+        if g[key] < 1:
+            _fail(f"generator.{key}", f"must be >= 1, got {g[key]}")
+    if g.sidecar_max_restarts < 0:
+        _fail("generator.sidecar_max_restarts", "must be >= 0")
+    if g.sidecar_startup_timeout_s <= 0:
+        _fail("generator.sidecar_startup_timeout_s", "must be > 0")
+    if not 0 < g.gpu_memory_utilization < 1:
+        _fail("generator.gpu_memory_utilization", f"must be in (0, 1), got "
+              f"{g.gpu_memory_utilization}")
+    if not 0 < t.xla_memory_fraction <= 1:
+        _fail("trainer.xla_memory_fraction", f"must be in (0, 1], got {t.xla_memory_fraction}")
+    if t.placement.policy_num_gpus_per_node < 1:
+        _fail("trainer.placement.policy_num_gpus_per_node", "must be >= 1")
+    if g.backend == "sidecar" and t.placement.colocate_all:
+        total = t.xla_memory_fraction + g.gpu_memory_utilization
+        if total > 1:
+            _fail("trainer.xla_memory_fraction", f"colocated trainer and sidecars share each GPU:"
+                  f" trainer.xla_memory_fraction {t.xla_memory_fraction} + "
+                  f"generator.gpu_memory_utilization {g.gpu_memory_utilization} = {total:.3g} "
+                  "> 1 (lower one, or set trainer.placement.colocate_all=false to give the "
+                  "engines their own GPUs)")
+        engine_gpus = g.num_inference_engines * g.inference_engine_tensor_parallel_size
+        if engine_gpus > t.placement.policy_num_gpus_per_node:
+            _fail("generator.num_inference_engines", f"colocated: {g.num_inference_engines} "
+                  f"engines x tensor parallel {g.inference_engine_tensor_parallel_size} need "
+                  f"{engine_gpus} GPUs but the trainer has "
+                  f"trainer.placement.policy_num_gpus_per_node="
+                  f"{t.placement.policy_num_gpus_per_node}")
+
+
+def sidecars_required(cfg: ConfigDict) -> None:
+    """`python -m dapo_jax.train` with the sidecar backend talks to running sidecars."""
+    if cfg.generator.backend == "sidecar" and not cfg.generator.sidecar_urls:
+        _fail("generator.sidecar_urls", "the sidecar backend needs at least one URL (or start "
+              "the run with `python -m dapo_jax.launch`, which starts the sidecars)")
 
 
 def total_steps(cfg: ConfigDict, num_train_prompts: int) -> int:

@@ -10,14 +10,15 @@ BEFORE soft overlong punishment).
 - `replace` (POLARIS): if more than `min_replace_ratio` of a batch's groups are good,
   overwrite each bad group with a copy of a randomly chosen good group; otherwise draw again.
 
-The accumulator state (`DynamicSamplingState`) is a plain object with `to_dict`/`from_dict`
-so that it goes into checkpoints.
+The accumulator state (`DynamicSamplingState`) lives for one training step and is not
+checkpointed: checkpoints are written between steps, and the generation seeds depend only on
+(seed, step, batch number), so a run resumed after a kill during sampling draws that step's
+batches again and keeps exactly the groups the uninterrupted run kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
@@ -68,15 +69,6 @@ class DynamicSamplingState:
     groups_drawn: int = 0
     all_correct_groups: int = 0
     all_wrong_groups: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["kept"] = None if self.kept is None else {k: np.asarray(v) for k, v in self.kept.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DynamicSamplingState:
-        return cls(**d)
 
     def metrics(self) -> dict[str, float]:
         drawn = max(self.groups_drawn, 1)

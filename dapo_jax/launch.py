@@ -1,0 +1,219 @@
+"""One command for a run with rollout sidecars:
+
+    python -m dapo_jax.launch --config configs/<name>.py [--config.a.b=value ...]
+
+1. validates the config (without starting JAX: the launcher must not take GPU memory);
+2. starts `generator.num_inference_engines` sidecars (`python -m rollout.server`), each in
+   its own process group with its GPUs (CUDA_VISIBLE_DEVICES), memory share, a free loopback
+   port, the run's export root and a fresh bearer token, logging to <run_dir>/logs/;
+3. waits until every sidecar answers /health (a sidecar that exits or misses
+   `generator.sidecar_startup_timeout_s` is an error quoting the tail of its log);
+4. runs `python -m dapo_jax.train` with the same flags plus the sidecars' URLs, with its own
+   GPUs and `XLA_PYTHON_CLIENT_MEM_FRACTION` (see `dapo_jax.placement`);
+5. while it trains, restarts a sidecar that dies (up to `generator.sidecar_max_restarts`
+   times; the trainer's client sees the restarted sidecar serve version 0 and pushes the
+   current export before generating again, so nothing is generated from stale weights),
+   else stops the run with an error;
+6. on exit, Ctrl-C, SIGTERM or a crash, ends every child's whole process group; children
+   also end their groups when the launcher itself is killed (`dapo_jax.procs`).
+
+The launcher's exit code is the trainer's (130 after Ctrl-C, 1 after a launch error).
+<run_dir>/logs/launch.json lists the children (pid, GPUs, port, log) while they run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from absl import app
+from ml_collections import ConfigDict, config_flags
+
+from dapo_jax import placement
+from dapo_jax.procs import kill_group, log_tail
+from dapo_jax.train import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
+                                          lock_config=True)
+REPO = Path(__file__).resolve().parent.parent
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+class _Stop(Exception):
+    """SIGTERM, turned into an exception so that the clean-up runs."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """The sidecars and the trainer of one run, and their clean-up."""
+
+    def __init__(self, cfg: ConfigDict, flags: list[str]):
+        self.cfg = cfg
+        self.flags = flags
+        self.run_dir = Path(cfg.trainer.run_dir).resolve()
+        self.logs = self.run_dir / "logs"
+        self.export_root = Path(cfg.generator.export_dir or self.run_dir / "exports").resolve()
+        self.token = secrets.token_hex(16)
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        self.specs = [placement.SidecarSpec(i, gpus, free_port(), self.logs / f"sidecar_{i}.log")
+                      for i, gpus in enumerate(placement.engine_gpus(cfg))]
+        self.sidecars: dict[int, subprocess.Popen] = {}
+        self.restarts = {s.index: 0 for s in self.specs}
+        self.trainer: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ sidecars
+    def start_sidecar(self, spec: placement.SidecarSpec) -> None:
+        cmd = placement.sidecar_command(self.cfg, spec, self.export_root)
+        env = placement.sidecar_env(self.cfg, spec, self.env, self.token)
+        with open(spec.log, "ab") as log:
+            log.write(f"\n==> {' '.join(cmd)}\n".encode())
+            self.sidecars[spec.index] = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        self._write_manifest()
+
+    def _healthy(self, spec: placement.SidecarSpec) -> bool:
+        req = urllib.request.Request(spec.url + "/health",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, specs: list[placement.SidecarSpec]) -> None:
+        timeout = self.cfg.generator.sidecar_startup_timeout_s
+        deadline = time.monotonic() + timeout
+        waiting = list(specs)
+        while waiting:
+            for spec in list(waiting):
+                code = self.sidecars[spec.index].poll()
+                if code is not None:
+                    raise LaunchError(f"sidecar {spec.index} (GPUs {list(spec.gpus)}, port "
+                                      f"{spec.port}) exited with code {code} before becoming "
+                                      f"healthy; last lines of {spec.log}:\n"
+                                      f"{log_tail(spec.log)}")
+                if self._healthy(spec):
+                    waiting.remove(spec)
+            if waiting and time.monotonic() > deadline:
+                spec = waiting[0]
+                raise LaunchError(f"sidecar {spec.index} (GPUs {list(spec.gpus)}, port "
+                                  f"{spec.port}) did not answer /health within {timeout:g} s "
+                                  "(generator.sidecar_startup_timeout_s); last lines of "
+                                  f"{spec.log}:\n{log_tail(spec.log)}")
+            time.sleep(0.5)
+
+    def _check_sidecars(self) -> None:
+        """Restarts a sidecar that died, or raises when it has no restarts left."""
+        for spec in self.specs:
+            code = self.sidecars[spec.index].poll()
+            if code is None:
+                continue
+            kill_group(self.sidecars[spec.index], grace_s=2.0)  # what is left of its workers
+            if self.restarts[spec.index] >= self.cfg.generator.sidecar_max_restarts:
+                raise LaunchError(
+                    f"sidecar {spec.index} (port {spec.port}) died with code {code} after "
+                    f"{self.restarts[spec.index]} restart(s) (generator.sidecar_max_restarts="
+                    f"{self.cfg.generator.sidecar_max_restarts}); stopping the run. Last lines "
+                    f"of {spec.log}:\n{log_tail(spec.log)}")
+            self.restarts[spec.index] += 1
+            print(f"launch: sidecar {spec.index} died with code {code}; restart "
+                  f"{self.restarts[spec.index]} of {self.cfg.generator.sidecar_max_restarts}",
+                  file=sys.stderr, flush=True)
+            self.start_sidecar(spec)
+            self.wait_healthy([spec])
+
+    # ------------------------------------------------------------------ trainer
+    def start_trainer(self) -> None:
+        urls = tuple(s.url for s in self.specs)
+        cmd = [sys.executable, "-m", "dapo_jax.train", *self.flags,
+               f"--config.generator.sidecar_urls={urls!r}"]
+        env = {**placement.trainer_env(self.cfg, self.env), placement.TOKEN_ENV: self.token}
+        self.trainer = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        self._write_manifest()
+
+    def run(self) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.export_root.mkdir(parents=True, exist_ok=True)
+        for spec in self.specs:
+            self.start_sidecar(spec)
+        self.wait_healthy(self.specs)
+        self.start_trainer()
+        assert self.trainer is not None
+        while (code := self.trainer.poll()) is None:
+            self._check_sidecars()
+            time.sleep(1.0)
+        return code
+
+    def close(self) -> None:
+        children = ([self.trainer] if self.trainer else []) + list(self.sidecars.values())
+        for proc in children:
+            kill_group(proc)
+        (self.logs / "launch.json").unlink(missing_ok=True)
+
+    def _write_manifest(self) -> None:
+        manifest = {"launcher_pid": os.getpid(),
+                    "trainer_pid": self.trainer.pid if self.trainer else None,
+                    "sidecars": [{"index": s.index, "pid": self.sidecars[s.index].pid,
+                                  "gpus": list(s.gpus), "url": s.url, "log": str(s.log)}
+                                 for s in self.specs if s.index in self.sidecars]}
+        tmp = self.logs / "launch.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(self.logs / "launch.json")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg.generator.backend != "sidecar":
+        raise app.UsageError("dapo_jax.launch starts rollout sidecars: the config has "
+                             f"generator.backend={cfg.generator.backend!r}; run "
+                             "`python -m dapo_jax.train` for the in-process engine")
+    if cfg.generator.sidecar_urls:
+        raise app.UsageError("generator.sidecar_urls is set: the launcher starts its own "
+                             "sidecars; use `python -m dapo_jax.train` with sidecars you run")
+    config_lib.validate(cfg, num_devices=None)
+    flags = [a for a in sys.argv[1:]]  # all --config flags, passed on to the trainer
+    launch = Launch(cfg, flags)
+
+    def on_sigterm(signum, frame):
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    code = 1
+    try:
+        code = launch.run()
+    except LaunchError as e:
+        print(f"launch: {e}", file=sys.stderr, flush=True)
+    except (KeyboardInterrupt, _Stop):
+        print("launch: interrupted; stopping the trainer and the sidecars", file=sys.stderr,
+              flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        launch.close()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    app.run(main)

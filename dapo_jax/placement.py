@@ -1,0 +1,107 @@
+"""Where the trainer and the rollout sidecars run, and how they share a GPU's memory.
+
+JAX's GPU allocator takes a fixed fraction of each GPU when it starts and never hands memory
+back; vLLM refuses to start unless its `gpu_memory_utilization` is free. So a trainer and
+sidecars on the same GPUs need a fixed split, set before either starts:
+
+- the trainer: `XLA_PYTHON_CLIENT_MEM_FRACTION` = `trainer.xla_memory_fraction`;
+- each sidecar: vLLM's `--gpu-memory-utilization` (a JAX sidecar gets it as its
+  `XLA_PYTHON_CLIENT_MEM_FRACTION`) = `generator.gpu_memory_utilization`;
+
+and `config.validate` refuses colocated splits that sum over 1.
+
+GPU indices are positions in the launcher's own CUDA_VISIBLE_DEVICES when that is set, so a
+launcher confined to GPUs 4-7 places everything there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from dapo_jax.procs import PARENT_PID_ENV
+
+MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+TOKEN_ENV = "ROLLOUT_TOKEN"
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarSpec:
+    index: int
+    gpus: tuple[int, ...]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def trainer_gpus(cfg: ConfigDict) -> tuple[int, ...]:
+    return tuple(range(cfg.trainer.placement.policy_num_gpus_per_node))
+
+
+def engine_gpus(cfg: ConfigDict) -> list[tuple[int, ...]]:
+    """GPUs of each inference engine: colocated engines tile the trainer's GPUs; otherwise
+    they take the GPUs after the trainer's."""
+    g, p = cfg.generator, cfg.trainer.placement
+    tp = g.inference_engine_tensor_parallel_size
+    first = 0 if p.colocate_all else p.policy_num_gpus_per_node
+    return [tuple(range(first + i * tp, first + (i + 1) * tp))
+            for i in range(g.num_inference_engines)]
+
+
+def visible_devices(gpus: tuple[int, ...], base_env: Mapping[str, str]) -> str:
+    """CUDA_VISIBLE_DEVICES for `gpus`, positions in the parent's own list if it has one."""
+    parent = base_env.get("CUDA_VISIBLE_DEVICES")
+    if parent:
+        physical = [d.strip() for d in parent.split(",") if d.strip()]
+        if max(gpus) >= len(physical):
+            raise ValueError(f"GPUs {list(gpus)} are not all among CUDA_VISIBLE_DEVICES="
+                             f"{parent} ({len(physical)} devices)")
+        return ",".join(physical[i] for i in gpus)
+    return ",".join(str(i) for i in gpus)
+
+
+def trainer_env(cfg: ConfigDict, base_env: Mapping[str, str]) -> dict[str, str]:
+    return {**base_env, MEM_FRACTION_ENV: str(cfg.trainer.xla_memory_fraction),
+            "CUDA_VISIBLE_DEVICES": visible_devices(trainer_gpus(cfg), base_env),
+            PARENT_PID_ENV: str(os.getpid())}
+
+
+def sidecar_env(cfg: ConfigDict, spec: SidecarSpec, base_env: Mapping[str, str],
+                token: str) -> dict[str, str]:
+    return {**base_env, MEM_FRACTION_ENV: str(cfg.generator.gpu_memory_utilization),
+            "CUDA_VISIBLE_DEVICES": visible_devices(spec.gpus, base_env),
+            TOKEN_ENV: token, PARENT_PID_ENV: str(os.getpid())}
+
+
+def max_model_len(cfg: ConfigDict) -> int:
+    """Longest sequence a sidecar serves: the prompt limit plus the longer generation limit
+    (vLLM sizes its KV cache and concurrency from it, not from the model's 32k positions)."""
+    g = cfg.generator
+    return cfg.trainer.max_prompt_length + max(g.sampling_params.max_generate_length,
+                                               g.eval_sampling_params.max_generate_length)
+
+
+def sidecar_command(cfg: ConfigDict, spec: SidecarSpec, export_root: Path) -> list[str]:
+    g = cfg.generator
+    cmd = [g.sidecar_python or sys.executable, "-m", "rollout.server",
+           "--engine", g.sidecar_engine, "--model", cfg.model.path,
+           "--port", str(spec.port), "--export-root", str(export_root),
+           "--dtype", g.model_dtype, "--max-model-len", str(max_model_len(cfg)),
+           "--gpu-memory-utilization", str(g.gpu_memory_utilization)]
+    if g.sidecar_engine == "vllm":
+        cmd += ["--tensor-parallel-size", str(g.inference_engine_tensor_parallel_size)]
+    return cmd
+
+
+def apply_trainer_memory_fraction(cfg: ConfigDict) -> None:
+    """Sets the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION from the config; call it before
+    anything starts a JAX backend (JAX reads it once, when the GPU client is created)."""
+    os.environ[MEM_FRACTION_ENV] = str(cfg.trainer.xla_memory_fraction)

@@ -1,0 +1,166 @@
+"""Prompts -> rollouts -> rewards: the generation engines the trainer talks to, and one
+rollout of a batch of prompts (generate n responses each, refuse stale weights, score).
+
+Engines:
+- `InProcessEngine`: the JAX generation engine in this process; weight sync hands it the new
+  parameters cast to the rollout dtype (`generator.model_dtype`).
+- `SidecarEngine`: rollout sidecars over HTTP (`rollout/`); weight sync writes an orbax
+  export in the rollout dtype and pushes it to every sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from dapo_jax.generation import Generator, Sample, SamplingParams
+from dapo_jax.placement import TOKEN_ENV
+from dapo_jax.prompts import (
+    Example,
+    arithmetic_examples,
+    encode_prompts,
+    filter_by_length,
+    load_examples,
+)
+from dapo_jax.rewards import RewardPool
+
+
+# ----------------------------------------------------------------------------- prompts
+@dataclasses.dataclass
+class PromptSet:
+    examples: list[Example]
+    ids: list[list[int]]
+    dropped_overlong: int
+    duplicates: int
+
+
+def load_prompt_set(spec: str, tokenizer: Any, cfg: ConfigDict, split: str) -> PromptSet:
+    if spec == "builtin:arithmetic":
+        size = cfg.data.builtin_train_size if split == "train" else cfg.data.builtin_val_size
+        examples, dups = arithmetic_examples(size, seed=cfg.trainer.seed, split=split), 0
+    else:
+        examples, dups = load_examples(spec)
+    ids = encode_prompts(tokenizer, examples)
+    examples, ids, dropped = filter_by_length(examples, ids, cfg.trainer.max_prompt_length,
+                                              cfg.data.overlong_prompts, spec)
+    return PromptSet(examples, ids, dropped, dups)
+
+
+# ----------------------------------------------------------------------------- engines
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]: ...
+
+    def sync(self, model: Any, params: Any, step: int, version: int) -> None: ...
+
+
+@jax.jit(static_argnames="dtype")
+def cast_params(params: Any, dtype: str) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+class InProcessEngine:
+    """The JAX generation engine in this process, serving the weights in `dtype`."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, dtype: str, **generator_kw: Any):
+        self.dtype = dtype
+        self.generator = Generator(graphdef, self._cast(params), **generator_kw)
+
+    def _cast(self, params: Any) -> Any:
+        same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
+        return params if same else cast_params(params, dtype=self.dtype)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]:
+        return self.generator.generate(prompts, sampling, n)
+
+    def sync(self, model: Any, params: Any, step: int, version: int) -> None:
+        del model, step
+        self.generator.set_params(self._cast(params), version)
+
+
+class SidecarEngine:
+    """Rollout sidecars over HTTP; weight sync is an orbax export in `dtype` pushed to each.
+    A sidecar that does not answer is retried for `retry_window_s` (a launcher restarts a
+    dead one within its start-up timeout)."""
+
+    def __init__(self, urls: list[str], token: str, export_dir: Path, dtype: str,
+                 retry_window_s: float):
+        from dapo_jax.rollout_client import RolloutClient
+
+        self.client = RolloutClient(urls, token=token or os.environ.get(TOKEN_ENV) or None,
+                                    retry_window_s=retry_window_s)
+        self.export_dir = export_dir
+        self.dtype = dtype
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]:
+        return self.client.generate(prompts, sampling, n)
+
+    def sync(self, model: Any, params: Any, step: int, version: int) -> None:
+        from dapo_jax.weight_export import export_weights
+
+        nnx.update(model, params)
+        path = export_weights(model, self.export_dir, step=step, version=version,
+                              dtype=self.dtype)
+        self.client.update_weights(str(path), version)
+
+
+# ----------------------------------------------------------------------------- rollouts
+def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling: SamplingParams,
+            n: int, tokenizer: Any, rewards: RewardPool, version: int,
+            timings: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Generates n responses per prompt and scores them: one row per response, groups
+    contiguous, and the reward pool's failure counts. Refuses samples generated with another
+    weight version than `version`."""
+    start = time.perf_counter()
+    groups = engine.generate([prompt_set.ids[i] for i in indices], sampling, n)
+    timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
+    samples = [s for g in groups for s in g]
+    stale = {s.weight_version for s in samples} - {version}
+    if stale:
+        raise RuntimeError(f"rollout generated with weight version(s) {sorted(stale)}, "
+                           f"expected {version}: refusing stale weights")
+    rows = np.repeat(np.asarray(indices), n)
+    start = time.perf_counter()
+    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+    results, stats = rewards.score(texts, [prompt_set.examples[i].ground_truth for i in rows])
+    timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
+    obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # ragged rows, kept as lists
+    return {
+        "prompt_index": rows,
+        "prompt_ids": obj([prompt_set.ids[i] for i in rows]),
+        "response_ids": obj([s.token_ids for s in samples]),
+        "rollout_logprobs": obj([s.logprobs for s in samples]),
+        "text": obj(texts),
+        "score": np.array([r.score for r in results], np.float32),
+        "acc": np.array([r.acc for r in results], bool),
+        "truncated": np.array([s.finish_reason == "length" for s in samples], bool),
+    }, stats
+
+
+def reward_metrics(drawn: list[tuple[dict[str, np.ndarray], dict[str, float]]],
+                   n: int) -> dict[str, float]:
+    """Reward metrics over EVERY response generated this step. (The batch dynamic sampling
+    keeps holds only groups with mixed outcomes, so its accuracy drifts towards the middle
+    whatever the policy does; it is reported separately as reward/kept_accuracy.)"""
+    acc = np.concatenate([batch["acc"] for batch, _ in drawn])
+    score = np.concatenate([batch["score"] for batch, _ in drawn])
+    out = {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
+           f"reward/avg_pass_at_{n}": pass_at(acc, n)}
+    for key in ("reward/timeouts", "reward/errors"):
+        out[key] = float(sum(stats[key] for _, stats in drawn))
+    return out
+
+
+def pass_at(acc: np.ndarray, group_size: int) -> float:
+    """Fraction of prompts with at least one correct response among its `group_size`."""
+    return float(acc.reshape(-1, group_size).any(axis=1).mean())
