@@ -18,7 +18,8 @@
    also end their groups when the launcher itself is killed (`dapo_jax.procs`).
 
 The launcher's exit code is the trainer's (130 after Ctrl-C, 1 after a launch error).
-<run_dir>/logs/launch.json lists the children (pid, GPUs, port, log) while they run.
+<run_dir>/logs/launch.json lists the children (pid = process group, GPUs, port, log);
+"closed" turns true once all of them have been ended.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Launch:
         with open(spec.log, "ab") as log:
             log.write(f"\n==> {' '.join(cmd)}\n".encode())
             self.sidecars[spec.index] = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         self._write_manifest()
 
@@ -146,7 +147,7 @@ class Launch:
         cmd = [sys.executable, "-m", "dapo_jax.train", *self.flags,
                f"--config.generator.sidecar_urls={urls!r}"]
         env = {**placement.trainer_env(self.cfg, self.env), placement.TOKEN_ENV: self.token}
-        self.trainer = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL,
+        self.trainer = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         self._write_manifest()
 
@@ -167,10 +168,10 @@ class Launch:
         children = ([self.trainer] if self.trainer else []) + list(self.sidecars.values())
         for proc in children:
             kill_group(proc)
-        (self.logs / "launch.json").unlink(missing_ok=True)
+        self._write_manifest(closed=True)
 
-    def _write_manifest(self) -> None:
-        manifest = {"launcher_pid": os.getpid(),
+    def _write_manifest(self, closed: bool = False) -> None:
+        manifest = {"launcher_pid": os.getpid(), "closed": closed,
                     "trainer_pid": self.trainer.pid if self.trainer else None,
                     "sidecars": [{"index": s.index, "pid": self.sidecars[s.index].pid,
                                   "gpus": list(s.gpus), "url": s.url, "log": str(s.log)}
@@ -192,7 +193,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("generator.sidecar_urls is set: the launcher starts its own "
                              "sidecars; use `python -m dapo_jax.train` with sidecars you run")
     config_lib.validate(cfg, num_devices=None)
-    flags = [a for a in sys.argv[1:]]  # all --config flags, passed on to the trainer
+    flags = list(sys.argv[1:])  # all --config flags, passed on to the trainer
     launch = Launch(cfg, flags)
 
     def on_sigterm(signum, frame):

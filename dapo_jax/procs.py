@@ -42,7 +42,6 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and group_alive(proc.pid):
-        proc.poll()  # reap the leader so that it does not count as alive
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -50,14 +49,25 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process (zombies included) is left in the group."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    """Whether a live (not zombie) process is left in the group. Zombies are skipped: after
+    a SIGKILLed parent they wait for PID 1 to reap them, which a container's init may never
+    do."""
+    proc = Path("/proc")
+    if not proc.exists():  # not Linux: signal 0 counts zombies too
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
         return True
-    return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            return True
+    return False
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                             tensor_parallel_size=a.tensor_parallel_size)
     server = ThreadingHTTPServer((a.host, a.port), make_handler(Sidecar(engine, a.export_root,
                                                                         a.token)))
-    log.info("serving %s engine for %s on %s:%d", a.engine, a.model, a.host, a.port)
+    log.info("serving %s engine for %s on %s:%d (stop token ids %s)", a.engine, a.model,
+             a.host, a.port, sorted(int(t) for t in engine.stop_ids))
     server.serve_forever()
 
 

