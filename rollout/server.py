@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="longest prompt + response served (default: the model's positions)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rollout %(message)s")
+    # The sidecar's own lines at INFO; libraries (orbax logs every restore) at WARNING, so the
+    # tail of the log that the launcher quotes on a failure shows what happened.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s rollout %(message)s")
+    log.setLevel(logging.INFO)
     exit_with_parent()
     stop_ids = [int(t) for t in a.stop_token_ids.split(",") if t] or None
     if a.engine == "jax":

@@ -64,12 +64,6 @@ def launch_cmd(config: str, overrides: dict[str, object]) -> list[str]:
             *[f"--config.{k}={v}" for k, v in overrides.items()]]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    out = open(log, "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

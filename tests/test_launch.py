@@ -1,0 +1,122 @@
+"""The launcher's failure paths: Ctrl-C, a killed launcher, a sidecar dying mid-run (restarted,
+or the run stops), a sidecar that never becomes healthy. Each case checks that no child
+process group survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests import launching
+
+# The embedded default job, generating through one JAX sidecar, on one CPU device.
+BASE = {"generator.backend": "sidecar", "generator.sidecar_engine": "jax",
+        "generator.num_inference_engines": 1, "trainer.eval_before_train": False,
+        "trainer.eval_interval": 0, "trainer.ckpt_interval": 0,
+        "generator.sidecar_startup_timeout_s": 300}
+
+
+def launch(tmp_path, **over):
+    cmd = launching.launch_cmd("configs/arith_tiny.py", {
+        **BASE, "trainer.run_dir": tmp_path / "run", **over})
+    return subprocess.Popen(cmd, cwd=launching.REPO, env=launching.env(devices=1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def started_training(run_dir):
+    return lambda: any(r["step"] >= 1 for r in launching.read_metrics(run_dir))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_trainer_and_sidecars(tmp_path):
+    proc = launch(tmp_path, **{"trainer.max_steps": 1000})
+    run_dir = tmp_path / "run"
+    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    groups = launching.child_groups(run_dir)
+    assert len(groups) == 2  # trainer + one sidecar
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the launcher
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    assert launching.manifest(run_dir)["closed"]
+    launching.wait_groups_gone(groups, 5)
+
+
+@pytest.mark.slow
+def test_killed_launcher_leaves_no_children(tmp_path):
+    proc = launch(tmp_path, **{"trainer.max_steps": 1000})
+    run_dir = tmp_path / "run"
+    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    groups = launching.child_groups(run_dir)
+    proc.send_signal(signal.SIGKILL)  # no clean-up code runs in the launcher
+    proc.communicate()
+    launching.wait_groups_gone(groups, 15)  # each child watches its parent
+
+
+@pytest.mark.slow
+def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
+    proc = launch(tmp_path, **{"trainer.max_steps": 6})
+    run_dir = tmp_path / "run"
+    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    first = launching.manifest(run_dir)["sidecars"][0]["pid"]
+    os.killpg(first, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "sidecar 0 died with code -9; restart 1 of 2" in err
+    rows = launching.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    manifest = launching.manifest(run_dir)
+    assert manifest["sidecars"][0]["pid"] != first
+    # The restarted sidecar came up on the base weights; the trainer pushed the current
+    # export before generating again (it refuses any other version).
+    log = open(manifest["sidecars"][0]["log"]).read().split("==>")[-1]
+    assert "loaded weights version" in log
+    launching.wait_groups_gone(launching.child_groups(run_dir) + [first], 5)
+
+
+@pytest.mark.slow
+def test_sidecar_that_dies_without_restarts_left_stops_the_run(tmp_path):
+    proc = launch(tmp_path, **{"trainer.max_steps": 1000, "generator.sidecar_max_restarts": 0})
+    run_dir = tmp_path / "run"
+    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    groups = launching.child_groups(run_dir)
+    os.killpg(launching.manifest(run_dir)["sidecars"][0]["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "sidecar 0 (port" in err and "died with code -9 after 0 restart(s)" in err
+    assert "stopping the run" in err and "serving jax engine" in err  # its log's tail
+    launching.wait_groups_gone(groups, 5)
+
+
+def test_sidecar_that_never_becomes_healthy_is_a_clear_error(tmp_path):
+    proc = launch(tmp_path, **{"generator.sidecar_startup_timeout_s": 0.5})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "did not answer /health within 0.5 s (generator.sidecar_startup_timeout_s)" in err
+    assert "rollout.server" in err  # the tail of its log: the command it ran
+    launching.wait_groups_gone(launching.child_groups(tmp_path / "run"), 5)
+
+
+def test_sidecar_that_exits_at_start_is_a_clear_error(tmp_path):
+    proc = launch(tmp_path, **{"generator.sidecar_engine": "vllm",
+                               "generator.sidecar_python": "/bin/false"})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "sidecar 0 (GPUs [0], port" in err and "exited with code 1 before becoming healthy" \
+        in err
+
+
+def test_launcher_refuses_what_it_cannot_run(tmp_path):
+    out = subprocess.run(launching.launch_cmd("configs/arith_tiny.py", {}), cwd=launching.REPO,
+                         env=launching.env(devices=1), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "generator.backend='jax'" in out.stderr
+    out = subprocess.run(launching.launch_cmd("configs/arith_tiny.py", {
+        **BASE, "trainer.xla_memory_fraction": 0.9}), cwd=launching.REPO,
+        env=launching.env(devices=1), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "trainer.xla_memory_fraction: colocated trainer and sidecars" in out.stderr
