@@ -25,3 +25,41 @@ def test_gpu_benchmark_runs_on_cpu():
     row = out.stdout.strip().splitlines()[-1].split("|")
     mfu, decode_tps = float(row[5].strip().rstrip("%")), float(row[7])
     assert mfu > 0 and decode_tps > 0, out.stdout
+
+
+@pytest.mark.slow
+def test_mesh_tool_without_matplotlib_and_without_involuntary_remat(tmp_path):
+    """Every mesh the tool reports compiles without XLA replicating an activation to reshard
+    it ("Involuntary full rematerialization"); tables always, the plot when matplotlib is
+    there."""
+    cmd = [sys.executable, "-m", "dapo_jax.experiments.mesh", "--preset", "bench-small",
+           "--mesh", "1x8x1,2x4x1,1x4x2,8x1x1", "--seq-len", "256", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Involuntary full rematerialization" not in out.stderr
+    stem = tmp_path / "bench-small_T256_mb1"
+    assert stem.with_suffix(".md").read_text().count("| yes |") == 4
+    assert stem.with_suffix(".csv").exists()
+    try:
+        import matplotlib  # noqa: F401
+        assert stem.with_suffix(".png").exists()
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in out.stdout
+
+
+def test_memory_plan_of_a_seed_config(tmp_path):
+    """The planner compiles the seed config's own update and log-prob functions (Qwen3-1.7B
+    shape, 10240 tokens, float32 masters) and reports trainer and vLLM shares that fit."""
+    cmd = [sys.executable, "-m", "dapo_jax.experiments.memory", "--config",
+           "configs/dapo_qwen3_1p7b.py", "--preset", "qwen3-1.7b", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "dapo_qwen3_1p7b.md").read_text()
+    # float32 masters: 1.72e9 params x 4 bytes / 8 devices = 0.8 GiB; moments twice that.
+    assert "| trainer: float32 master weights (shard) | 0.8 |" in text
+    assert "| trainer: AdamW moments (shard) | 1.6 |" in text
+    assert "| vLLM: bf16 weights | 3.2 |" in text
+    assert "Fits: trainer peak within its budget: yes; at least one full-length sequence " \
+           "of KV cache (vLLM's start condition): yes; the GPU: yes." in text

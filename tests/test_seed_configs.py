@@ -9,13 +9,11 @@ memory split are the config's own. Two launches: 2 steps, then a resume to step 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,19 +22,13 @@ import pytest
 from dapo_jax.train import config as config_lib
 from tests import launching, sidecar
 
-sys.path.insert(0, str(launching.REPO))  # config files import configs.dapo_common
-
 SEEDS = ["configs/dapo_qwen2p5_math_7b.py", "configs/dapo_qwen3_1p7b.py",
          "configs/dapo_qwen3_4b.py"]
 VLLM_SEED = "configs/dapo_qwen3_1p7b.py"  # the one run with the vLLM sidecar
 
 
 def load(config: str):
-    """`get_config()` of a config file, as `--config` would load it."""
-    spec = importlib.util.spec_from_file_location("seed_config", launching.REPO / config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(launching.REPO / config)
 
 
 def size_overrides(tmp_path, engine: str) -> dict[str, object]:

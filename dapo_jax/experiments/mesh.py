@@ -4,17 +4,21 @@
         --seq-len 10240 --micro-batch 1 [--out bench/mesh] [--time-steps 0]
 
 For each mesh it compiles the real update step (the DAPO loss on chunked log-probs, AdamW,
-bf16 parameters, remat) on abstract parameters (`jax.ShapeDtypeStruct`, nothing allocated)
-over 8 simulated CPU devices, and reports per device, from XLA's memory analysis and the
+float32 master weights with bf16 compute, remat) on abstract parameters
+(`jax.ShapeDtypeStruct`, nothing allocated) over 8 simulated CPU devices, and reports per
+device, from XLA's memory analysis and the
 compiled HLO: parameters, optimiser state, activations + temporaries, collective bytes, and
 whether it fits; plus the model FLOPs per device (`train_flops_per_token`: XLA's cost
 analysis counts a while loop's body once, so it misses most of the scanned layers).
 For small presets `--time-steps N` also runs the real step N times on CPU.
-Writes a markdown table, a CSV and a PNG plot.
+Writes a markdown table and a CSV, and a PNG plot when matplotlib is installed
+(`pip install -e ".[bench]"`).
 
 XLA:CPU memory figures are an estimate of the GPU's: the CPU compiler makes different
-fusion and scheduling choices. Training attention runs in causal query blocks
-(`dapo_jax.models.qwen.query_block`), so each layer holds scores of [B, N, block, <= T].
+fusion and scheduling choices. Training attention runs in query blocks
+(`dapo_jax.models.qwen.attention`), so each layer holds scores of [B, N, block, <= T].
+The seed configs' whole memory plan (trainer + vLLM sidecar per GPU) is
+`python -m dapo_jax.experiments.memory`.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ import math  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dapo_jax.experiments.timing import (  # noqa: E402
@@ -45,9 +51,10 @@ from dapo_jax.experiments.timing import (  # noqa: E402
     train_flops_per_token,
     update_seconds,
 )
-from dapo_jax.models import Precision, Qwen, preset, state_shardings  # noqa: E402
+from dapo_jax.models import Precision, Qwen, QwenConfig, preset, state_shardings  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
+    BATCH_KEYS,
     make_optimizer,
     make_train_fns,
     optimizer_shardings,
@@ -79,28 +86,40 @@ def per_device_bytes(tree) -> float:
     return total
 
 
+def abstract_train_state(cfg: QwenConfig, precision: Precision, remat: str,
+                         optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                         ) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params, optimiser state) as sharded `jax.ShapeDtypeStruct`s: nothing is
+    allocated, so any model size compiles on a CPU."""
+    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
+                                           rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    params = jax.tree.map(with_sharding, state, state_shardings(state, mesh))
+    opt_state = jax.tree.map(with_sharding, jax.eval_shape(optimizer.init, params),
+                             optimizer_shardings(optimizer, params))
+    return graphdef, params, opt_state
+
+
+def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
+                   keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
+    """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    dtype = lambda k: jnp.int32 if k in ("input_ids", "attention_mask") else jnp.float32
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
+            for k in keys}
+
+
 def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_batch: int,
             time_steps: int) -> dict[str, float | str]:
     cfg = preset(preset_name)
     mesh = make_mesh(mesh_shape)
     dp = mesh_shape[0] * mesh_shape[1]
-    precision = Precision("bfloat16", "bfloat16")
-    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat="full",
-                                           rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    shardings = state_shardings(state, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
     optimizer = make_optimizer(BENCH_OPTIMIZER)
-    opt_sh = optimizer_shardings(optimizer, params)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(optimizer.init, params), opt_sh)
+    graphdef, params, opt_state = abstract_train_state(
+        cfg, Precision("float32", "bfloat16"), "full", optimizer, mesh)
     rows = micro_batch * dp  # one micro-batch per device per step
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    spec = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "loss_mask": jnp.float32,
-            "old_logprobs": jnp.float32, "advantages": jnp.float32}
-    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), d, sharding=batch_sh)
-             for k, d in spec.items()}
+    batch = abstract_batch(rows, seq_len, mesh)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, num_micro_batches=1,
                          mesh=mesh)
     start = time.perf_counter()
@@ -151,14 +170,19 @@ def main() -> None:
         w.writeheader()
         w.writerows(results)
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
-    table = [f"preset {a.preset}, seq {a.seq_len}, micro-batch {a.micro_batch} per device, bf16, "
-             "remat full; per-device figures from XLA:CPU's analyses (8 simulated devices)", "",
+    table = [f"preset {a.preset}, seq {a.seq_len}, micro-batch {a.micro_batch} per device, "
+             "float32 master weights and AdamW state, bf16 compute, remat full; per-device "
+             "figures from XLA:CPU's analyses (8 simulated devices)", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     table += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in results]
     (out / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
-
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"(no plot: matplotlib is not installed; pip install -e \".[bench]\" for "
+              f"{out / stem}.png)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

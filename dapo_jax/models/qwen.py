@@ -55,6 +55,19 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype:
     return nnx.Param(_init(rngs.params(), shape, dtype), axes=axes)
 
 
+def compute_weight(param: nnx.Param, dtype: Any) -> jax.Array:
+    """The weight a decoder layer multiplies with: cast to the compute dtype, then gathered
+    over the FSDP axis (its `embed` dim unsharded; tensor-parallel dims stay split). Stating
+    the gather makes FSDP what XLA does: all-gather a layer's weights (in bf16 under mixed
+    precision: half the bytes of the float32 master), keep activations sharded over the
+    batch. Left to itself, on a data x fsdp mesh such as 2x4x1 XLA resharded activations to
+    the weights' layout instead, by an "involuntary full rematerialization" (replicate, then
+    split). The embedding and LM head are left to XLA: gathering [V, D] whole costs more
+    than the vocab-blocked log-probs save."""
+    axes = tuple("act_embed" if a == "embed" else a for a in param.get_metadata()["axes"])
+    return constrain(param[...].astype(dtype), axes)
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
 
@@ -198,7 +211,7 @@ class Attention(nnx.Module):
         self, x_BTD: jax.Array, positions_BT: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,N,H], k and v [B,T,K,H] with bias, q/k norm and RoPE applied."""
-        w = lambda p: p[...].astype(self.dtype)
+        w = lambda p: compute_weight(p, self.dtype)
         q = jnp.einsum("BTD,DNH->BTNH", x_BTD, w(self.q_proj))
         k = jnp.einsum("BTD,DKH->BTKH", x_BTD, w(self.k_proj))
         v = jnp.einsum("BTD,DKH->BTKH", x_BTD, w(self.v_proj))
@@ -214,7 +227,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project_out(self, out_BTNH: jax.Array) -> jax.Array:
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...].astype(self.dtype))
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, compute_weight(self.o_proj, self.dtype))
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
@@ -240,7 +253,7 @@ class MLP(nnx.Module):
         self.dtype = precision.dtype
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        w = lambda p: p[...].astype(self.dtype)
+        w = lambda p: compute_weight(p, self.dtype)
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w(self.gate_proj))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w(self.up_proj))
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
@@ -295,7 +308,7 @@ class Qwen(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
     def embed_tokens(self, input_ids_BT: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.precision.dtype)
+        x = jnp.take(compute_weight(self.embed, self.precision.dtype), input_ids_BT, axis=0)
         return constrain(x, ("batch", "length", "act_embed"))
 
     def lm_head_weight(self) -> jax.Array:

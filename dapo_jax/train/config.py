@@ -7,8 +7,10 @@ names the offending key in every error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 from ml_collections import ConfigDict
@@ -144,6 +146,21 @@ def default_config() -> ConfigDict:
     })
     c.lock()
     return c
+
+
+def load_config_file(path: str | Path) -> ConfigDict:
+    """`get_config()` of a config file, as `--config path` loads it (the repository root is
+    put on sys.path first: config files import `configs.dapo_common`)."""
+    path = Path(path).resolve()
+    root = str(path.parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path} is not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def apply_overrides(cfg: ConfigDict, overrides: dict) -> ConfigDict:

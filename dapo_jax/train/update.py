@@ -179,6 +179,10 @@ class TrainFns:
         with mesh_context(self.mesh):
             return self.update_jit.lower(params, opt_state, batch)
 
+    def lower_logprobs(self, params: Any, input_ids: Any, attention_mask: Any) -> Any:
+        with mesh_context(self.mesh):
+            return self.logprobs_jit.lower(params, input_ids, attention_mask)
+
 
 def make_train_fns(
     graphdef: nnx.GraphDef,
