@@ -120,3 +120,15 @@ def test_launcher_refuses_what_it_cannot_run(tmp_path):
         env=launching.env(devices=1), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "trainer.xla_memory_fraction: colocated trainer and sidecars" in out.stderr
+
+
+def test_trainer_crash_ends_the_sidecars_and_returns_its_code(tmp_path):
+    """The trainer fails in its set-up (a reward function that does not exist): the launcher
+    returns its exit code and ends the sidecar."""
+    proc = launch(tmp_path, **{"reward.fn": "no_such_module:score"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "no_such_module" in err
+    manifest = launching.manifest(tmp_path / "run")
+    assert manifest["closed"] and manifest["trainer_pid"]
+    launching.wait_groups_gone(launching.child_groups(tmp_path / "run"), 5)
