@@ -27,15 +27,18 @@ def launch(tmp_path, **over):
                             start_new_session=True)
 
 
-def started_training(run_dir):
-    return lambda: any(r["step"] >= 1 for r in launching.read_metrics(run_dir))
+def launch_and_train(tmp_path, **over):
+    """A launcher whose trainer has logged its first step, and its run directory."""
+    proc = launch(tmp_path, **over)
+    run_dir = tmp_path / "run"
+    launching.wait_for(lambda: any(r["step"] >= 1 for r in launching.read_metrics(run_dir)),
+                       300, proc, "the first step")
+    return proc, run_dir
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_trainer_and_sidecars(tmp_path):
-    proc = launch(tmp_path, **{"trainer.max_steps": 1000})
-    run_dir = tmp_path / "run"
-    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 1000})
     groups = launching.child_groups(run_dir)
     assert len(groups) == 2  # trainer + one sidecar
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the launcher
@@ -48,9 +51,7 @@ def test_ctrl_c_stops_trainer_and_sidecars(tmp_path):
 
 @pytest.mark.slow
 def test_killed_launcher_leaves_no_children(tmp_path):
-    proc = launch(tmp_path, **{"trainer.max_steps": 1000})
-    run_dir = tmp_path / "run"
-    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 1000})
     groups = launching.child_groups(run_dir)
     proc.send_signal(signal.SIGKILL)  # no clean-up code runs in the launcher
     proc.communicate()
@@ -59,9 +60,7 @@ def test_killed_launcher_leaves_no_children(tmp_path):
 
 @pytest.mark.slow
 def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
-    proc = launch(tmp_path, **{"trainer.max_steps": 6})
-    run_dir = tmp_path / "run"
-    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 6})
     first = launching.manifest(run_dir)["sidecars"][0]["pid"]
     os.killpg(first, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
@@ -80,9 +79,8 @@ def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
 
 @pytest.mark.slow
 def test_sidecar_that_dies_without_restarts_left_stops_the_run(tmp_path):
-    proc = launch(tmp_path, **{"trainer.max_steps": 1000, "generator.sidecar_max_restarts": 0})
-    run_dir = tmp_path / "run"
-    launching.wait_for(started_training(run_dir), 300, proc, "the first step")
+    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 1000,
+                                                  "generator.sidecar_max_restarts": 0})
     groups = launching.child_groups(run_dir)
     os.killpg(launching.manifest(run_dir)["sidecars"][0]["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
