@@ -32,7 +32,7 @@ def torch_step_s(cfg, batch, steps: int) -> float:
     ids = t["input_ids"].long()
 
     def step():
-        logits = model(input_ids=ids, attention_mask=t["attention_mask"]).logits.float()
+        logits = model(input_ids=ids, attention_mask=t["segment_ids"]).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         mask, adv, old = t["loss_mask"][:, 1:], t["advantages"][:, 1:], t["old_logprobs"][:, 1:]
         ratio = torch.exp(torch.clamp(logp - old, -20, 20))

@@ -31,7 +31,7 @@ from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
 from dapo_jax.prompts import arithmetic_examples, encode_prompts  # noqa: E402
 from dapo_jax.rewards import arithmetic  # noqa: E402
-from dapo_jax.train.batch import pack_sequences  # noqa: E402
+from dapo_jax.train.batch import build_rows, make_layout  # noqa: E402
 from dapo_jax.train.update import sequence_logprobs  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
@@ -78,7 +78,9 @@ def main() -> None:
     prompts = encode_prompts(tok, train)
     responses = [tok.encode(f"Answer: {ex.ground_truth}", add_special_tokens=False) + [eos]
                  for ex in train]
-    data = pack_sequences(prompts, responses, 48, 16, pad)
+    data = build_rows(make_layout(prompts, responses, max_prompt_length=48,
+                                  max_response_length=16, packed=False, micro_batch_rows=1),
+                      prompts, responses, pad)
     opt = optax.adamw(optax.cosine_decay_schedule(a.lr, a.steps), weight_decay=0.0)
     opt_state = opt.init(params)
 
@@ -86,7 +88,7 @@ def main() -> None:
     def step(params, opt_state, batch):
         def loss(params):
             logp, _ = sequence_logprobs(nnx.merge(graphdef, params), batch["input_ids"],
-                                        batch["attention_mask"])
+                                        batch["segment_ids"], batch["positions"])
             m = batch["loss_mask"]
             return -jnp.sum(logp * m) / jnp.sum(m)
         value, grads = jax.value_and_grad(loss)(params)

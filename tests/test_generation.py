@@ -80,7 +80,7 @@ def test_greedy_on_8_device_mesh_matches_single(tiny_checkpoints):
 def teacher_forced(graphdef, params, prompt, sample, temperature):
     ids = np.array([prompt + sample.token_ids], np.int32)
     mask = np.ones_like(ids)
-    logp, _ = sequence_logprobs(nnx.merge(graphdef, params), ids, mask, temperature)
+    logp, _ = sequence_logprobs(nnx.merge(graphdef, params), ids, mask, temperature=temperature)
     return np.asarray(logp)[0, len(prompt):]
 
 

@@ -265,9 +265,11 @@ def test_soft_overlong_penalty():
         soft_overlong_penalty(jnp.asarray(lengths), 100, 0, 1.0)
 
 
-def test_overlong_filter_zeroes_truncated_rows():
-    mask = jnp.ones((3, 4))
-    out = overlong_filter(mask, jnp.array([False, True, False]))
-    np.testing.assert_array_equal(out, [[1] * 4, [0] * 4, [1] * 4])
+def test_overlong_filter_zeroes_truncated_responses():
+    # Two packed rows: row 0 holds a kept response (cols 1-2) and a truncated one (cols 4-6).
+    mask = jnp.array([[0, 1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0]], jnp.float32)
+    truncated = jnp.array([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], bool)
+    out = overlong_filter(mask, truncated)
+    np.testing.assert_array_equal(out, [[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match="truncated"):
-        overlong_filter(mask, jnp.array([True]))
+        overlong_filter(mask, jnp.array([True, False]))

@@ -82,8 +82,10 @@ def test_seed_configs_are_validated_as_shipped():
         assert cfg.generator.model_dtype == "bfloat16"
         assert cfg.trainer.xla_memory_fraction + cfg.generator.gpu_memory_utilization <= 0.98
         sizes = config_lib.validate(cfg, num_devices=None)
-        # 32 prompts x 16 samples per mini-batch, 2 per device x 8 devices per micro-batch.
-        assert sizes["num_micro"] == 32 and sizes["num_forward_micro"] >= 1
+        # 32 prompts x 16 samples per mini-batch; 2 rows per device x 8 devices per
+        # micro-batch; packing is on.
+        assert cfg.trainer.use_sample_packing
+        assert sizes["mini_rows"] == 512 and sizes["micro_rows"] == 16
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from dapo_jax.train.update import (
     lr_schedule,
     make_optimizer,
     make_train_fns,
-    mini_batches,
 )
 from tests import hf_models
 
@@ -30,7 +29,9 @@ def make_batch(seed: int = 0, n: int = 8, t: int = 16) -> dict[str, np.ndarray]:
     # Response = the real tokens after the 5th position: prompts are left-padded to col 5.
     loss_mask = (mask * (np.arange(t)[None, :] >= 5)).astype(np.float32)
     return {
-        "input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
+        "input_ids": ids, "segment_ids": mask,
+        "positions": np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32),
+        "loss_mask": loss_mask,
         "old_logprobs": rng.normal(-6.3, 0.3, (n, t)).astype(np.float32),
         "advantages": (rng.normal(size=(n, 1)) * loss_mask).astype(np.float32),
         "ref_logprobs": rng.normal(-6.3, 0.3, (n, t)).astype(np.float32),
@@ -44,7 +45,8 @@ def sgd_gradient(loss_cfg, num_micro, mesh=None, batch=None):
     graphdef, params = nnx.split(model)
     before = jax.tree.map(np.asarray, params)
     opt = optax.sgd(1.0)
-    fns = make_train_fns(graphdef, params, opt, loss_cfg, num_micro_batches=num_micro, mesh=mesh)
+    fns = make_train_fns(graphdef, params, opt, loss_cfg, micro_batch_rows=8 // num_micro,
+                         mesh=mesh)
     batch = batch if batch is not None else make_batch()
     if mesh is not None:
         sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -90,16 +92,16 @@ def test_training_raises_logprobs_of_positive_advantage_tokens():
     model = init_model(CFG, seed=1)
     graphdef, params = nnx.split(model)
     opt = make_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0))
-    fns = make_train_fns(graphdef, params, opt, LossConfig(), num_micro_batches=2)
+    fns = make_train_fns(graphdef, params, opt, LossConfig(), micro_batch_rows=4)
     batch = make_batch(seed=2)
-    logp0, _ = fns.logprobs(params, batch["input_ids"], batch["attention_mask"])
+    logp0, _ = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
     batch["old_logprobs"] = np.asarray(logp0)
     adv = np.where(np.arange(8)[:, None] % 2 == 0, 1.0, -1.0) * batch["loss_mask"]
     batch["advantages"] = adv.astype(np.float32)
     opt_state = init_optimizer(opt, params)
     for _ in range(5):
         params, opt_state, metrics = fns.update(params, opt_state, batch)
-    logp1, _ = fns.logprobs(params, batch["input_ids"], batch["attention_mask"])
+    logp1, _ = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
     delta = np.asarray(logp1 - logp0)
     pos, neg = adv > 0, adv < 0
     assert delta[pos].mean() > 0.1, delta[pos].mean()
@@ -153,18 +155,10 @@ def test_batch_errors_are_clear():
     with pytest.raises(ValueError, match="advantages"):
         fns.update(params, init_optimizer(opt, params), batch)
     with pytest.raises(ValueError, match="micro-batches"):
-        make_train_fns(graphdef, params, opt, LossConfig(), num_micro_batches=3).update(
+        make_train_fns(graphdef, params, opt, LossConfig(), micro_batch_rows=3).update(
             params, init_optimizer(opt, params), make_batch())
     with pytest.raises(ValueError, match="clip_ratio_c"):
         LossConfig(policy_loss_type="dual_clip", clip_ratio_c=0.5)
-
-
-def test_mini_batches_and_epochs():
-    batch = {"input_ids": np.arange(8)[:, None]}
-    chunks = [b["input_ids"].ravel().tolist() for b in mini_batches(batch, 4, epochs=2)]
-    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
-    with pytest.raises(ValueError, match="mini-batches of 3"):
-        list(mini_batches(batch, 3))
 
 
 def test_weight_decay_mask_and_float32_hyperparameters():

@@ -85,21 +85,20 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig) -> dict[str, float]:
     sizes = config_lib.validate(cfg, num_devices=8)
     t, g = cfg.trainer, cfg.generator
     mesh = make_mesh(cfg.mesh.shape)
-    dp = sizes["dp"]
     precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
     optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
     graphdef, params, opt_state = abstract_train_state(model, precision, cfg.model.remat,
                                                        optimizer, mesh)
     seq = t.max_prompt_length + g.sampling_params.max_generate_length
     fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
-                         num_micro_batches=sizes["num_micro"],
-                         num_forward_micro_batches=sizes["num_forward_micro"], mesh=mesh)
+                         micro_batch_rows=sizes["micro_rows"],
+                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
     update = fns.lower_update(params, opt_state, abstract_batch(
         sizes["mini_rows"], seq, mesh)).compile().memory_analysis()
     rollout = abstract_batch(t.train_batch_size * g.n_samples_per_prompt, seq, mesh,
-                             keys=("input_ids", "attention_mask"))
-    forward = fns.lower_logprobs(params, rollout["input_ids"], rollout["attention_mask"]
-                                 ).compile().memory_analysis()
+                             keys=("input_ids", "segment_ids", "positions"))
+    forward = fns.lower_logprobs(params, rollout["input_ids"], rollout["segment_ids"],
+                                 rollout["positions"]).compile().memory_analysis()
     masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
     itemsize = precision.dtype.itemsize
     shard = lambda n: n / (mesh.shape["tensor"])
@@ -110,9 +109,8 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig) -> dict[str, float]:
     update_temp = update.temp_size_in_bytes
     forward_peak = forward.temp_size_in_bytes + forward.output_size_in_bytes
     return {
-        "rows_per_device_update": sizes["mini_rows"] // sizes["num_micro"] // dp,
-        "rows_per_device_forward": t.train_batch_size * g.n_samples_per_prompt //
-        sizes["num_forward_micro"] // dp,
+        "rows_per_device_update": t.micro_train_batch_size_per_gpu,
+        "rows_per_device_forward": t.micro_forward_batch_size_per_gpu,
         "seq_len": seq,
         "masters": masters, "adamw": moments, "update_temp": update_temp,
         "gradients": masters, "compute_copies": copies,
@@ -161,9 +159,10 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
     lines = [
         f"### {name}", "",
         f"mesh {tuple(cfg.mesh.shape)}, remat {cfg.model.remat}, float32 masters + AdamW, "
-        f"{cfg.model.compute_dtype} compute, sequences of {tr['seq_len']} tokens; update "
-        f"micro-batch {tr['rows_per_device_update']} and forward micro-batch "
-        f"{tr['rows_per_device_forward']} sequences per device; vLLM engine "
+        f"{cfg.model.compute_dtype} compute, rows of {tr['seq_len']} tokens (one padded "
+        f"sequence, or several packed); update micro-batch {tr['rows_per_device_update']} and "
+        f"forward micro-batch {tr['rows_per_device_forward']} rows per device (the shapes, "
+        f"and so the memory, are the same packed or padded); vLLM engine "
         f"{g.inference_engine_tensor_parallel_size} GPU(s), {g.model_dtype} weights. GiB per GPU "
         f"of {gb(p['gpu'])}:", "",
         "| part | GiB |", "|---|---|",

@@ -105,7 +105,8 @@ def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
                    keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
     """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    dtype = lambda k: jnp.int32 if k in ("input_ids", "attention_mask") else jnp.float32
+    dtype = lambda k: jnp.int32 if k in ("input_ids", "segment_ids", "positions") else \
+        jnp.float32
     return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
             for k in keys}
 
@@ -120,8 +121,7 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
         cfg, Precision("float32", "bfloat16"), "full", optimizer, mesh)
     rows = micro_batch * dp  # one micro-batch per device per step
     batch = abstract_batch(rows, seq_len, mesh)
-    fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, num_micro_batches=1,
-                         mesh=mesh)
+    fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
     start = time.perf_counter()
     compiled = fns.lower_update(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - start

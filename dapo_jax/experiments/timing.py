@@ -44,7 +44,9 @@ def synthetic_batch(cfg: QwenConfig, rows: int, seq_len: int, seed: int = 0
     loss_mask = np.zeros((rows, seq_len), np.float32)
     loss_mask[:, seq_len // 4:] = 1.0
     return {"input_ids": rng.integers(0, cfg.vocab_size, (rows, seq_len)).astype(np.int32),
-            "attention_mask": np.ones((rows, seq_len), np.int32), "loss_mask": loss_mask,
+            "segment_ids": np.ones((rows, seq_len), np.int32),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)),
+            "loss_mask": loss_mask,
             "old_logprobs": rng.normal(-np.log(cfg.vocab_size), 0.1,
                                        (rows, seq_len)).astype(np.float32),
             "advantages": (rng.normal(size=(rows, 1)) * loss_mask).astype(np.float32)}

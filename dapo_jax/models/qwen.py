@@ -4,8 +4,11 @@ Shapes in names: B batch, T query length, S key length, D hidden, N query heads,
 H head dim, F MLP hidden, V vocab, L layers. Every parameter carries logical axis names
 (`axes` metadata) that `dapo_jax.sharding.LOGICAL_RULES` maps to the mesh.
 
-Inputs are RL batches: left-padded prompts followed by right-padded responses, so positions
-come from the attention mask (position of a token = number of real tokens before it).
+Inputs are rows of token ids with `segment_ids` (k > 0 marks the row's k-th sequence, 0 is
+padding): a token attends the earlier tokens of its own segment only, so several whole
+sequences can be packed into one row. A 0/1 attention mask is the one-segment case (an RL
+row: left-padded prompt, then the right-padded response). Positions restart in each segment;
+without explicit positions they come from the mask (number of real tokens before a token).
 """
 
 from __future__ import annotations
@@ -329,26 +332,32 @@ class Qwen(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         return jax.lax.scan(body, carry, (state, *xs))
 
-    def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, T, D] in the compute dtype."""
-        positions_BT = positions_from_mask(attention_mask_BT)
-        return self.hidden_states_cached(input_ids_BT, positions_BT, attention_mask_BT)[0]
+    def hidden_states(self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array,
+                      positions_BT: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D] in the compute dtype (see the module docstring
+        for segments and positions)."""
+        if positions_BT is None:
+            positions_BT = positions_from_mask(segment_ids_BT > 0)
+        return self.hidden_states_cached(input_ids_BT, positions_BT, segment_ids_BT)[0]
 
     def hidden_states_cached(
         self,
         input_ids_BT: jax.Array,
         positions_BT: jax.Array,
-        valid_BT: jax.Array,
+        segment_ids_BT: jax.Array,
         cache: KVCache | None = None,
         cache_mask_BS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Final-norm hidden states of T tokens and their keys/values in the `KVCache`
-        layout with T slots, for the caller to write into its cache. A token attends the chunk's
-        earlier valid tokens (`valid_BT`: left padding is not) and, given a cache, every slot
-        that `cache_mask_BS` marks (the cache is only read)."""
+        layout with T slots, for the caller to write into its cache. A token attends the
+        chunk's earlier tokens of its own segment (`segment_ids_BT`, 0 = padding, which is
+        attended by nothing) and, given a cache, every slot that `cache_mask_BS` marks (the
+        cache is only read)."""
         T = input_ids_BT.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
-        mask_BTT = causal_TT[None] & valid_BT.astype(jnp.bool_)[:, None, :]
+        seg = segment_ids_BT.astype(jnp.int32)
+        mask_BTT = causal_TT[None] & (seg[:, :, None] == seg[:, None, :]) & \
+            (seg[:, None, :] > 0)
         cache_mask_BTS = None if cache is None else jnp.broadcast_to(
             cache_mask_BS.astype(jnp.bool_)[:, None, :],
             (cache_mask_BS.shape[0], T, cache_mask_BS.shape[1]))
@@ -369,10 +378,11 @@ class Qwen(nnx.Module):
         v = constrain(v, ("layers", "batch", "kv_heads", "length", "head_dim"))
         return k, v
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+    def __call__(self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array,
+                 positions_BT: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] in float32. Memory grows with B*T*V: the trainer uses
         `dapo_jax.models.logprobs.token_logprobs` on `hidden_states` instead."""
-        h_BTD = self.hidden_states(input_ids_BT, attention_mask_BT)
+        h_BTD = self.hidden_states(input_ids_BT, segment_ids_BT, positions_BT)
         logits = jnp.einsum(
             "BTD,DV->BTV", h_BTD, self.lm_head_weight(), preferred_element_type=jnp.float32
         )

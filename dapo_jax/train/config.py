@@ -91,8 +91,15 @@ def default_config() -> ConfigDict:
         "max_prompt_length": 512,
         "train_batch_size": 64,  # prompts per step
         "policy_mini_batch_size": 16,  # prompts per optimiser step
-        "micro_train_batch_size_per_gpu": 4,  # sequences per device per micro-batch
-        # Old/reference log-prob passes over the whole rollout batch, forward only.
+        # Whole sequences packed into rows of max_prompt_length + max_generate_length
+        # tokens (SkyRL's name), instead of one padded sequence per row.
+        "use_sample_packing": True,
+        # Rows per device per micro-batch: each row holds up to max_prompt_length +
+        # max_generate_length tokens (one padded sequence, or packed ones), so a micro-batch's
+        # token budget is this x that length; packed micro-batches per mini-batch vary with
+        # the lengths (rounded up to 1, 2, 3, 4, 6, 8, 12, ...: few shapes).
+        "micro_train_batch_size_per_gpu": 4,
+        # The same for the old/reference log-prob passes over the whole rollout batch.
         "micro_forward_batch_size_per_gpu": 4,
         "update_epochs_per_batch": 1,
         "eval_interval": 5,  # steps; <= 0: never
@@ -183,8 +190,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
-    """Checks a full config before any compute. Returns derived sizes (rows per mini-batch,
-    micro-batches per mini-batch and per rollout batch, data-parallel size, max_seq_len).
+    """Checks a full config before any compute. Returns derived sizes (sequences per
+    mini-batch, rows per update and forward micro-batch over all devices, data-parallel size,
+    max_seq_len).
 
     `num_devices` is the trainer's JAX device count. None is the launcher's check, which must
     not start JAX: it takes the data-parallel size from the mesh shape where that has no -1
@@ -222,23 +230,22 @@ def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
               f"trainer.policy_mini_batch_size {t.policy_mini_batch_size}")
     mini_rows = t.policy_mini_batch_size * n
     rollout_rows = t.train_batch_size * n
-    sizes = {"dp": dp or 0, "mini_rows": mini_rows, "num_micro": 0, "num_forward_micro": 0}
+    sizes = {"dp": dp or 0, "mini_rows": mini_rows, "micro_rows": 0, "forward_micro_rows": 0}
     if dp is not None:
-        micro_rows = t.micro_train_batch_size_per_gpu * dp
+        sizes["micro_rows"] = micro_rows = t.micro_train_batch_size_per_gpu * dp
+        sizes["forward_micro_rows"] = forward_rows = t.micro_forward_batch_size_per_gpu * dp
+    if dp is not None and not t.use_sample_packing:  # packed batches round their rows up
         if mini_rows % micro_rows:
             _fail("trainer.micro_train_batch_size_per_gpu", f"a mini-batch of "
                   f"{t.policy_mini_batch_size} prompts x {n} samples = {mini_rows} sequences "
                   f"does not split into micro-batches of {t.micro_train_batch_size_per_gpu} "
                   f"per device x {dp} data-parallel devices")
-        forward_rows = t.micro_forward_batch_size_per_gpu * dp
         if rollout_rows % forward_rows:
             _fail("trainer.micro_forward_batch_size_per_gpu", f"a rollout batch of "
                   f"{t.train_batch_size} prompts x {n} samples = {rollout_rows} sequences does "
                   f"not split into forward micro-batches of "
                   f"{t.micro_forward_batch_size_per_gpu} per device x {dp} data-parallel "
                   "devices")
-        sizes["num_micro"] = mini_rows // micro_rows
-        sizes["num_forward_micro"] = rollout_rows // forward_rows
     for name in ("sampling_params", "eval_sampling_params"):
         sp = g[name]
         try:

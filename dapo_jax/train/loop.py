@@ -147,8 +147,8 @@ def setup(cfg: ConfigDict) -> Run:
     optimizer = make_optimizer(optimizer_config(cfg, max_steps))
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
-                         num_micro_batches=sizes["num_micro"],
-                         num_forward_micro_batches=sizes["num_forward_micro"], mesh=mesh)
+                         micro_batch_rows=sizes["micro_rows"],
+                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
 
     if g.backend == "jax":
         engine: Engine = InProcessEngine(
@@ -168,8 +168,7 @@ def setup(cfg: ConfigDict) -> Run:
                            timeout_s=cfg.reward.timeout_s),
         ckpt=Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep),
         sampler=PromptSampler(len(train_set.examples), seed=t.seed),
-        settings=StepSettings.from_config(cfg, mini_batch_rows=sizes["mini_rows"],
-                                          pad_id=pad_id),
+        settings=StepSettings.from_config(cfg, sizes=sizes, pad_id=pad_id),
         train_sampling=sampling_params(g.sampling_params),
         eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed))
     resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)

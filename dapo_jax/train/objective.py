@@ -2,6 +2,10 @@
 
 Specification: shared/reference/DAPO_FACTS.md sections 1 and 6. All arrays are [B, T]
 per-token values aligned with the response tokens; `loss_mask` is 1 on tokens that train.
+`segment_ids` says which sequence of its row a token belongs to (k > 0; 0 is padding): rows
+may hold several packed sequences, and whatever is per sequence (sequence_mean, GSPO's
+sequence ratio, the number of sequences) is computed per segment. None means one sequence
+per row.
 
 Validation happens at trace time (Python), so a bad argument is an error, never a NaN.
 """
@@ -23,6 +27,7 @@ class PolicyLossFn(Protocol):
     def __call__(
         self, logprobs: Array, old_logprobs: Array, advantages: Array, loss_mask: Array, *,
         eps_clip_low: float, eps_clip_high: float, clip_ratio_c: float,
+        segment_ids: Array | None,
     ) -> tuple[Array, dict[str, Array]]:
         """Per-token loss [B, T] and per-token 0/1 indicator metrics [B, T]."""
 
@@ -41,6 +46,25 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
         return fn
 
     return wrap
+
+
+def segment_sums(values: Array, segment_ids: Array | None) -> Array:
+    """Per token, the sum of `values` over the tokens of its own sequence (same row, same
+    segment id); with `segment_ids` None, over its row."""
+    if segment_ids is None:
+        return jnp.broadcast_to(jnp.sum(values, -1, keepdims=True), values.shape)
+    B, T = values.shape
+    ids = jnp.arange(B)[:, None] * T + segment_ids.astype(jnp.int32)  # ids < T per row
+    sums = jax.ops.segment_sum(values.ravel(), ids.ravel(), num_segments=B * T)
+    return sums[ids]
+
+
+def num_sequences(loss_mask: Array, segment_ids: Array | None) -> Array:
+    """Sequences in the batch (also those whose tokens are all masked out): rows number
+    their segments 1..k, so a row holds max(segment_ids) of them."""
+    if segment_ids is None:
+        return jnp.asarray(loss_mask.shape[0], jnp.float32)
+    return jnp.sum(jnp.max(segment_ids, axis=-1)).astype(jnp.float32)
 
 
 def _ratio(logprobs: Array, old_logprobs: Array) -> Array:
@@ -63,19 +87,19 @@ def _ppo_clip(ratio: Array, advantages: Array, eps_clip_low: float, eps_clip_hig
 
 @register_policy_loss("regular")
 def regular_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
-                 clip_ratio_c):
+                 clip_ratio_c, segment_ids):
     """PPO clip with decoupled bounds (DAPO clip-higher):
     L = max(-A r, -A clip(r, 1 - eps_clip_low, 1 + eps_clip_high))."""
-    del loss_mask, clip_ratio_c
+    del loss_mask, clip_ratio_c, segment_ids
     return _ppo_clip(_ratio(logprobs, old_logprobs), advantages, eps_clip_low, eps_clip_high)
 
 
 @register_policy_loss("dual_clip")
 def dual_clip_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
-                   clip_ratio_c):
+                   clip_ratio_c, segment_ids):
     """Regular loss, and where A < 0 also bounded by the dual clip:
     L = min(L_regular, -A c)   (c = clip_ratio_c > 1)."""
-    del loss_mask
+    del loss_mask, segment_ids
     loss, metrics = _ppo_clip(_ratio(logprobs, old_logprobs), advantages, eps_clip_low,
                               eps_clip_high)
     bound = -advantages * clip_ratio_c
@@ -86,17 +110,17 @@ def dual_clip_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_lo
 
 @register_policy_loss("gspo")
 def gspo_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, eps_clip_high,
-              clip_ratio_c):
+              clip_ratio_c, segment_ids):
     """GSPO (sequence-level ratio, token-level gradient form):
-    s_i = exp(mean_t m_it (logp_it - logp_old_it)),
+    s_i = exp(mean_t m_it (logp_it - logp_old_it)) over the tokens of sequence i,
     r_it = sg(s_i) * exp(logp_it - sg(logp_it)), then the PPO clip on r_it.
     Use GSPO's small clip ranges (e.g. 3e-4 / 4e-4)."""
     del clip_ratio_c
     mask = loss_mask.astype(jnp.float32)
     log_ratio = jnp.clip(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    seq_log_ratio = jnp.sum(log_ratio * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
-    log_r = jax.lax.stop_gradient(seq_log_ratio)[:, None] + logprobs - jax.lax.stop_gradient(
-        logprobs)
+    seq_log_ratio = segment_sums(log_ratio * mask, segment_ids) / jnp.maximum(
+        segment_sums(mask, segment_ids), 1.0)
+    log_r = jax.lax.stop_gradient(seq_log_ratio) + logprobs - jax.lax.stop_gradient(logprobs)
     return _ppo_clip(jnp.exp(jnp.clip(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), advantages,
                      eps_clip_low, eps_clip_high)
 
@@ -105,40 +129,44 @@ def gspo_loss(logprobs, old_logprobs, advantages, loss_mask, *, eps_clip_low, ep
 LOSS_REDUCTIONS = ("token_mean", "sequence_mean", "seq_mean_token_sum_norm")
 
 
-def reduction_weights(loss_mask: Array, loss_reduction: str) -> Array:
+def reduction_weights(loss_mask: Array, loss_reduction: str,
+                      segment_ids: Array | None = None) -> Array:
     """Per-token weights w such that the reduced loss is sum(w * L) / denominator.
 
-    token_mean and seq_mean_token_sum_norm: w = m; sequence_mean: w = m / sum_t m (rows with
-    no trainable token weigh 0)."""
+    token_mean and seq_mean_token_sum_norm: w = m; sequence_mean: w = m / (trainable tokens
+    of the token's sequence), so each sequence with a trainable token weighs 1 in total."""
     m = loss_mask.astype(jnp.float32)
     if loss_reduction == "sequence_mean":
-        return m / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+        return m / jnp.maximum(segment_sums(m, segment_ids), 1.0)
     return m
 
 
 def reduction_denominator(loss_mask: Array, loss_reduction: str,
-                          max_seq_len: int | None = None) -> Array:
+                          max_seq_len: int | None = None,
+                          segment_ids: Array | None = None) -> Array:
     """The normaliser of a whole mini-batch (sum it over micro-batches/devices first, or pass
     the full mini-batch mask):
 
-    token_mean: sum(m); sequence_mean: number of rows with at least one trainable token;
-    seq_mean_token_sum_norm: number of rows x max_seq_len (Dr. GRPO's constant)."""
+    token_mean: sum(m); sequence_mean: number of sequences with at least one trainable token
+    (= the sum of sequence_mean's weights); seq_mean_token_sum_norm: number of sequences x
+    max_seq_len (Dr. GRPO's constant)."""
     m = loss_mask.astype(jnp.float32)
     if loss_reduction == "token_mean":
         return jnp.sum(m)
     if loss_reduction == "sequence_mean":
-        return jnp.sum(jnp.any(m > 0, -1).astype(jnp.float32))
+        return jnp.sum(reduction_weights(m, loss_reduction, segment_ids))
     if loss_reduction == "seq_mean_token_sum_norm":
-        return jnp.asarray(m.shape[0] * max_seq_len, jnp.float32)
+        return num_sequences(m, segment_ids) * max_seq_len
     raise ValueError(f"loss_reduction {loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
 
 
 def reduce_loss(values: Array, loss_mask: Array, loss_reduction: str, *,
-                max_seq_len: int | None = None, denominator: Array | None = None) -> Array:
+                max_seq_len: int | None = None, denominator: Array | None = None,
+                segment_ids: Array | None = None) -> Array:
     """sum(w * values) / denominator; the denominator defaults to this batch's own."""
     if denominator is None:
-        denominator = reduction_denominator(loss_mask, loss_reduction, max_seq_len)
-    numerator = jnp.sum(reduction_weights(loss_mask, loss_reduction) * values)
+        denominator = reduction_denominator(loss_mask, loss_reduction, max_seq_len, segment_ids)
+    numerator = jnp.sum(reduction_weights(loss_mask, loss_reduction, segment_ids) * values)
     return numerator / jnp.maximum(denominator, 1.0)
 
 
@@ -203,6 +231,7 @@ def policy_loss(
     max_seq_len: int | None = None,
     token_weights: Array | None = None,
     denominator: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Reduced policy-gradient loss (a scalar) and metrics (masked token means, except
     `num_tokens`).
@@ -222,11 +251,11 @@ def policy_loss(
         raise ValueError(f"policy_loss needs equal [B, T] shapes, got {shapes}")
     per_token, indicators = POLICY_LOSSES[policy_loss_type](
         logprobs, old_logprobs, advantages, loss_mask, eps_clip_low=eps_clip_low,
-        eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c)
+        eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c, segment_ids=segment_ids)
     if token_weights is not None:
         per_token = per_token * token_weights
     loss = reduce_loss(per_token, loss_mask, loss_reduction, max_seq_len=max_seq_len,
-                       denominator=denominator)
+                       denominator=denominator, segment_ids=segment_ids)
     indicators["approx_kl"] = old_logprobs - logprobs
     indicators.setdefault("dual_clip_frac", jnp.zeros_like(logprobs))
     metrics = {k: masked_mean(v, loss_mask) for k, v in indicators.items()}
@@ -253,18 +282,20 @@ def total_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """policy_loss + kl_loss_coef * KL - entropy_coef * entropy, all reduced the same way.
 
-    `batch` holds old_logprobs, advantages, loss_mask and, when used, ref_logprobs (KL) and
-    rollout_logprobs (TIS)."""
+    `batch` holds old_logprobs, advantages, loss_mask, optionally segment_ids (packed rows)
+    and, when used, ref_logprobs (KL) and rollout_logprobs (TIS)."""
     mask = batch["loss_mask"]
+    segments = batch.get("segment_ids")
     weights = None
     if tis_cap is not None:
         weights = tis_weights(batch["old_logprobs"], batch["rollout_logprobs"], tis_cap)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                                token_weights=weights, denominator=denominator, **loss_kwargs)
+                                token_weights=weights, denominator=denominator,
+                                segment_ids=segments, **loss_kwargs)
     metrics["pg_loss"] = loss
     reduce = lambda v: reduce_loss(v, mask, loss_kwargs.get("loss_reduction", "token_mean"),
                                    max_seq_len=loss_kwargs.get("max_seq_len"),
-                                   denominator=denominator)
+                                   denominator=denominator, segment_ids=segments)
     if kl_loss_coef:
         kl = reduce(kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator))
         loss = loss + kl_loss_coef * kl

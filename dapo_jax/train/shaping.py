@@ -27,10 +27,12 @@ def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: 
 
 
 def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
-    """Overlong filtering: responses whose finish reason is `length` (no stop token within
-    max_generate_length) get an all-zero loss mask. They still count in their group's
-    advantage statistics; only their tokens stop training."""
-    if truncated.shape != loss_mask.shape[:1]:
-        raise ValueError(f"truncated must be [N] for loss_mask {loss_mask.shape}, got "
+    """Overlong filtering: the tokens of responses whose finish reason is `length` (no stop
+    token within max_generate_length) get loss mask 0. `truncated` is per token (true on
+    every token of such a response, see `batch.place_sequence_values`), so padded and packed
+    rows work alike. Those responses still count in their group's advantage statistics;
+    only their tokens stop training."""
+    if truncated.shape != loss_mask.shape:
+        raise ValueError(f"truncated must be per token like loss_mask {loss_mask.shape}, got "
                          f"{truncated.shape}")
-    return jnp.where(truncated[:, None], jnp.zeros_like(loss_mask), loss_mask)
+    return jnp.where(truncated, jnp.zeros_like(loss_mask), loss_mask)

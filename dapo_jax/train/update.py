@@ -1,25 +1,26 @@
 """The jitted, sharded policy update and the forward-only log-prob recomputation.
 
-A mini-batch is a dict of [N, T] arrays: input_ids, attention_mask, loss_mask (1 on response
-tokens that train), old_logprobs, advantages, and optionally ref_logprobs (KL loss) and
-rollout_logprobs (TIS). Per-token arrays are aligned with input_ids: entry t belongs to token
-t, predicted from tokens < t.
+A mini-batch is a dict of [N, T] arrays, N rows of T tokens (`dapo_jax.train.batch`: one
+padded sequence per row, or several packed ones): input_ids, segment_ids, positions,
+loss_mask (1 on response tokens that train), old_logprobs, advantages, and optionally
+ref_logprobs (KL loss) and rollout_logprobs (TIS). Per-token arrays are aligned with
+input_ids: entry t belongs to token t, predicted from the tokens before it in its sequence.
 
-The mini-batch is split into micro-batches inside the jitted step (`lax.scan`), gradients are
-summed, and every micro-batch's loss is divided by the normaliser of the WHOLE mini-batch
-(`reduction_denominator` of the full loss mask), so the gradient does not depend on how the
-mini-batch is split into micro-batches or over devices.
+The mini-batch is split into micro-batches of `micro_batch_rows` rows inside the jitted step
+(`lax.scan`; a packed mini-batch's row count, and so its number of micro-batches, varies
+with the lengths, in a few buckets), gradients are summed, and every micro-batch's loss is
+divided by the normaliser of the WHOLE mini-batch (`reduction_denominator` of the full loss
+mask), so the gradient does not depend on how the mini-batch is split into micro-batches,
+rows or devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -29,7 +30,8 @@ from dapo_jax.sharding import constrain, mesh_context
 from dapo_jax.train import objective
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "old_logprobs",
+              "advantages")
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -129,24 +131,31 @@ class LossConfig:
 
 
 # ----------------------------------------------------------------------------- log-probs
-def sequence_logprobs(model: Qwen, input_ids: jax.Array, attention_mask: jax.Array,
-                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """log p(token_t | tokens_<t) and the entropy of that next-token distribution, [N, T]
-    float32, aligned with input_ids (entry 0 has no prediction and is 0)."""
-    h = model.hidden_states(input_ids, attention_mask)
+def sequence_logprobs(model: Qwen, input_ids: jax.Array, segment_ids: jax.Array,
+                      positions: jax.Array | None = None, *, temperature: float = 1.0
+                      ) -> tuple[jax.Array, jax.Array]:
+    """log p(token_t | earlier tokens of its sequence) and the entropy of that next-token
+    distribution, [N, T] float32, aligned with input_ids (entry 0 has no prediction and is 0;
+    the first token of a packed sequence gets a meaningless value, which its loss mask, 0 on
+    prompt tokens, drops)."""
+    h = model.hidden_states(input_ids, segment_ids, positions)
     logp, entropy = token_logprobs(h[:, :-1], model.lm_head_weight(), input_ids[:, 1:],
                                    temperature=temperature)
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
     return pad(logp), pad(entropy)
 
 
-def _split(x: jax.Array, num_micro: int) -> jax.Array:
-    """[N, ...] -> [M, N/M, ...]; row i goes to micro-batch i % M so each micro-batch keeps
-    the batch sharding of the rows (the sum over micro-batches does not care which rows)."""
+def _split(x: jax.Array, micro_rows: int | None) -> jax.Array:
+    """[N, ...] -> [M, N/M, ...] with N/M = micro_rows (None: one micro-batch); row i goes
+    to micro-batch i % M so each micro-batch keeps the batch sharding of the rows (the sum
+    over micro-batches does not care which rows)."""
     n = x.shape[0]
-    if n % num_micro:
-        raise ValueError(f"batch of {n} rows does not split into {num_micro} micro-batches")
-    x = x.reshape(n // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    micro_rows = micro_rows or n
+    if n % micro_rows:
+        raise ValueError(f"batch of {n} rows does not split into micro-batches of "
+                         f"{micro_rows} rows")
+    num_micro = n // micro_rows
+    x = x.reshape(micro_rows, num_micro, *x.shape[1:]).swapaxes(0, 1)
     return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
@@ -169,19 +178,20 @@ class TrainFns:
         with mesh_context(self.mesh):
             return self.update_jit(params, opt_state, batch)
 
-    def logprobs(self, params: Any, input_ids: Any, attention_mask: Any
+    def logprobs(self, params: Any, input_ids: Any, segment_ids: Any, positions: Any
                  ) -> tuple[jax.Array, jax.Array]:
         with mesh_context(self.mesh):
-            return self.logprobs_jit(params, input_ids, attention_mask)
+            return self.logprobs_jit(params, input_ids, segment_ids, positions)
 
     def lower_update(self, params: Any, opt_state: Any, batch: Any) -> Any:
         """`jax.jit(...).lower` of the update on (abstract) inputs, under the mesh."""
         with mesh_context(self.mesh):
             return self.update_jit.lower(params, opt_state, batch)
 
-    def lower_logprobs(self, params: Any, input_ids: Any, attention_mask: Any) -> Any:
+    def lower_logprobs(self, params: Any, input_ids: Any, segment_ids: Any, positions: Any
+                       ) -> Any:
         with mesh_context(self.mesh):
-            return self.logprobs_jit.lower(params, input_ids, attention_mask)
+            return self.logprobs_jit.lower(params, input_ids, segment_ids, positions)
 
 
 def make_train_fns(
@@ -190,25 +200,26 @@ def make_train_fns(
     optimizer: optax.GradientTransformation,
     loss_cfg: LossConfig,
     *,
-    num_micro_batches: int = 1,
-    num_forward_micro_batches: int = 1,
+    micro_batch_rows: int | None = None,
+    forward_micro_batch_rows: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainFns:
     """Builds the jitted update and log-prob functions for parameters laid out like `params`.
 
     update(params, opt_state, batch) -> (params, opt_state, metrics): one optimiser step on a
-    mini-batch in `num_micro_batches` micro-batches; params and opt_state are donated.
-    logprobs(params, input_ids, attention_mask) -> (logp, entropy): forward only over a whole
-    rollout batch in `num_forward_micro_batches` micro-batches (the forward pass keeps no
-    activations for a backward, so its micro-batches are usually larger:
+    mini-batch in micro-batches of `micro_batch_rows` rows (over all devices; None: the whole
+    mini-batch at once); params and opt_state are donated.
+    logprobs(params, input_ids, segment_ids, positions) -> (logp, entropy): forward only over
+    a whole rollout batch in micro-batches of `forward_micro_batch_rows` rows (the forward
+    pass keeps no activations for a backward, so its micro-batches are usually larger:
     `trainer.micro_forward_batch_size_per_gpu`).
     """
     policy_kwargs = loss_cfg.policy_kwargs()
 
     def loss_fn(params: nnx.State, mb: Batch, denominator: jax.Array):
         model = nnx.merge(graphdef, params)
-        logp, entropy = sequence_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                          loss_cfg.temperature)
+        logp, entropy = sequence_logprobs(model, mb["input_ids"], mb["segment_ids"],
+                                          mb["positions"], temperature=loss_cfg.temperature)
         return objective.total_loss(
             logp, entropy, mb, loss_kwargs=policy_kwargs, denominator=denominator,
             kl_loss_coef=loss_cfg.kl_loss_coef if loss_cfg.use_kl_loss else 0.0,
@@ -218,8 +229,9 @@ def make_train_fns(
     def update(params: nnx.State, opt_state: Any, batch: Batch):
         _check_batch(batch, loss_cfg)
         denominator = objective.reduction_denominator(
-            batch["loss_mask"], loss_cfg.loss_reduction, loss_cfg.max_seq_len)
-        micro = {k: _split(v, num_micro_batches) for k, v in batch.items()}
+            batch["loss_mask"], loss_cfg.loss_reduction, loss_cfg.max_seq_len,
+            batch["segment_ids"])
+        micro = {k: _split(v, micro_batch_rows) for k, v in batch.items()}
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def body(grads, mb):
@@ -239,11 +251,12 @@ def make_train_fns(
             metrics["lr"] = lr
         return params, opt_state, metrics
 
-    def logprobs(params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array):
+    def logprobs(params: nnx.State, input_ids: jax.Array, segment_ids: jax.Array,
+                 positions: jax.Array):
         model = nnx.merge(graphdef, params)
-        fn = lambda ids_mask: sequence_logprobs(model, *ids_mask, loss_cfg.temperature)
-        micro = (_split(input_ids, num_forward_micro_batches),
-                 _split(attention_mask, num_forward_micro_batches))
+        fn = lambda rows: sequence_logprobs(model, *rows, temperature=loss_cfg.temperature)
+        micro = tuple(_split(x, forward_micro_batch_rows)
+                      for x in (input_ids, segment_ids, positions))
         logp, entropy = jax.lax.map(fn, micro)
         return _unsplit(logp), _unsplit(entropy)
 
@@ -257,7 +270,7 @@ def make_train_fns(
     update_jit = jax.jit(update, donate_argnums=(0, 1),
                          in_shardings=(param_sh, opt_sh, batch_sh),
                          out_shardings=(param_sh, opt_sh, replicated))
-    logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh),
+    logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh),
                            out_shardings=(batch_sh, batch_sh))
     return TrainFns(update_jit, logprobs_jit, mesh)
 
@@ -314,17 +327,3 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, params: nnx.Sta
 def init_optimizer(optimizer: optax.GradientTransformation, params: nnx.State) -> Any:
     """Optimiser state created in place, laid out by `optimizer_shardings`."""
     return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, params))(params)
-
-
-# ----------------------------------------------------------------------------- host side
-def mini_batches(batch: dict[str, np.ndarray], mini_batch_rows: int,
-                 epochs: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive mini-batches of a rollout batch, `epochs` passes (groups stay whole when
-    `mini_batch_rows` is a multiple of the group size)."""
-    n = len(batch["input_ids"])
-    if n % mini_batch_rows:
-        raise ValueError(f"rollout batch of {n} rows does not split into mini-batches of "
-                         f"{mini_batch_rows}")
-    for _ in range(epochs):
-        for start in range(0, n, mini_batch_rows):
-            yield {k: v[start:start + mini_batch_rows] for k, v in batch.items()}
