@@ -15,8 +15,8 @@ from flax import nnx
 from dapo_jax.models import init_model, preset
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.batch import (
-    build_rows,
     bucket_count,
+    build_rows,
     make_layout,
     packed_layout,
     place_response_values,

@@ -117,6 +117,7 @@ def load_pretrained(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     remat: str = "none",
+    attention_impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
 ) -> Qwen:
     """Loads a HF Qwen2/Qwen3 checkpoint directory into a (sharded) `Qwen`.
@@ -126,7 +127,8 @@ def load_pretrained(
     """
     path = Path(path)
     return load_from_tensors(read_config(path), TensorIndex(find_safetensors(path)), str(path),
-                             dtype=dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh)
+                             dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+                             attention_impl=attention_impl, mesh=mesh)
 
 
 class TensorSource(Protocol):
@@ -145,12 +147,13 @@ def load_from_tensors(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     remat: str = "none",
+    attention_impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
 ) -> Qwen:
     """Builds a `Qwen` for `cfg` from HF-named tensors, each device reading only its slice."""
     precision = Precision(param_dtype=dtype, dtype=compute_dtype or dtype)
     abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
-                                           rngs=nnx.Rngs(0)))
+                                           attention_impl=attention_impl, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is None:
         device = jax.local_devices()[0]

@@ -14,6 +14,7 @@ without explicit positions they come from the mask (number of real tokens before
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -191,8 +192,56 @@ def _sequential_blocks(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array) -> 
     return out_nBbNH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 
+ATTENTION_IMPLS = ("auto", "xla", "tokamax", "tokamax_mosaic", "tokamax_triton",
+                   "tokamax_cudnn", "tokamax_xla", "tokamax_xla_chunked")
+
+
+def _has_tokamax() -> bool:
+    return importlib.util.find_spec("tokamax") is not None
+
+
+def check_attention_impl(impl: str) -> None:
+    """A known value, and tokamax installed when one of its kernels is asked for (checked
+    without starting a JAX backend)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    if impl.startswith("tokamax") and not _has_tokamax():
+        raise ImportError(f"attention_impl {impl!r} needs tokamax: pip install -e "
+                          "\".[kernels]\"")
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """`auto`: tokamax (which picks its fastest kernel: Mosaic on H100 and TPU, Triton,
+    cuDNN, else XLA) on accelerators when it is installed, else our blocked XLA attention
+    (always on CPU, where it is faster than tokamax's XLA fallbacks)."""
+    check_attention_impl(impl)
+    if impl == "auto":
+        return "tokamax" if jax.default_backend() != "cpu" and _has_tokamax() else "xla"
+    return impl
+
+
+def fused_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                    mask_BTT: jax.Array, impl: str) -> jax.Array:
+    """`attention` without a cache through tokamax's fused kernels (`impl` = "tokamax" lets
+    it choose, "tokamax_<name>" forces one). Its public API takes the mask dense
+    ([B, 1, T, T] booleans: packed segments and causality), which XLA builds from the
+    segment ids next to the kernel."""
+    import tokamax
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # tokamax reads its options from absl flags and, outside `absl.app.run`, would parse
+        # sys.argv for them (a test runner's or notebook's arguments): take the defaults.
+        flags.FLAGS.mark_as_parsed()
+    implementation = None if impl == "tokamax" else impl.removeprefix("tokamax_")
+    out = tokamax.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None],
+                                        implementation=implementation)
+    return out.astype(q_BTNH.dtype)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: QwenConfig, precision: Precision, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenConfig, precision: Precision, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         d, n, k, h, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, (
             precision.param_dtype
         )
@@ -209,6 +258,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", pd)
         self.cfg = cfg
         self.dtype = precision.dtype
+        self.attention_impl = attention_impl
 
     def project_qkv(
         self, x_BTD: jax.Array, positions_BT: jax.Array
@@ -241,7 +291,10 @@ class Attention(nnx.Module):
         v [B, K, T, H] (the cache layout) for the caller to store."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
-        out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
+        if cache is None and self.attention_impl != "xla":
+            out_BTNH = fused_attention(q, k, v, mask_BTT, self.attention_impl)
+        else:
+            out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
         return self.project_out(out_BTNH), new
 
 
@@ -265,10 +318,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: QwenConfig, precision: Precision, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenConfig, precision: Precision, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         pd = precision.param_dtype
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
-        self.attn = Attention(cfg, precision, rngs)
+        self.attn = Attention(cfg, precision, rngs, attention_impl)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
         self.mlp = MLP(cfg, precision, rngs)
 
@@ -290,10 +344,12 @@ class Qwen(nnx.Module):
         *,
         precision: Precision = Precision(),
         remat: str = "none",
+        attention_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {list(REMAT_POLICIES)}")
+        attention_impl = resolve_attention_impl(attention_impl)
         pd = precision.param_dtype
         self.config = cfg
         self.precision = precision
@@ -303,7 +359,7 @@ class Qwen(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, precision, rngs)
+            return DecoderLayer(cfg, precision, rngs, attention_impl)
 
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
@@ -418,10 +474,12 @@ def init_model(
     seed: int = 0,
     precision: Precision = Precision(),
     remat: str = "none",
+    attention_impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
 ) -> Qwen:
     """Randomly initialised model, created directly in its sharding when `mesh` is given."""
-    create = lambda: Qwen(cfg, precision=precision, remat=remat, rngs=nnx.Rngs(seed))
+    create = lambda: Qwen(cfg, precision=precision, remat=remat, attention_impl=attention_impl,
+                          rngs=nnx.Rngs(seed))
     if mesh is None:
         return create()
     abstract = nnx.eval_shape(create)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from dapo_jax.generation import SamplingParams
+from dapo_jax.models.qwen import check_attention_impl
 from dapo_jax.sharding import resolve_mesh_shape
 from dapo_jax.train import objective
 from dapo_jax.train.dynamic_sampling import TYPES as DS_TYPES
@@ -35,6 +36,10 @@ def default_config() -> ConfigDict:
         "param_dtype": "float32",
         "compute_dtype": "float32",  # float32 | bfloat16: matmuls and activations
         "remat": "none",  # none | full | dots_saveable
+        # Training/prefill attention: auto (xla on CPU, tokamax on GPU/TPU) | xla (ours,
+        # blocked) | tokamax (it picks its kernel) | tokamax_{mosaic,triton,cudnn,xla,
+        # xla_chunked}
+        "attention_impl": "auto",
     })
     c.mesh = ConfigDict({
         "shape": (1, -1, 1),  # data x fsdp x tensor; one -1 fills the devices
@@ -326,6 +331,10 @@ def _validate_precision(cfg: ConfigDict) -> None:
               "generator.model_dtype=bfloat16 for bf16 rollout weights")
     if m.remat not in ("none", "full", "dots_saveable"):
         _fail("model.remat", f"{m.remat!r} is not none, full or dots_saveable")
+    try:
+        check_attention_impl(m.attention_impl)
+    except (ValueError, ImportError) as e:
+        _fail("model.attention_impl", str(e))
     if cfg.generator.model_dtype not in DTYPES:
         _fail("generator.model_dtype", f"{cfg.generator.model_dtype!r} is not one of {DTYPES}")
 

@@ -138,12 +138,12 @@ def setup(cfg: ConfigDict) -> Run:
 
     m = cfg.model
     model = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                            remat=m.remat, mesh=mesh)
+                            remat=m.remat, attention_impl=m.attention_impl, mesh=mesh)
     graphdef, params = nnx.split(model)
     # The reference policy never trains: its weights are kept in the compute dtype.
     ref_params = nnx.split(load_pretrained(
         m.path, dtype=m.compute_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-        mesh=mesh))[1] if t.algorithm.use_kl_loss else None
+        attention_impl=m.attention_impl, mesh=mesh))[1] if t.algorithm.use_kl_loss else None
     optimizer = make_optimizer(optimizer_config(cfg, max_steps))
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
