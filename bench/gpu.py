@@ -2,11 +2,13 @@
 for a Qwen3-1.7B-shaped model (random init, bf16) on one accelerator.
 
     python bench/gpu.py [--preset qwen3-1.7b] [--seq-len 4096] [--batch 2] [--steps 5]
-        [--decode-batch 64] [--prompt-len 512] [--new-tokens 512]
+        [--attention xla,tokamax] [--decode-batch 64] [--prompt-len 512] [--new-tokens 512]
         [--peak-tflops F] [--hbm-gbps G]
 
 Update: tokens/s of the real jitted update (dual-clip token-mean loss, AdamW, clipping, remat
-full) on a synthetic mini-batch; MFU = tokens/s x `train_flops_per_token` / peak bf16 FLOP/s.
+full, float32 master weights and AdamW state, bf16 compute) on a synthetic mini-batch, once
+per attention backend (`model.attention_impl`: xla, tokamax, tokamax_mosaic, ...); MFU =
+tokens/s x `train_flops_per_token` / peak bf16 FLOP/s.
 Decode: generated tokens/s of the JAX engine (no early stop). Each decode step must read every
 weight once and the KV cache up to the current length; the bound is
 batch x bandwidth / (weight bytes + mean KV bytes per step), and the table gives the
@@ -52,6 +54,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--attention", default="xla,tokamax",
+                   help="comma-separated model.attention_impl values to time the update with")
     p.add_argument("--decode-batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -67,14 +71,17 @@ def main() -> None:
     print(f"device {device.device_kind}, preset {a.preset} ({cfg.num_params / 1e6:.0f}M params)",
           flush=True)
 
-    # Update step.
-    step_s = update_seconds(cfg, synthetic_batch(cfg, a.batch, a.seq_len), a.steps,
-                            precision=bf16, remat="full")
-    train_tps = a.batch * a.seq_len / step_s
-    achieved = train_tps * train_flops_per_token(cfg, a.seq_len)
-    mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a"
-    print(f"update: {step_s * 1e3:.0f} ms/step, {train_tps:.0f} tok/s, "
-          f"{achieved / 1e12:.1f} model TFLOP/s, MFU {mfu}", flush=True)
+    updates = []  # (attention, ms per step, tok/s, MFU)
+    for impl in a.attention.split(","):
+        step_s = update_seconds(cfg, synthetic_batch(cfg, a.batch, a.seq_len), a.steps,
+                                precision=Precision("float32", "bfloat16"), remat="full",
+                                attention_impl=impl)
+        train_tps = a.batch * a.seq_len / step_s
+        achieved = train_tps * train_flops_per_token(cfg, a.seq_len)
+        mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a"
+        updates.append((impl, step_s, train_tps, mfu))
+        print(f"update ({impl} attention): {step_s * 1e3:.0f} ms/step, {train_tps:.0f} tok/s, "
+              f"{achieved / 1e12:.1f} model TFLOP/s, MFU {mfu}", flush=True)
 
     # Decode, on a fresh bf16 copy of the same init.
     graphdef, params = nnx.split(init_model(cfg, seed=0, precision=bf16))
@@ -104,11 +111,12 @@ def main() -> None:
           f"of {a.prompt_len}): {decode_tps:.0f} tok/s; weights {weight_bytes / 2**30:.2f} GiB "
           f"+ KV {kv_bytes / 2**30:.2f} GiB per step; {vs_bound}", flush=True)
 
-    print(f"\n| device | preset | update ms | update tok/s | MFU | decode batch | decode tok/s "
-          f"| bandwidth bound tok/s |\n|---|---|---|---|---|---|---|---|\n"
-          f"| {device.device_kind} | {a.preset} T={a.seq_len} B={a.batch} | {step_s * 1e3:.0f} "
-          f"| {train_tps:.0f} | {mfu} | {a.decode_batch} | {decode_tps:.0f} | "
-          f"{f'{bound:.0f}' if bandwidth else 'n/a'} |")
+    print("\n| device | preset, attention | update ms | update tok/s | MFU | decode batch | "
+          "decode tok/s | bandwidth bound tok/s |\n|---|---|---|---|---|---|---|---|")
+    for impl, step_s, train_tps, mfu in updates:
+        print(f"| {device.device_kind} | {a.preset} T={a.seq_len} B={a.batch}, {impl} | "
+              f"{step_s * 1e3:.0f} | {train_tps:.0f} | {mfu} | {a.decode_batch} | "
+              f"{decode_tps:.0f} | {f'{bound:.0f}' if bandwidth else 'n/a'} |")
 
 
 if __name__ == "__main__":

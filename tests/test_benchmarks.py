@@ -17,11 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_benchmark_runs_on_cpu():
     cmd = [sys.executable, "bench/gpu.py", "--preset", "bench-small", "--seq-len", "128",
            "--batch", "2", "--steps", "1", "--decode-batch", "4", "--prompt-len", "16",
-           "--new-tokens", "16", "--peak-tflops", "1", "--hbm-gbps", "10"]
+           "--new-tokens", "16", "--peak-tflops", "1", "--hbm-gbps", "10",
+           "--attention", "xla,tokamax_xla"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MFU" in out.stdout and "bound" in out.stdout
+    assert "tokamax_xla |" in out.stdout  # one row per attention backend
     row = out.stdout.strip().splitlines()[-1].split("|")
     mfu, decode_tps = float(row[5].strip().rstrip("%")), float(row[7])
     assert mfu > 0 and decode_tps > 0, out.stdout

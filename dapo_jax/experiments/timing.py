@@ -66,11 +66,13 @@ def seconds_per_update(fns: Any, params: Any, opt_state: Any, batch: dict[str, n
 
 def update_seconds(cfg: QwenConfig, batch: dict[str, np.ndarray], steps: int, *,
                    precision: Precision | None = None, remat: str = "none",
-                   mesh: jax.sharding.Mesh | None = None) -> float:
+                   attention_impl: str = "auto", mesh: jax.sharding.Mesh | None = None
+                   ) -> float:
     """`seconds_per_update` of the real DAPO update (BENCH_LOSS, AdamW as BENCH_OPTIMIZER)
     for a randomly initialised model of `cfg` (float32 unless `precision` says otherwise)."""
     graphdef, params = nnx.split(init_model(cfg, seed=0, precision=precision or Precision(),
-                                            remat=remat, mesh=mesh))
+                                            remat=remat, attention_impl=attention_impl,
+                                            mesh=mesh))
     optimizer = make_optimizer(BENCH_OPTIMIZER)
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
