@@ -3,12 +3,13 @@ second of the update step and of the old-log-prob pass, and the peak memory of t
 measured side by side in one run; plus the padding fraction the same mix gives at the seed
 runs' shape (2048 + 8192).
 
-    python bench/packing.py [--preset bench-small] [--sequences 64] [--micro-rows 2]
+    python bench/packing.py [--preset bench-small] [--sequences 128] [--micro-rows 2]
         [--steps 2]
 
-The mix, scaled to CPU: max_prompt_length 256, max_generate_length 1024 (rows of 1280
-tokens); prompts uniform in 20..80 tokens; responses log-normal with median 150 and
-P(> 1024) = 5%, those cut at 1024 (truncated). At the seed shape every length is x8.
+The mix (`dapo_jax.experiments.lengths`), scaled to CPU: max_prompt_length 256,
+max_generate_length 1024 (rows of 1280 tokens); prompts uniform in 20..80 tokens; responses
+log-normal with median 150 and P(> 1024) = 5%, those cut at 1024 (truncated). At the seed
+shape every length is x8.
 Both layouts go through the trainer's own code (`train.step.mini_batch_rows`,
 `forward_all`, the jitted update) with the same rows per micro-batch.
 """
@@ -26,21 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dapo_jax.experiments.lengths import length_mix, row_efficiency  # noqa: E402
 from dapo_jax.experiments.timing import BENCH_LOSS, BENCH_OPTIMIZER  # noqa: E402
 from dapo_jax.models import init_model, preset  # noqa: E402
-from dapo_jax.train.batch import make_layout  # noqa: E402
 from dapo_jax.train.step import StepSettings, forward_all, mini_batch_rows  # noqa: E402
 from dapo_jax.train.update import init_optimizer, make_optimizer, make_train_fns  # noqa: E402
-
-SIGMA = np.log(1024 / 150) / 1.645  # log-normal spread with P(response > 1024) = 5%
-
-
-def length_mix(n: int, rng: np.random.Generator, scale: int = 1
-               ) -> tuple[np.ndarray, np.ndarray]:
-    prompts = rng.integers(20 * scale, 80 * scale + 1, n)
-    responses = np.minimum(rng.lognormal(np.log(150 * scale), SIGMA, n).astype(int) + 1,
-                           1024 * scale)
-    return prompts, responses
 
 
 def rollout_batch(n: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -86,24 +77,11 @@ def measure(cfg, batch, s: StepSettings, steps: int) -> dict[str, float]:
             "update_temp_gib": temp.temp_size_in_bytes / 2**30}
 
 
-def seed_shape_efficiency(seed: int = 0, sequences: int = 512, micro_rows: int = 16
-                          ) -> tuple[float, float]:
-    """Useful fraction of the computed tokens at 2048 + 8192, padded and packed, for a
-    mini-batch of 512 sequences (the seed's 32 prompts x 16) in micro-batches of 16 rows."""
-    p_len, r_len = length_mix(sequences, np.random.default_rng(seed), scale=8)
-    useful = int((p_len + r_len).sum())
-    padded = useful / (sequences * 10240)
-    layout = make_layout([[0] * k for k in p_len], [[0] * k for k in r_len],
-                         max_prompt_length=2048, max_response_length=8192, packed=True,
-                         micro_batch_rows=micro_rows)
-    return padded, useful / (layout.num_rows * 10240)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench-small")
-    p.add_argument("--sequences", type=int, default=64, help="sequences per mini-batch")
+    p.add_argument("--sequences", type=int, default=128, help="sequences per mini-batch")
     p.add_argument("--micro-rows", type=int, default=2, help="rows of 1280 tokens per "
                    "micro-batch (update and forward), as the seed configs' 2 per device")
     p.add_argument("--steps", type=int, default=2)
@@ -135,7 +113,7 @@ def main() -> None:
     fw = res["packed"]["forward_tps"] / res["padded"]["forward_tps"]
     print(f"\npacked / padded useful tokens/s: update {up:.2f}x, log-prob pass {fw:.2f}x "
           "(bar: >= 3x)")
-    padded, packed = seed_shape_efficiency()
+    padded, packed = row_efficiency(512, 16, scale=8)  # the seed's 32 x 16 per mini-batch
     print(f"seed shape (2048 + 8192, the same mix x8, 512 sequences, micro-batches of 16 rows):"
           f" useful fraction of computed tokens padded {padded:.2f}, packed {packed:.2f} "
           f"(padding {1 - padded:.0%} -> {1 - packed:.0%})")

@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 from ml_collections import ConfigDict  # noqa: E402
 
+from dapo_jax.experiments.lengths import row_efficiency  # noqa: E402
 from dapo_jax.experiments.mesh import (  # noqa: E402
     abstract_batch,
     abstract_train_state,
@@ -108,7 +109,10 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig) -> dict[str, float]:
         * itemsize
     update_temp = update.temp_size_in_bytes
     forward_peak = forward.temp_size_in_bytes + forward.output_size_in_bytes
+    padded, packed = row_efficiency(sizes["mini_rows"], sizes["micro_rows"],
+                                    scale=max(seq // 1280, 1))
     return {
+        "useful_padded": padded, "useful_packed": packed,
         "rows_per_device_update": t.micro_train_batch_size_per_gpu,
         "rows_per_device_forward": t.micro_forward_batch_size_per_gpu,
         "seq_len": seq,
@@ -192,6 +196,13 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"sequences ({gb(sc['kv_all_at_once'])} GiB of KV if all were full length at once), "
         f"so vLLM runs them in waves (at most {sc['waves']} at full length; responses average "
         f"far below the limit).", "",
+        f"Tokens per device and update micro-batch: {tr['rows_per_device_update']} x "
+        f"{tr['seq_len']} = {tr['rows_per_device_update'] * tr['seq_len']} computed; useful "
+        f"(not padding) on a DAPO-shaped length mix (`experiments.lengths`): "
+        f"{tr['useful_padded']:.0%} padded, "
+        f"{tr['useful_packed']:.0%} packed (trainer.use_sample_packing="
+        f"{cfg.trainer.use_sample_packing}), so a mini-batch needs about "
+        f"{tr['useful_padded'] / tr['useful_packed']:.2f}x the padded micro-batches.", "",
         f"Fits: trainer peak within its budget: {ok(p['trainer_fits'])}; at least one "
         f"full-length sequence of KV cache (vLLM's start condition): {ok(p['kv_fits'])}; "
         f"the GPU: {ok(p['gpu_fits'])}.", ""]
