@@ -33,6 +33,7 @@ def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps:
     t.max_prompt_length = 2048
     t.train_batch_size = 512
     t.policy_mini_batch_size = 32
+    t.use_sample_packing = True  # rows of 2048 + 8192 tokens filled with whole sequences
     t.micro_train_batch_size_per_gpu = 2
     t.micro_forward_batch_size_per_gpu = micro_forward_batch_size_per_gpu
     t.update_epochs_per_batch = 1
