@@ -187,7 +187,8 @@ def test_packed_equals_padded(loss, reduction):
 
 def test_compiles_once_per_bucket_across_length_mixes():
     """Steps with different length mixes reuse the compiled update: packed mini-batches
-    come in bucketed row counts, so after the first steps no new shape appears."""
+    come in bucketed row counts, each compiled once. (At this size, 3-7 micro-batches, the
+    buckets are exact: the short and long mixes give 6-8 and 8-14 rows.)"""
     graphdef, params = nnx.split(init_model(CFG, seed=0))
     opt = optax.sgd(1e-3)
     cfg = LossConfig()
@@ -196,7 +197,7 @@ def test_compiles_once_per_bucket_across_length_mixes():
                          forward_micro_batch_rows=2)
     opt_state = init_optimizer(opt, params)
     rows_seen, sizes = set(), []
-    for seed in range(8):  # short and long responses alternate
+    for seed in range(10):  # short and long responses alternate
         batch = rollout_batch(seed, max_response=R if seed % 2 else 6)
         (mini,) = mini_batch_rows(batch, np.ones(16, np.float32), dataclasses.replace(
             s, use_tis=False))
@@ -206,5 +207,5 @@ def test_compiles_once_per_bucket_across_length_mixes():
         rows_seen.add(mini.layout.num_rows)
         sizes.append(fns.update_jit._cache_size())
     assert len(rows_seen) >= 2  # the mixes did change the packed shapes
-    assert sizes[-1] == len(rows_seen) <= 3  # one compilation per bucket, no more
-    assert fns.logprobs_jit._cache_size() <= 3
+    assert sizes[-1] == len(rows_seen) <= 5  # one compilation per bucket, never two
+    assert fns.logprobs_jit._cache_size() <= 5

@@ -266,13 +266,15 @@ def _get(state: nnx.State, path: tuple[str, ...]) -> jax.Array:
     return node.get_value()
 
 
-def save_pretrained(model: Qwen, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: Qwen, path: str | Path, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes `config.json` and HF safetensors (sharded with an index above
-    `max_shard_bytes`) that `transformers` and vLLM load unchanged. Each file is written to a
-    temporary name and renamed; the index and config come last."""
+    `max_shard_bytes`) in `dtype` (default: the parameter dtype) that `transformers` and vLLM
+    load unchanged. Each file is written to a temporary name and renamed; the index and
+    config come last."""
     path = Path(path)
     cfg = model.config
-    dtype = np.dtype(model.precision.param_dtype)
+    dtype = np.dtype(dtype or model.precision.param_dtype)
     specs = [(name, shape, dtype) for _, _, name, shape in hf_specs(cfg, nnx.state(model))]
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
@@ -287,7 +289,7 @@ def save_pretrained(model: Qwen, path: str | Path, *, max_shard_bytes: int = 5 *
     write = jax.process_index() == 0
     if write:
         path.mkdir(parents=True, exist_ok=True)
-    tensors = (array for _, array in _host_tensors(model))
+    tensors = (array.astype(dtype) for _, array in _host_tensors(model))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}

@@ -42,6 +42,13 @@ class Checkpointer:
             host=ocp.args.JsonRestore()))
         return out.params, out.opt_state, dict(out.host)
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters, into `abstract_params`' structure, dtypes and shardings
+        (`jax.ShapeDtypeStruct`s: nothing else is allocated)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return out.params
+
     def close(self) -> None:
         self.manager.close()
 

@@ -110,6 +110,9 @@ def default_config() -> ConfigDict:
         "eval_interval": 5,  # steps; <= 0: never
         "eval_before_train": True,
         "ckpt_interval": 10,
+        # The policy as a Hugging Face directory (generator.model_dtype) every this many steps
+        # and at the end, to <run_dir>/hf/step_<N>; <= 0: never.
+        "hf_save_interval": 0,
         "max_ckpts_to_keep": 3,
         "resume_mode": "latest",  # none | latest | from_path
         "resume_path": "",

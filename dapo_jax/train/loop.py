@@ -22,6 +22,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from dapo_jax import evaluation
+from dapo_jax.export import save_hf
 from dapo_jax.generation import SamplingParams, stop_token_ids
 from dapo_jax.models import load_pretrained
 from dapo_jax.prompts import PromptSampler, SamplerState
@@ -30,16 +32,16 @@ from dapo_jax.sharding import DistributedConfig, initialize_distributed, make_me
 from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
-from dapo_jax.train.metrics_log import MetricsLog
+from dapo_jax.train.metrics_log import MetricsLog, route_library_logs
 from dapo_jax.train.rollout import (
     Engine,
     InProcessEngine,
     PromptSet,
     SidecarEngine,
     load_prompt_set,
-    pass_at,
     reward_metrics,
     rollout,
+    versioned,
 )
 from dapo_jax.train.step import StepSettings, train_step
 from dapo_jax.train.update import (
@@ -123,6 +125,8 @@ def setup(cfg: ConfigDict) -> Run:
     primary = jax.process_index() == 0
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    route_library_logs(run_dir / "logs" / (
+        "trainer.log" if primary else f"trainer_{jax.process_index()}.log"))
     if primary:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     mesh = make_mesh(cfg.mesh.shape)
@@ -184,27 +188,20 @@ def setup(cfg: ConfigDict) -> Run:
     return run
 
 
-def evaluate(run: Run, step: int) -> dict[str, float]:
-    """Held-out accuracy: eval_n_samples_per_prompt responses to every validation prompt;
-    every sample is written to <run_dir>/eval/step_<step>.jsonl."""
+def evaluate_policy(run: Run, step: int) -> dict[str, float]:
+    """Held-out evaluation (`dapo_jax.evaluation`, as `python -m dapo_jax.eval`):
+    eval_n_samples_per_prompt responses to every validation prompt; the summary and every
+    sample go to <run_dir>/eval/step_<step>_{summary.json,samples.jsonl}."""
     if run.val_set is None:
         return {}
-    k = run.cfg.generator.eval_n_samples_per_prompt
-    out, stats = rollout(run.engine, run.val_set, list(range(len(run.val_set.examples))),
-                         run.eval_sampling, k, run.tokenizer, run.rewards, run.version, {})
+    result = evaluation.evaluate(
+        versioned(run.engine, run.version), run.val_set.ids, run.val_set.examples,
+        run.eval_sampling, run.cfg.generator.eval_n_samples_per_prompt, run.tokenizer,
+        run.rewards)
     if run.primary:
-        (run.run_dir / "eval").mkdir(exist_ok=True)
-        with open(run.run_dir / "eval" / f"step_{step}.jsonl", "w") as f:
-            for i in range(len(out["score"])):
-                ex = run.val_set.examples[out["prompt_index"][i]]
-                f.write(json.dumps({"prompt": ex.messages[-1][1], "response": out["text"][i],
-                                    "ground_truth": ex.ground_truth,
-                                    "score": float(out["score"][i]),
-                                    "acc": bool(out["acc"][i])}) + "\n")
-    return {"eval/all/avg_score": float(out["score"].mean()),
-            "eval/all/reward_failures": stats["reward/timeouts"] + stats["reward/errors"],
-            "eval/all/accuracy": float(out["acc"].mean()),
-            f"eval/all/pass_at_{k}": pass_at(out["acc"], k)}
+        result.write(run.run_dir / "eval", name=f"step_{step}_")
+    failures = sum(s["status"] != "ok" for s in result.samples)
+    return {**result.metrics(), "eval/all/reward_failures": float(failures)}
 
 
 def draw_batch(run: Run, step: int, timings: dict[str, float]
@@ -243,7 +240,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
     log = MetricsLog(r.run_dir, t.logger, project=t.project_name, run_name=t.run_name,
                      config=json.loads(cfg.to_json_best_effort()), write=r.primary)
     if r.start_step == 0 and t.eval_before_train:
-        log.log(0, {**evaluate(r, 0), "data/train_prompts": len(r.train_set.examples),
+        log.log(0, {**evaluate_policy(r, 0), "data/train_prompts": len(r.train_set.examples),
                     "data/dropped_overlong_prompts": r.train_set.dropped_overlong,
                     "data/duplicates_removed": r.train_set.duplicates}, echo=tqdm.write)
     metrics: dict[str, float] = {}
@@ -268,8 +265,12 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                 r.ckpt.save(step, r.params, r.opt_state, {
                     "step": step, "weight_version": r.version,
                     "sampler": dataclasses.asdict(r.sampler.state)})
+            if t.hf_save_interval > 0 and (step % t.hf_save_interval == 0 or last):
+                nnx.update(r.model, r.params)
+                save_hf(r.model, r.run_dir / "hf" / f"step_{step}", base_model=cfg.model.path,
+                        dtype=cfg.generator.model_dtype)
             if t.eval_interval > 0 and (step % t.eval_interval == 0 or last):
-                metrics.update(evaluate(r, step))
+                metrics.update(evaluate_policy(r, step))
             metrics["timing/step"] = time.perf_counter() - step_start
             metrics["throughput/tokens_per_s"] = (metrics["generate/avg_response_length"] *
                                                   len(batch["score"]) / metrics["timing/step"])

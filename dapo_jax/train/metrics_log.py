@@ -1,13 +1,31 @@
 """Where metrics go: console, `<run_dir>/metrics.jsonl` (one JSON object per line, always
-with `step`), and optionally TensorBoard (tensorboardX) and Weights & Biases."""
+with `step`), and optionally TensorBoard (tensorboardX, <run_dir>/tensorboard) and Weights &
+Biases (under <run_dir>/wandb; WANDB_MODE=offline keeps the run local, `wandb sync` uploads
+it later). A non-finite value is written as null to the JSONL file and left out elsewhere."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def route_library_logs(log_file: Path) -> None:
+    """Library log lines (orbax writes several INFO lines per checkpoint, through absl) go
+    to `log_file`; the terminal keeps warnings and errors, the step lines and the bar."""
+    from absl import logging as absl_logging
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)  # absl's stderr handler
+
 
 CONSOLE_KEYS = ("reward/avg_raw_reward", "reward/accuracy", "policy/grad_norm",
                 "policy/entropy", "generate/avg_response_length",
@@ -56,7 +74,7 @@ class MetricsLog:
                 if v is not None:
                     self.tb.add_scalar(k, v, step)
         if self.wandb:
-            self.wandb.log(clean, step=step)
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
         if self.console:
             shown = [f"{k}={clean[k]:.4g}" for k in CONSOLE_KEYS if clean.get(k) is not None]
             echo(f"step {step}: " + " ".join(shown))

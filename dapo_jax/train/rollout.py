@@ -115,6 +115,21 @@ class SidecarEngine:
 
 
 # ----------------------------------------------------------------------------- rollouts
+def versioned(engine: Engine, version: int) -> Any:
+    """`engine.generate` that refuses samples generated with another weight version than
+    `version` (stale or unknown weights are an error, never a silent rollout)."""
+    def generate(prompts: list[list[int]], sampling: SamplingParams,
+                 n: int) -> list[list[Sample]]:
+        groups = engine.generate(prompts, sampling, n)
+        stale = {s.weight_version for g in groups for s in g} - {version}
+        if stale:
+            raise RuntimeError(f"rollout generated with weight version(s) {sorted(stale)}, "
+                               f"expected {version}: refusing stale weights")
+        return groups
+
+    return generate
+
+
 def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling: SamplingParams,
             n: int, tokenizer: Any, rewards: RewardPool, version: int,
             timings: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -122,13 +137,9 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
     contiguous, and the reward pool's failure counts. Refuses samples generated with another
     weight version than `version`."""
     start = time.perf_counter()
-    groups = engine.generate([prompt_set.ids[i] for i in indices], sampling, n)
+    groups = versioned(engine, version)([prompt_set.ids[i] for i in indices], sampling, n)
     timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
     samples = [s for g in groups for s in g]
-    stale = {s.weight_version for s in samples} - {version}
-    if stale:
-        raise RuntimeError(f"rollout generated with weight version(s) {sorted(stale)}, "
-                           f"expected {version}: refusing stale weights")
     rows = np.repeat(np.asarray(indices), n)
     start = time.perf_counter()
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
@@ -154,13 +165,9 @@ def reward_metrics(drawn: list[tuple[dict[str, np.ndarray], dict[str, float]]],
     whatever the policy does; it is reported separately as reward/kept_accuracy.)"""
     acc = np.concatenate([batch["acc"] for batch, _ in drawn])
     score = np.concatenate([batch["score"] for batch, _ in drawn])
+    # pass@n: the prompt's group holds a correct response.
     out = {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
-           f"reward/avg_pass_at_{n}": pass_at(acc, n)}
+           f"reward/avg_pass_at_{n}": float(acc.reshape(-1, n).any(axis=1).mean())}
     for key in ("reward/timeouts", "reward/errors"):
         out[key] = float(sum(stats[key] for _, stats in drawn))
     return out
-
-
-def pass_at(acc: np.ndarray, group_size: int) -> float:
-    """Fraction of prompts with at least one correct response among its `group_size`."""
-    return float(acc.reshape(-1, group_size).any(axis=1).mean())
