@@ -1,6 +1,7 @@
-"""One command for a run with rollout sidecars:
+"""One command for a run with rollout sidecars and/or several trainer processes:
 
-    python -m dapo_jax.launch --config configs/<name>.py [--config.a.b=value ...]
+    python -m dapo_jax.launch --config configs/<name>.py [--num_processes=N]
+        [--config.a.b=value ...]
 
 1. validates the config (without starting JAX: the launcher must not take GPU memory);
 2. starts `generator.num_inference_engines` sidecars (`python -m rollout.server`), each in
@@ -9,7 +10,11 @@
 3. waits until every sidecar answers /health (a sidecar that exits or misses
    `generator.sidecar_startup_timeout_s` is an error quoting the tail of its log);
 4. runs `python -m dapo_jax.train` with the same flags plus the sidecars' URLs, with its own
-   GPUs and `XLA_PYTHON_CLIENT_MEM_FRACTION` (see `dapo_jax.placement`);
+   GPUs and `XLA_PYTHON_CLIENT_MEM_FRACTION` (see `dapo_jax.placement`); with
+   `--num_processes=N`, N trainer processes joined as one JAX job (a coordinator on a free
+   loopback port, `mesh.process_id` 0..N-1, each with its share of the trainer's GPUs;
+   process 0 prints to the terminal, the others log to <run_dir>/logs/process_<i>.out), and a
+   trainer process that fails stops the others (`dapo_jax.multihost`);
 5. while it trains, restarts a sidecar that dies (up to `generator.sidecar_max_restarts`
    times; the trainer's client sees the restarted sidecar serve version 0 and pushes the
    current export before generating again, so nothing is generated from stale weights),
@@ -17,7 +22,8 @@
 6. on exit, Ctrl-C, SIGTERM or a crash, ends every child's whole process group; children
    also end their groups when the launcher itself is killed (`dapo_jax.procs`).
 
-The launcher's exit code is the trainer's (130 after Ctrl-C, 1 after a launch error).
+The launcher's exit code is the trainer's (the first failing process's with several; 130
+after Ctrl-C, 1 after a launch error).
 <run_dir>/logs/launch.json lists the children (pid = process group, GPUs, port, log);
 "closed" turns true once all of them have been ended.
 """
@@ -35,7 +41,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from absl import app
+from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from dapo_jax import placement
@@ -44,6 +50,9 @@ from dapo_jax.train import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "trainer processes on this machine, joined as one multi-process JAX "
+    "job (each with its share of the trainer's GPUs)", lower_bound=1)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -64,9 +73,10 @@ def free_port() -> int:
 class Launch:
     """The sidecars and the trainer of one run, and their clean-up."""
 
-    def __init__(self, cfg: ConfigDict, flags: list[str]):
+    def __init__(self, cfg: ConfigDict, flags: list[str], num_processes: int = 1):
         self.cfg = cfg
         self.flags = flags
+        self.num_processes = num_processes
         self.run_dir = Path(cfg.trainer.run_dir).resolve()
         self.logs = self.run_dir / "logs"
         self.export_root = Path(cfg.generator.export_dir or self.run_dir / "exports").resolve()
@@ -74,10 +84,11 @@ class Launch:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
         self.specs = [placement.SidecarSpec(i, gpus, free_port(), self.logs / f"sidecar_{i}.log")
-                      for i, gpus in enumerate(placement.engine_gpus(cfg))]
+                      for i, gpus in enumerate(placement.engine_gpus(cfg))] \
+            if cfg.generator.backend == "sidecar" else []
         self.sidecars: dict[int, subprocess.Popen] = {}
         self.restarts = {s.index: 0 for s in self.specs}
-        self.trainer: subprocess.Popen | None = None
+        self.trainers: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ sidecars
     def start_sidecar(self, spec: placement.SidecarSpec) -> None:
@@ -142,14 +153,39 @@ class Launch:
             self.wait_healthy([spec])
 
     # ------------------------------------------------------------------ trainer
-    def start_trainer(self) -> None:
-        urls = tuple(s.url for s in self.specs)
-        cmd = [sys.executable, "-m", "dapo_jax.train", *self.flags,
-               f"--config.generator.sidecar_urls={urls!r}"]
-        env = {**placement.trainer_env(self.cfg, self.env), placement.TOKEN_ENV: self.token}
-        self.trainer = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+    def start_trainers(self) -> None:
+        cmd = [sys.executable, "-m", "dapo_jax.train", *self.flags]
+        if self.specs:
+            cmd.append(f"--config.generator.sidecar_urls={tuple(s.url for s in self.specs)!r}")
+        n = self.num_processes
+        if n > 1:
+            cmd += [f"--config.mesh.coordinator_address=127.0.0.1:{free_port()}",
+                    f"--config.mesh.num_processes={n}"]
+        for i in range(n):
+            env = {**placement.trainer_env(self.cfg, self.env, i, n),
+                   placement.TOKEN_ENV: self.token}
+            out = None if i == 0 else open(self.logs / f"process_{i}.out", "ab")
+            self.trainers.append(subprocess.Popen(
+                cmd + ([f"--config.mesh.process_id={i}"] if n > 1 else []), env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True))
+            if out is not None:
+                out.close()
         self._write_manifest()
+
+    def _trainers_done(self) -> int | None:
+        """None while the trainers run; their exit code once all succeeded or one failed
+        (then the others are stopped: they would only wait for it until a timeout)."""
+        codes = [p.poll() for p in self.trainers]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            i, code = failed[0]
+            if len(self.trainers) > 1:
+                where = "" if i == 0 else f"; last lines of {self.logs / f'process_{i}.out'}:\n" \
+                    f"{log_tail(self.logs / f'process_{i}.out')}"
+                print(f"launch: trainer process {i} exited with code {code}; stopping the "
+                      f"other trainer processes{where}", file=sys.stderr, flush=True)
+            return code
+        return 0 if all(c == 0 for c in codes) else None
 
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -157,22 +193,21 @@ class Launch:
         for spec in self.specs:
             self.start_sidecar(spec)
         self.wait_healthy(self.specs)
-        self.start_trainer()
-        assert self.trainer is not None
-        while (code := self.trainer.poll()) is None:
+        self.start_trainers()
+        while (code := self._trainers_done()) is None:
             self._check_sidecars()
             time.sleep(1.0)
         return code
 
     def close(self) -> None:
-        children = ([self.trainer] if self.trainer else []) + list(self.sidecars.values())
+        children = self.trainers + list(self.sidecars.values())
         for proc in children:
             kill_group(proc)
         self._write_manifest(closed=True)
 
     def _write_manifest(self, closed: bool = False) -> None:
         manifest = {"launcher_pid": os.getpid(), "closed": closed,
-                    "trainer_pid": self.trainer.pid if self.trainer else None,
+                    "trainer_pids": [p.pid for p in self.trainers],
                     "sidecars": [{"index": s.index, "pid": self.sidecars[s.index].pid,
                                   "gpus": list(s.gpus), "url": s.url, "log": str(s.log)}
                                  for s in self.specs if s.index in self.sidecars]}
@@ -181,20 +216,36 @@ class Launch:
         tmp.replace(self.logs / "launch.json")
 
 
+def trainer_flags(argv: list[str]) -> list[str]:
+    """The launcher's command line minus its own flags: what the trainer gets."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--num_processes", "-num_processes"):
+            skip = True  # its value follows
+        elif not arg.lstrip("-").startswith("num_processes="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     cfg = _CONFIG.value
-    if cfg.generator.backend != "sidecar":
-        raise app.UsageError("dapo_jax.launch starts rollout sidecars: the config has "
-                             f"generator.backend={cfg.generator.backend!r}; run "
-                             "`python -m dapo_jax.train` for the in-process engine")
+    if cfg.generator.backend != "sidecar" and _NUM_PROCESSES.value == 1:
+        raise app.UsageError("dapo_jax.launch starts rollout sidecars or several trainer "
+                             f"processes: the config has generator.backend="
+                             f"{cfg.generator.backend!r} and --num_processes=1; run "
+                             "`python -m dapo_jax.train` for one in-process trainer")
+    if _NUM_PROCESSES.value > 1 and cfg.mesh.coordinator_address:
+        raise app.UsageError("--num_processes starts its own coordinator: leave "
+                             "mesh.coordinator_address unset")
     if cfg.generator.sidecar_urls:
         raise app.UsageError("generator.sidecar_urls is set: the launcher starts its own "
                              "sidecars; use `python -m dapo_jax.train` with sidecars you run")
     config_lib.validate(cfg, num_devices=None)
-    flags = list(sys.argv[1:])  # all --config flags, passed on to the trainer
-    launch = Launch(cfg, flags)
+    launch = Launch(cfg, trainer_flags(sys.argv[1:]), _NUM_PROCESSES.value)
 
     def on_sigterm(signum, frame):
         raise _Stop

@@ -68,9 +68,19 @@ def visible_devices(gpus: tuple[int, ...], base_env: Mapping[str, str]) -> str:
     return ",".join(str(i) for i in gpus)
 
 
-def trainer_env(cfg: ConfigDict, base_env: Mapping[str, str]) -> dict[str, str]:
+def trainer_env(cfg: ConfigDict, base_env: Mapping[str, str], process: int = 0,
+                num_processes: int = 1) -> dict[str, str]:
+    """The environment of trainer process `process` of `num_processes` on this machine: its
+    equal share of the trainer's GPUs. (On CPU each process's device count comes from the
+    inherited XLA_FLAGS / JAX_NUM_CPU_DEVICES.)"""
+    gpus = trainer_gpus(cfg)
+    if len(gpus) % num_processes:
+        raise ValueError(f"trainer.placement.policy_num_gpus_per_node={len(gpus)} GPUs do not "
+                         f"split over {num_processes} trainer processes")
+    per = len(gpus) // num_processes
     return {**base_env, MEM_FRACTION_ENV: str(cfg.trainer.xla_memory_fraction),
-            "CUDA_VISIBLE_DEVICES": visible_devices(trainer_gpus(cfg), base_env),
+            "CUDA_VISIBLE_DEVICES": visible_devices(gpus[process * per:(process + 1) * per],
+                                                    base_env),
             PARENT_PID_ENV: str(os.getpid())}
 
 

@@ -176,8 +176,20 @@ class RewardPool:
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[str]
               ) -> tuple[list[RewardResult], dict[str, float]]:
+        """Every response's result, and timeout/error counts. With several JAX processes each
+        scores its contiguous share and all of them get every result."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} answers")
+        from dapo_jax.multihost import split_work  # here: pool workers need no JAX
+
+        results = split_work(lambda part: self._score_here(responses[part], ground_truths[part]),
+                             len(responses))
+        stats = {"reward/timeouts": float(sum(r.status == "timeout" for r in results)),
+                 "reward/errors": float(sum(r.status == "error" for r in results))}
+        return results, stats
+
+    def _score_here(self, responses: Sequence[str], ground_truths: Sequence[str]
+                    ) -> list[RewardResult]:
         pending = [self._pool.apply_async(_score_one, (self.name, r, g, self.timeout_s))
                    for r, g in zip(responses, ground_truths, strict=True)]
         rounds = -(-len(pending) // self.workers)
@@ -192,9 +204,7 @@ class RewardPool:
         if stuck:
             self._pool.terminate()
             self._pool = self._new_pool()
-        stats = {"reward/timeouts": float(sum(r.status == "timeout" for r in results)),
-                 "reward/errors": float(sum(r.status == "error" for r in results))}
-        return results, stats
+        return results
 
     def close(self) -> None:
         self._pool.terminate()

@@ -12,7 +12,6 @@ axis (`data`, `fsdp`, `tensor`) each logical axis is split over:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -37,26 +36,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "layers": (),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """Arguments of `jax.distributed.initialize`; all None means single-process."""
-
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-
-
-def initialize_distributed(cfg: DistributedConfig) -> None:
-    """Joins a multi-host job when configured (each host then sees only its own devices)."""
-    if cfg.coordinator_address is None:
-        return
-    jax.distributed.initialize(
-        coordinator_address=cfg.coordinator_address,
-        num_processes=cfg.num_processes,
-        process_id=cfg.process_id,
-    )
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -91,7 +91,8 @@ def manifest(run_dir: Path) -> dict:
 def child_groups(run_dir: Path) -> list[int]:
     """Process groups (= pids of the group leaders) of the launcher's children."""
     m = manifest(run_dir)
-    return [p for p in [m.get("trainer_pid")] + [s["pid"] for s in m.get("sidecars", [])] if p]
+    return [p for p in m.get("trainer_pids", []) + [s["pid"] for s in m.get("sidecars", [])]
+            if p]
 
 
 def wait_groups_gone(groups: list[int], timeout_s: float) -> None:

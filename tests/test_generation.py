@@ -148,7 +148,8 @@ def test_inverse_cdf_draws_follow_the_distribution():
     p = np.zeros(300)
     p[[0, 5, 130, 131, 299 - 20]] = [0.1, 0.25, 0.3, 0.05, 0.3]
     draws = np.asarray(_inverse_cdf(jax.numpy.tile(jax.numpy.asarray(p, "float32"),
-                                                   (40000, 1)), jax.random.key(0)))
+                                                   (40000, 1)),
+                                    jax.random.split(jax.random.key(0), 40000)))
     assert set(np.unique(draws)) <= set(np.flatnonzero(p))
     freq = np.bincount(draws, minlength=300) / len(draws)
     np.testing.assert_allclose(freq, p, atol=0.01)

@@ -128,5 +128,5 @@ def test_trainer_crash_ends_the_sidecars_and_returns_its_code(tmp_path):
     assert proc.returncode == 1, err[-3000:]
     assert "no_such_module" in err
     manifest = launching.manifest(tmp_path / "run")
-    assert manifest["closed"] and manifest["trainer_pid"]
+    assert manifest["closed"] and manifest["trainer_pids"]
     launching.wait_groups_gone(launching.child_groups(tmp_path / "run"), 5)

@@ -16,6 +16,7 @@ from dapo_jax.models import init_model, preset
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.batch import (
     bucket_count,
+    bucketed_rows,
     build_rows,
     make_layout,
     packed_layout,
@@ -91,6 +92,15 @@ def test_bucket_counts():
 
 
 # ----------------------------------------------------------------------------- model
+def test_forward_rows_hold_update_layouts_padded_to_larger_micro_batches():
+    # Two mini-batches of 128 short sequences, each padded to one update micro-batch of 512
+    # rows (64 per device x 8), then forward micro-batches of 32 rows: 1024 rows must fit
+    # (the cap by sequence count alone, 256 rows, once gave a negative pad).
+    assert bucketed_rows(1024, 32, at_most=256) == 1024
+    assert bucketed_rows(40, 32, at_most=256) == 64
+    assert bucketed_rows(300, 32, at_most=40) == 320
+
+
 def test_attention_never_crosses_a_segment():
     """Each sequence's hidden states in a packed row equal those of the sequence alone."""
     model = init_model(CFG, seed=0)

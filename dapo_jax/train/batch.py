@@ -123,9 +123,11 @@ def bucket_count(n: int) -> int:
 
 def bucketed_rows(rows: int, micro_batch_rows: int, at_most: int) -> int:
     """`rows` rounded up to whole micro-batches, their number to a `bucket_count` (but never
-    more micro-batches than `at_most` rows, one sequence each, would need)."""
+    more micro-batches than `at_most` rows, one sequence each, would need, nor fewer than
+    `rows` need: rows may already be padded to whole micro-batches of another size)."""
     needed = -(-rows // micro_batch_rows)
-    return min(bucket_count(needed), -(-at_most // micro_batch_rows)) * micro_batch_rows
+    cap = max(needed, -(-at_most // micro_batch_rows))
+    return min(bucket_count(needed), cap) * micro_batch_rows
 
 
 def make_layout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from dapo_jax.generation import SamplingParams
 from dapo_jax.models.qwen import check_attention_impl
+from dapo_jax.multihost import DistributedConfig
 from dapo_jax.sharding import resolve_mesh_shape
 from dapo_jax.train import objective
 from dapo_jax.train.dynamic_sampling import TYPES as DS_TYPES
@@ -43,9 +44,15 @@ def default_config() -> ConfigDict:
     })
     c.mesh = ConfigDict({
         "shape": (1, -1, 1),  # data x fsdp x tensor; one -1 fills the devices
-        "coordinator_address": "",  # multi-host: jax.distributed.initialize(...)
+        # Several processes (one per host): "HOST:PORT" of process 0's coordinator, with
+        # num_processes and this process's process_id; "auto": JAX detects all three
+        # (SLURM, Cloud TPU, Kubernetes, MPI); "": one process.
+        "coordinator_address": "",
         "num_processes": 1,
         "process_id": 0,
+        "initialization_timeout_s": 300,  # every process must join within this
+        # A process that stops answering for this long ends the job on every other one.
+        "heartbeat_timeout_s": 100,
     })
     c.data = ConfigDict({
         "train_data": "",  # .parquet/.jsonl in the DAPO-Math-17k schema, or "builtin:arithmetic"
@@ -197,6 +204,34 @@ def _fail(key: str, message: str) -> None:
 DTYPES = ("float32", "bfloat16")
 
 
+def distributed_config(cfg: ConfigDict) -> DistributedConfig:
+    m = cfg.mesh
+    return DistributedConfig(
+        coordinator_address=m.coordinator_address or None, num_processes=m.num_processes,
+        process_id=m.process_id, initialization_timeout_s=m.initialization_timeout_s,
+        heartbeat_timeout_s=m.heartbeat_timeout_s)
+
+
+def _validate_multihost(cfg: ConfigDict) -> None:
+    m = cfg.mesh
+    for key in ("initialization_timeout_s", "heartbeat_timeout_s"):
+        if m[key] < 1:
+            _fail(f"mesh.{key}", f"must be >= 1 second, got {m[key]}")
+    if m.coordinator_address in ("", "auto"):
+        if m.coordinator_address == "" and (m.num_processes != 1 or m.process_id != 0):
+            _fail("mesh.coordinator_address", f"num_processes={m.num_processes} / process_id="
+                  f"{m.process_id} need the coordinator's HOST:PORT (or \"auto\")")
+        return
+    host, _, port = m.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail("mesh.coordinator_address", f"{m.coordinator_address!r} is not HOST:PORT")
+    if m.num_processes < 1:
+        _fail("mesh.num_processes", f"must be >= 1, got {m.num_processes}")
+    if not 0 <= m.process_id < m.num_processes:
+        _fail("mesh.process_id", f"{m.process_id} is not in [0, num_processes "
+              f"{m.num_processes})")
+
+
 def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
     """Checks a full config before any compute. Returns derived sizes (sequences per
     mini-batch, rows per update and forward micro-batch over all devices, data-parallel size,
@@ -224,6 +259,7 @@ def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
         _fail("model.path", f"{config_file} does not exist")
     max_pos = json.loads(config_file.read_text()).get("max_position_embeddings", 0)
     _validate_precision(cfg)
+    _validate_multihost(cfg)
     n = g.n_samples_per_prompt
     for key in ("train_batch_size", "policy_mini_batch_size", "micro_train_batch_size_per_gpu",
                 "micro_forward_batch_size_per_gpu", "update_epochs_per_batch",

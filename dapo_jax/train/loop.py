@@ -22,13 +22,13 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from dapo_jax import evaluation
+from dapo_jax import evaluation, multihost
 from dapo_jax.export import save_hf
 from dapo_jax.generation import SamplingParams, stop_token_ids
 from dapo_jax.models import load_pretrained
 from dapo_jax.prompts import PromptSampler, SamplerState
 from dapo_jax.rewards import RewardPool
-from dapo_jax.sharding import DistributedConfig, initialize_distributed, make_mesh
+from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
@@ -117,16 +117,16 @@ def optimizer_config(cfg: ConfigDict, max_steps: int) -> OptimizerConfig:
 def setup(cfg: ConfigDict) -> Run:
     """Validates the config, loads data and model, builds the jitted functions, the engine,
     the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
-    initialize_distributed(DistributedConfig(cfg.mesh.coordinator_address or None,
-                                             cfg.mesh.num_processes or None,
-                                             cfg.mesh.process_id))
-    sizes = config_lib.validate(cfg, jax.device_count())
+    config_lib.validate(cfg, None)  # before joining: a bad address fails here, not in JAX
     t, g = cfg.trainer, cfg.generator
-    primary = jax.process_index() == 0
     run_dir = Path(t.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    process = cfg.mesh.process_id if cfg.mesh.coordinator_address != "auto" else "auto"
     route_library_logs(run_dir / "logs" / (
-        "trainer.log" if primary else f"trainer_{jax.process_index()}.log"))
+        "trainer.log" if process == 0 else f"trainer_{process}.log"))
+    multihost.initialize(config_lib.distributed_config(cfg))
+    sizes = config_lib.validate(cfg, jax.device_count())
+    primary = multihost.is_primary()
     if primary:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     mesh = make_mesh(cfg.mesh.shape)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from dapo_jax import multihost
 from dapo_jax.generation import Generator, Sample, SamplingParams
 from dapo_jax.placement import TOKEN_ENV
 from dapo_jax.prompts import (
@@ -90,7 +91,12 @@ class InProcessEngine:
 class SidecarEngine:
     """Rollout sidecars over HTTP; weight sync is an orbax export in `dtype` pushed to each.
     A sidecar that does not answer is retried for `retry_window_s` (a launcher restarts a
-    dead one within its start-up timeout)."""
+    dead one within its start-up timeout).
+
+    With several JAX processes, process 0 is the only client: it sends every prompt (spread
+    over the sidecars as with one process) and shares the samples with the others; every
+    process writes its shards of the export (a filesystem all hosts and sidecars see), then
+    process 0 pushes it."""
 
     def __init__(self, urls: list[str], token: str, export_dir: Path, dtype: str,
                  retry_window_s: float):
@@ -103,7 +109,7 @@ class SidecarEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  n: int) -> list[list[Sample]]:
-        return self.client.generate(prompts, sampling, n)
+        return multihost.from_primary(lambda: self.client.generate(prompts, sampling, n))
 
     def sync(self, model: Any, params: Any, step: int, version: int) -> None:
         from dapo_jax.weight_export import export_weights
@@ -111,7 +117,9 @@ class SidecarEngine:
         nnx.update(model, params)
         path = export_weights(model, self.export_dir, step=step, version=version,
                               dtype=self.dtype)
-        self.client.update_weights(str(path), version)
+        multihost.barrier(f"export_{step}")  # process 0 has renamed it into place
+        if multihost.is_primary():
+            self.client.update_weights(str(path), version)
 
 
 # ----------------------------------------------------------------------------- rollouts

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from dapo_jax.multihost import to_host
 from dapo_jax.train import advantages as adv_lib
 from dapo_jax.train.batch import (
     Layout,
@@ -129,8 +130,8 @@ def forward_all(fns: TrainFns, params: Any, minis: list[MiniBatch], s: StepSetti
                                      at_most=sum(m.layout.num_sequences for m in minis))
     extra = padded_total - total
     rows = {k: np.pad(v, ((0, extra), (0, 0))) for k, v in rows.items()}  # empty rows
-    logp = np.asarray(fns.logprobs(params, rows["input_ids"], rows["segment_ids"],
-                                   rows["positions"])[0])
+    logp = to_host(fns.logprobs(params, rows["input_ids"], rows["segment_ids"],
+                                rows["positions"])[0])
     bounds = np.cumsum([0] + [len(m.tensors["input_ids"]) for m in minis])
     return [logp[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 

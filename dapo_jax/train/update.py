@@ -173,15 +173,24 @@ class TrainFns:
     logprobs_jit: Any
     mesh: jax.sharding.Mesh | None = None
 
+    def _rows(self, rows: Any) -> Any:
+        """Host rows as global arrays split over the batch axes: every process passes the
+        same host values and places its own devices' shards (jit refuses numpy inputs with
+        a non-trivial sharding)."""
+        if self.mesh is None:
+            return rows
+        spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+        return jax.device_put(rows, jax.sharding.NamedSharding(self.mesh, spec))
+
     def update(self, params: Any, opt_state: Any, batch: Any
                ) -> tuple[Any, Any, dict[str, jax.Array]]:
         with mesh_context(self.mesh):
-            return self.update_jit(params, opt_state, batch)
+            return self.update_jit(params, opt_state, self._rows(batch))
 
     def logprobs(self, params: Any, input_ids: Any, segment_ids: Any, positions: Any
                  ) -> tuple[jax.Array, jax.Array]:
         with mesh_context(self.mesh):
-            return self.logprobs_jit(params, input_ids, segment_ids, positions)
+            return self.logprobs_jit(params, *self._rows((input_ids, segment_ids, positions)))
 
     def lower_update(self, params: Any, opt_state: Any, batch: Any) -> Any:
         """`jax.jit(...).lower` of the update on (abstract) inputs, under the mesh."""

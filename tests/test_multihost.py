@@ -1,0 +1,223 @@
+"""The trainer as a multi-controller JAX job: N processes give the same run as one.
+
+Fast tests check the pieces (work shares, config checks, per-sequence sampling keys); the
+slow ones run configs/arith_tiny.py as 2 processes x 4 CPU devices against 1 process x 8,
+resume the 2-process run, and kill one process of a running job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from configs import arith_tiny
+from dapo_jax import multihost, placement
+from dapo_jax.generation import Generator, SamplingParams
+from dapo_jax.launch import trainer_flags
+from dapo_jax.models import load_pretrained
+from dapo_jax.sharding import make_mesh
+from dapo_jax.train import config as config_lib
+from dapo_jax.train import loop
+from tests import sidecar
+from tests.launching import env, read_metrics, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("n,count", [(10, 3), (2, 4), (0, 2), (16, 2)])
+def test_shares_are_contiguous_and_cover_every_item_once(n, count):
+    parts = [multihost.share(n, p, count) for p in range(count)]
+    assert [i for s in parts for i in range(n)[s]] == list(range(n))
+    sizes = [s.stop - s.start for s in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_exchanges_are_the_identity():
+    assert multihost.split_work(lambda part: [i * i for i in range(10)[part]], 10) == \
+        [i * i for i in range(10)]
+    assert multihost.from_primary(lambda: {"a": [1, 2]}) == {"a": [1, 2]}
+    assert multihost.allgather_objects(("x", 3)) == [("x", 3)]
+    x = jax.device_put(np.arange(16.0).reshape(8, 2), jax.sharding.NamedSharding(
+        make_mesh((1, -1, 1)), jax.sharding.PartitionSpec(("data", "fsdp"))))
+    np.testing.assert_array_equal(multihost.to_host(x), np.arange(16.0).reshape(8, 2))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"mesh.coordinator_address": "localhost"}, "mesh.coordinator_address"),
+    ({"mesh.coordinator_address": "10.0.0.1:99999"}, "mesh.coordinator_address"),
+    ({"mesh.coordinator_address": "10.0.0.1:1234", "mesh.num_processes": 2,
+      "mesh.process_id": 2}, "mesh.process_id"),
+    ({"mesh.coordinator_address": "10.0.0.1:1234", "mesh.num_processes": 0},
+     "mesh.num_processes"),
+    ({"mesh.num_processes": 2}, "mesh.coordinator_address"),
+    ({"mesh.heartbeat_timeout_s": 0}, "mesh.heartbeat_timeout_s"),
+])
+def test_bad_multi_process_settings_name_the_key(overrides, key):
+    cfg = config_lib.apply_overrides(arith_tiny.get_config(), overrides)
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+        config_lib.validate(cfg, None)
+
+
+def test_launcher_splits_gpus_over_processes_and_keeps_its_own_flag():
+    cfg = arith_tiny.get_config()
+    cfg.trainer.placement.policy_num_gpus_per_node = 8
+    envs = [placement.trainer_env(cfg, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, i, 2)
+            for i in range(2)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3", "4,5,6,7"]
+    with pytest.raises(ValueError, match="do not split over 3"):
+        placement.trainer_env(cfg, {}, 0, 3)
+    assert trainer_flags(["--config", "c.py", "--num_processes=2", "--config.a=1",
+                          "--num_processes", "3"]) == ["--config", "c.py", "--config.a=1"]
+
+
+def test_a_sequence_samples_the_same_in_any_batch_and_split(tiny_checkpoints):
+    """Sampling is keyed per sequence (seed, prompt, sample index): a prompt's responses do
+    not depend on the other prompts of the call, their order or the device split."""
+    model = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="float32")
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    sp = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
+    a, b, c = [5, 9, 13], [21, 8], [3, 3, 3, 3]
+    gen = Generator(graphdef, params, stop_token_ids=[2], max_model_len=64)
+    alone = gen.generate([b], sp, n=3)[0]
+    mixed = gen.generate([a, b, c], sp, n=3)
+    assert [s.token_ids for s in mixed[1]] == [s.token_ids for s in alone]
+    assert len({tuple(s.token_ids) for s in alone}) > 1  # the samples of a prompt differ
+    mesh = make_mesh((1, -1, 1))
+    sharded = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="float32", mesh=mesh)
+    gen8 = Generator(*nnx.split(sharded), stop_token_ids=[2], max_model_len=64, mesh=mesh)
+    reordered = gen8.generate([c, b], sp, n=3)
+    assert [s.token_ids for s in reordered[1]] == [s.token_ids for s in alone]
+    assert [s.token_ids for s in reordered[0]] == [s.token_ids for s in mixed[2]]
+
+
+# ----------------------------------------------------------------------------- runs
+SHORT = {"trainer.ckpt_interval": 1, "trainer.eval_interval": 3,
+         "trainer.eval_before_train": False, "data.builtin_val_size": 16,
+         "data.builtin_train_size": 256, "trainer.hf_save_interval": 3}
+# Float-noise metrics (differences of two log-probs of the same tokens, ~1e-7) are compared
+# with this absolute floor; everything else to 1e-4 relative.
+ATOL = 1e-6
+
+
+def _flags(overrides: dict[str, object]) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _compare(reference: list[dict], other: list[dict]) -> None:
+    assert [r["step"] for r in reference] == [r["step"] for r in other]
+    for ref, got in zip(reference, other, strict=True):
+        for key, value in ref.items():
+            if key.startswith(("timing/", "throughput/")):
+                continue
+            assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=ATOL), \
+                (ref["step"], key, value, got[key])
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_and_resume(tmp_path):
+    """arith_tiny for 3 steps: 1 process x 8 devices (in this test process) against 2
+    processes x 4 devices started by the launcher, for 2 steps and then resumed to 3."""
+    one = config_lib.apply_overrides(arith_tiny.get_config(), {
+        **SHORT, "trainer.max_steps": 3, "trainer.run_dir": str(tmp_path / "one")})
+    loop.run(one)
+    reference = read_metrics(tmp_path / "one")
+
+    two = tmp_path / "two"
+    base = [sys.executable, "-m", "dapo_jax.launch", "--config", "configs/arith_tiny.py",
+            "--num_processes=2", *_flags({**SHORT, "trainer.run_dir": two})]
+    for steps in (2, 3):
+        out = subprocess.run(base + [f"--config.trainer.max_steps={steps}"], cwd=REPO,
+                             env=env(devices=4), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout and "(step 2)" in out.stdout
+    metrics = read_metrics(two)
+    # The first run also evaluates at step 2 (its last step): extra keys, not compared.
+    by_step = {r["step"]: r for r in metrics}
+    assert sorted(by_step) == [1, 2, 3]
+    _compare(reference, [by_step[s] for s in (1, 2, 3)])
+    # keep 2 (max_ckpts_to_keep), and the HF save of both runs' last step holds the same
+    # weights
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == \
+        ["2", "3"]
+    ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
+                    for d in (two, tmp_path / "one"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    # Written once: one config, one metrics line per step, one eval summary per eval.
+    assert (two / "eval" / "step_3_summary.json").exists()
+    assert not (two / "logs" / "process_1.out").read_text().count("step 1:")
+
+
+@pytest.mark.slow
+def test_a_dead_process_ends_the_job_with_a_clear_error(tmp_path):
+    """Two trainer processes started by hand (the SLURM/TPU way) with a JAX sidecar: the
+    sidecar path (process 0 the only client, exports written by both) runs a step; then
+    process 1 is killed and process 0 must exit on its own, saying why, within bounded
+    time."""
+    heartbeat = 10
+    run_dir = tmp_path / "run"
+    model = str(Path(arith_tiny.__file__).resolve().parent.parent / "dapo_jax" / "assets" /
+                "arith_base")
+    with sidecar.running("jax", model, run_dir / "exports",
+                         stop_ids=",".join(map(str, _stop_ids(model)))) as (url, _):
+        port = sidecar.free_port()
+        overrides = {**SHORT, "trainer.run_dir": run_dir, "trainer.max_steps": 50,
+                     "trainer.eval_interval": 0, "generator.backend": "sidecar",
+                     "generator.sidecar_urls": f"('{url}',)",
+                     "mesh.coordinator_address": f"127.0.0.1:{port}",
+                     "mesh.num_processes": 2, "mesh.heartbeat_timeout_s": heartbeat}
+        procs = []
+        for i in range(2):
+            log = open(tmp_path / f"process_{i}.log", "wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
+                 *_flags({**overrides, "mesh.process_id": i})], cwd=REPO, env=env(devices=4),
+                stdout=log, stderr=subprocess.STDOUT))
+        try:
+            wait_for(lambda: len(read_metrics(run_dir)) >= 1, 300, procs[0], "step 1")
+            assert json.loads((run_dir / "exports" / "step_1" / "dapo_export.json")
+                              .read_text())["version"] == 1
+            procs[1].kill()
+            start = time.monotonic()
+            code = procs[0].wait(timeout=heartbeat + 60)
+            elapsed = time.monotonic() - start
+        finally:
+            for p in procs:
+                p.kill()
+    assert code != 0
+    assert elapsed < heartbeat + 60
+    log = (tmp_path / "process_0.log").read_text()
+    assert "another task died" in log and "stopped sending heartbeats" in log, log[-3000:]
+
+
+def _stop_ids(model: str) -> list[int]:
+    from dapo_jax.generation import stop_token_ids
+
+    return stop_token_ids(model)
+
+
+def test_a_process_that_never_joins_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
+         f"--config.trainer.run_dir={tmp_path}",
+         f"--config.mesh.coordinator_address=127.0.0.1:{sidecar.free_port()}",
+         "--config.mesh.num_processes=2", "--config.mesh.process_id=1",
+         "--config.mesh.initialization_timeout_s=3"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=120)
+    assert out.returncode != 0
+    assert "did not assemble within 3 s (mesh.initialization_timeout_s" in out.stderr
