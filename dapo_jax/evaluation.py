@@ -8,7 +8,9 @@ of which c are correct:
 - pass@k for k = 1, 2, 4, ... up to K (and K itself): the unbiased estimator
   1 - C(n - c, k) / C(n, k) (Chen et al. 2021), the chance that k samples drawn without
   replacement from the n contain a correct one;
-- maj@K: the most common extracted answer among the K is correct (ties: the first reached).
+- maj@K: the most common extracted answer among the K is correct (ties: the first reached);
+- avg_response_length (tokens) and truncated_frac (responses that hit the length limit),
+  over all responses, when the groups carry them.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def ks(n: int) -> list[int]:
 
 
 def summarize(groups: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """`groups`: one per prompt, {"data_source", "scores": [K], "accs": [K], "preds": [K]}.
-    Returns {source or "all": {metric: value}} (see the module docstring)."""
+    """`groups`: one per prompt, {"data_source", "scores": [K], "accs": [K], "preds": [K]},
+    optionally "lengths": [K] and "truncated": [K]. Returns {source or "all": {metric:
+    value}} (see the module docstring)."""
     by_source: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for g in groups:
         by_source[g["data_source"] or "unknown"].append(g)
@@ -59,6 +62,9 @@ def summarize(groups: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for k in ks(n):
             metrics[f"pass_at_{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct]))
         metrics[f"maj_at_{n}"] = float(np.mean([_majority_correct(g) for g in gs]))
+        if all("lengths" in g for g in gs):
+            metrics["avg_response_length"] = float(np.mean([g["lengths"] for g in gs]))
+            metrics["truncated_frac"] = float(np.mean([g["truncated"] for g in gs]))
         out[source] = metrics
     return out
 
@@ -110,7 +116,9 @@ def evaluate(generate: Any, prompt_ids: list[list[int]], examples: list[Any],
             rs = results[j * n_samples:(j + 1) * n_samples]
             ex = examples[i]
             groups.append({"data_source": ex.data_source, "scores": [r.score for r in rs],
-                           "accs": [r.acc for r in rs], "preds": [r.pred for r in rs]})
+                           "accs": [r.acc for r in rs], "preds": [r.pred for r in rs],
+                           "lengths": [len(x.token_ids) for x in outs[j]],
+                           "truncated": [x.finish_reason == "length" for x in outs[j]]})
             for s, text, r in zip(outs[j], texts[j], rs, strict=True):
                 samples.append({"prompt_index": i, "data_source": ex.data_source,
                                 "prompt": ex.messages[-1][1], "response": text,

@@ -88,31 +88,50 @@ def load_examples(path: str | Path) -> tuple[list[Example], int]:
 
 # ----------------------------------------------------------------------------- built-in task
 ARITHMETIC_SPLITS = {"eval": (0,), "sft": (1, 2, 3), "train": (4,)}
+ARITHMETIC_OPERANDS = (2, 6)  # operands per problem, inclusive
 
 
-def _pair_bucket(a: int, b: int) -> int:
-    # A hash, not a linear form: (a * c + b) % 5 with c = 1 (mod 5) is (a + b) % 5, which
-    # would tie each split to the answer's residue (a model then never gets another split
-    # right).
-    return int(hashlib.md5(f"{a}+{b}".encode()).hexdigest(), 16) % 5
+def _operand_bucket(operands: Sequence[int]) -> int:
+    # A hash, not a linear form: a sum-like key would tie each split to the answer's residue
+    # (a model then never gets another split right).
+    return int(hashlib.md5("+".join(map(str, operands)).encode()).hexdigest(), 16) % 5
 
 
-def arithmetic_examples(count: int, seed: int, split: str = "train",
-                        digits: int = 2) -> list[Example]:
-    """Deterministic `a + b` problems with `digits`-digit operands, answered on an `Answer:`
-    line. The splits are disjoint sets of (a, b) pairs, by a hash of the pair: "eval" (1/5)
-    for held-out evaluation, "sft" (3/5) for the base model's supervised warm-up, "train"
-    (1/5) for RL, so RL and evaluation both see problems the base model never saw."""
+def arithmetic_examples(count: int, seed: int, split: str = "train") -> list[Example]:
+    """Deterministic chain sums `a1 + a2 + ... + ak` of k in `ARITHMETIC_OPERANDS` one-digit
+    operands (1-9), k uniform. The expected response works the sum left to right, one line
+    per addition with the remaining operands copied (`arithmetic_solution`), and ends on an
+    `Answer:` line, so its length grows with k. The splits are disjoint sets of operand
+    tuples, by a hash of the tuple: "eval" (1/5) for held-out evaluation, "sft" (3/5) for the
+    base model's supervised warm-up, "train" (1/5) for RL, so RL and evaluation both see
+    problems the base model never saw."""
     if split not in ARITHMETIC_SPLITS:
         raise ValueError(f"split must be one of {sorted(ARITHMETIC_SPLITS)}, got {split!r}")
     rng = random.Random(f"{seed}-{split}")
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
     out = []
     while len(out) < count:
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if _pair_bucket(a, b) in ARITHMETIC_SPLITS[split]:
-            out.append(Example((("user", f"What is {a} + {b}?"),), str(a + b), "arithmetic"))
+        operands = [rng.randint(1, 9) for _ in range(rng.randint(*ARITHMETIC_OPERANDS))]
+        if _operand_bucket(operands) in ARITHMETIC_SPLITS[split]:
+            question = "What is " + " + ".join(map(str, operands)) + "?"
+            out.append(Example((("user", question),), str(sum(operands)), "arithmetic"))
     return out
+
+
+def arithmetic_operands(example: Example) -> list[int]:
+    """The operands of a built-in arithmetic problem, read back from its question."""
+    question = example.messages[-1][1]
+    return [int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" + ")]
+
+
+def arithmetic_solution(operands: Sequence[int]) -> list[str]:
+    """The worked lines of a chain sum: each adds the first two terms of the line before
+    (the question's terms first) and copies the rest, e.g. 3 + 8 + 5 -> ["11+5", "16"]. The
+    response is these lines then `Answer: <sum>`."""
+    terms, lines = list(operands), []
+    while len(terms) > 1:
+        terms = [terms[0] + terms[1], *terms[2:]]
+        lines.append("+".join(map(str, terms)))
+    return lines
 
 
 # ----------------------------------------------------------------------------- tokenising

@@ -1,20 +1,28 @@
-"""Builds the embedded base model of the default config: a tiny Qwen3 briefly supervised on the
-built-in arithmetic task, so that it sometimes answers right (as a real base model does on
-math) and DAPO has something to improve. (Mixing in other answer formats to leave RL a
-format to fix was tried: the 2-layer model then lost most of its arithmetic.)
+"""Builds the embedded base model of the default config: a tiny Qwen3 supervised on worked
+solutions of the built-in chain-sum task, imperfect in the ways a real base model is, so that
+DAPO has something to improve and each of its components something to act on. The
+supervised responses are the worked lines of `arithmetic_solution` then `Answer: <sum>`,
+with independent flaws:
+
+- rambling (`--p-ramble`): one worked line repeated 1-4 more times; long problems then
+  overrun the generation limit (what overlong filtering and soft punishment act on);
+- a wrong step (`--p-wrong`): one line's sum off by 1 or 2, carried on to a wrong answer;
+- a format error (`--p-format`): the last line is `So <sum>`, which the reward rejects.
+
 Deterministic; regenerate with
 
     python scripts/make_arith_base.py [--out dapo_jax/assets/arith_base] [--steps 1000]
 
 Writes an HF checkpoint (config.json, model.safetensors, generation_config.json) and a
 character-level tokenizer with a Qwen-style chat template (tokenizer.json,
-tokenizer_config.json). Prints greedy and sampled accuracy on held-out problems.
+tokenizer_config.json). Prints held-out accuracy, truncation and format-error rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import string
 import sys
 from pathlib import Path
@@ -29,7 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
-from dapo_jax.prompts import arithmetic_examples, encode_prompts  # noqa: E402
+from dapo_jax.prompts import (  # noqa: E402
+    Example,
+    arithmetic_examples,
+    arithmetic_operands,
+    arithmetic_solution,
+    encode_prompts,
+)
 from dapo_jax.rewards import arithmetic  # noqa: E402
 from dapo_jax.train.batch import build_rows, make_layout  # noqa: E402
 from dapo_jax.train.update import sequence_logprobs  # noqa: E402
@@ -57,10 +71,52 @@ def build_tokenizer(out: Path):
     return fast
 
 
+MAX_PROMPT, MAX_RESPONSE, EVAL_TOKENS = 56, 96, 64
+
+
+def flawed_response(example: Example, rng: random.Random, p_ramble: float, p_wrong: float,
+                    p_format: float) -> str:
+    """A worked solution with independently drawn flaws (module docstring)."""
+    terms = arithmetic_operands(example)
+    wrong_at = rng.randrange(len(terms) - 1) if rng.random() < p_wrong else -1
+    lines = []
+    while len(terms) > 1:
+        terms = [terms[0] + terms[1], *terms[2:]]
+        if len(lines) == wrong_at:
+            terms[0] = max(0, terms[0] + rng.choice((-2, -1, 1, 2)))
+        lines.append("+".join(map(str, terms)))
+    assert wrong_at >= 0 or lines == arithmetic_solution(arithmetic_operands(example))
+    if rng.random() < p_ramble:
+        i = rng.randrange(len(lines))
+        lines[i:i + 1] = [lines[i]] * rng.randint(2, 5)
+    last = f"So {terms[0]}" if rng.random() < p_format else f"Answer: {terms[0]}"
+    return "\n".join([*lines, last])
+
+
+def report(gen: Generator, tok, problems: list[Example], label: str) -> None:
+    ids = encode_prompts(tok, problems)
+    for name, sp in [("greedy", SamplingParams(temperature=0.0, max_tokens=EVAL_TOKENS)),
+                     ("t=1", SamplingParams(temperature=1.0, max_tokens=EVAL_TOKENS, seed=1))]:
+        outs = [o[0] for o in gen.generate(ids, sp)]
+        texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        acc = np.mean([arithmetic(t, ex.ground_truth).acc
+                       for t, ex in zip(texts, problems, strict=True)])
+        trunc = np.mean([o.finish_reason == "length" for o in outs])
+        fmt = np.mean(["Answer:" not in t and o.finish_reason != "length"
+                       for t, o in zip(texts, outs, strict=True)])
+        length = np.mean([len(o.token_ids) for o in outs])
+        print(f"{label} {name}: accuracy {acc:.3f}, truncated {trunc:.3f}, "
+              f"no Answer line {fmt:.3f}, mean length {length:.1f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="dapo_jax/assets/arith_base")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--p-ramble", type=float, default=0.3)
+    p.add_argument("--p-wrong", type=float, default=0.2)
+    p.add_argument("--p-format", type=float, default=0.3)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=128)
     a = p.parse_args()
@@ -68,7 +124,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
-    cfg = preset("qwen3-tiny", vocab_size=128, num_layers=2, hidden_size=128,
+    cfg = preset("qwen3-tiny", vocab_size=128, num_layers=a.layers, hidden_size=128,
                  intermediate_size=384, num_heads=2, num_kv_heads=1, max_position_embeddings=256,
                  eos_token_id=eos, bos_token_id=None)
     model = init_model(cfg, seed=0)
@@ -76,10 +132,14 @@ def main() -> None:
 
     train = arithmetic_examples(a.steps * a.batch, seed=0, split="sft")
     prompts = encode_prompts(tok, train)
-    responses = [tok.encode(f"Answer: {ex.ground_truth}", add_special_tokens=False) + [eos]
-                 for ex in train]
-    data = build_rows(make_layout(prompts, responses, max_prompt_length=48,
-                                  max_response_length=16, packed=False, micro_batch_rows=1),
+    rng = random.Random(0)
+    responses = []
+    for ex in train:  # long rambles are cut: the model also learns not to stop
+        text = flawed_response(ex, rng, a.p_ramble, a.p_wrong, a.p_format)
+        responses.append((tok.encode(text, add_special_tokens=False) + [eos])[:MAX_RESPONSE])
+    data = build_rows(make_layout(prompts, responses, max_prompt_length=MAX_PROMPT,
+                                  max_response_length=MAX_RESPONSE, packed=False,
+                                  micro_batch_rows=1),
                       prompts, responses, pad)
     opt = optax.adamw(optax.cosine_decay_schedule(a.lr, a.steps), weight_decay=0.0)
     opt_state = opt.init(params)
@@ -108,16 +168,8 @@ def main() -> None:
 
     gen = Generator(graphdef, params, stop_token_ids=[eos, pad], max_model_len=256,
                     pad_token_id=pad)
-    for split, seed in (("eval", 0), ("train", 7)):  # held-out, and the RL pool
-        problems = arithmetic_examples(256, seed=seed, split=split)
-        ids = encode_prompts(tok, problems)
-        for name, sp in [("greedy", SamplingParams(temperature=0.0, max_tokens=16)),
-                         ("sampled t=1", SamplingParams(temperature=1.0, max_tokens=16, seed=1))]:
-            outs = gen.generate(ids, sp)
-            acc = np.mean([arithmetic(tok.decode(o[0].token_ids, skip_special_tokens=True),
-                                      ex.ground_truth).acc
-                           for o, ex in zip(outs, problems, strict=True)])
-            print(f"{split} accuracy ({name}): {acc:.3f}")
+    report(gen, tok, arithmetic_examples(256, seed=0, split="eval"), "held-out")
+    report(gen, tok, arithmetic_examples(256, seed=7, split="train"), "RL pool")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ def test_summary_by_hand():
     assert s["b"]["pass_at_4"] == 0 and s["b"]["maj_at_4"] == 0
     assert all_["prompts"] == 3 and all_["pass_at_2"] == pytest.approx(1.5 / 3)
     assert all_["accuracy"] == pytest.approx((0.25 + 0.75 + 0) / 3)
+    assert "truncated_frac" not in all_  # the groups carry no lengths
+
+
+def test_summary_lengths_and_truncation():
+    groups = [{**g, "lengths": [10 * (i + 1)] * 4, "truncated": [i == 2, False, False, i == 2]}
+              for i, g in enumerate(GROUPS)]
+    s = summarize(groups)
+    assert s["a"]["avg_response_length"] == pytest.approx(15.0)
+    assert s["a"]["truncated_frac"] == 0 and s["b"]["truncated_frac"] == pytest.approx(0.5)
+    assert s["all"]["avg_response_length"] == pytest.approx(20.0)
+    assert s["all"]["truncated_frac"] == pytest.approx(2 / 12)
 
 
 def test_pass_at_k_estimator():

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from dapo_jax.prompts import (
+    ARITHMETIC_OPERANDS,
+    Example,
     PromptSampler,
     SamplerState,
     arithmetic_examples,
+    arithmetic_operands,
+    arithmetic_solution,
     filter_by_length,
     load_examples,
 )
@@ -125,3 +129,18 @@ def test_arithmetic_splits_are_disjoint_and_not_tied_to_the_answer():
     last_digits = {int(e.ground_truth) % 10 for e in arithmetic_examples(300, 0, "eval")}
     assert last_digits == set(range(10))
     assert np.mean([len(e.ground_truth) for e in arithmetic_examples(50, 1)]) > 1
+
+
+def test_arithmetic_task_worked_solution_and_lengths():
+    examples = arithmetic_examples(500, seed=3)
+    counts = {len(arithmetic_operands(e)) for e in examples}
+    assert counts == set(range(ARITHMETIC_OPERANDS[0], ARITHMETIC_OPERANDS[1] + 1))
+    ex = Example((("user", "What is 3 + 8 + 5 + 9?"),), "25", "arithmetic")
+    assert arithmetic_operands(ex) == [3, 8, 5, 9]
+    assert arithmetic_solution([3, 8, 5, 9]) == ["11+5+9", "16+9", "25"]
+    for e in examples:
+        ops = arithmetic_operands(e)
+        assert all(1 <= x <= 9 for x in ops) and str(sum(ops)) == e.ground_truth
+        lines = arithmetic_solution(ops)
+        assert len(lines) == len(ops) - 1 and lines[-1] == e.ground_truth
+        assert arithmetic("\n".join([*lines, f"Answer: {e.ground_truth}"]), e.ground_truth).acc
