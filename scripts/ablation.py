@@ -48,7 +48,7 @@ STAGES: list[tuple[str, dict]] = [
 ]
 KEYS = ("eval/all/accuracy", "eval/all/truncated_frac", "eval/all/avg_response_length",
         "policy/entropy", "generate/avg_response_length", "generate/truncated_frac",
-        "dynamic_sampling/batches_drawn", "reward/accuracy")
+        "dynamic_sampling/batches_drawn", "reward/accuracy", "policy/clip_frac_high")
 
 
 def configure(overrides: dict, seed: int, steps: int, eval_every: int, run_dir: Path):

@@ -67,7 +67,7 @@ def run_eval(*args):
 def test_eval_cli_on_the_builtin_task(tmp_path):
     out = run_eval("--model", launching.ASSET, "--data", "builtin:arithmetic",
                    "--builtin-size", 12, "--n-samples", 4, "--reward", "arithmetic",
-                   "--max-generate-length", 16, "--max-prompt-length", 48, "--batch-prompts",
+                   "--max-generate-length", 64, "--max-prompt-length", 56, "--batch-prompts",
                    5, "--out", tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -76,8 +76,12 @@ def test_eval_cli_on_the_builtin_task(tmp_path):
     acc = sum(s["acc"] for s in samples) / len(samples)
     assert summary["all"]["accuracy"] == pytest.approx(acc) and 0 < acc < 1
     assert set(summary) == {"all", "arithmetic"}
-    assert {"pass_at_1", "pass_at_2", "pass_at_4", "maj_at_4", "avg_at_4"} <= set(
-        summary["all"])
+    assert {"pass_at_1", "pass_at_2", "pass_at_4", "maj_at_4", "avg_at_4", "truncated_frac",
+            "avg_response_length"} <= set(summary["all"])
+    assert summary["all"]["avg_response_length"] == pytest.approx(
+        sum(s["response_tokens"] for s in samples) / len(samples))
+    assert summary["all"]["truncated_frac"] == pytest.approx(
+        sum(s["finish_reason"] == "length" for s in samples) / len(samples))
     assert summary["all"]["pass_at_1"] <= summary["all"]["pass_at_2"] <= \
         summary["all"]["pass_at_4"]
     assert "all: " in out.stdout and "prompts" in out.stderr  # summary and progress bar

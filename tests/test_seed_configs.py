@@ -38,10 +38,10 @@ def size_overrides(tmp_path, engine: str) -> dict[str, object]:
     over: dict[str, object] = {
         "model.path": model, "data.train_data": train, "data.val_data": val,
         "trainer.run_dir": tmp_path / "run", "trainer.max_steps": 2,
-        "trainer.ckpt_interval": 1, "trainer.max_prompt_length": 48,
+        "trainer.ckpt_interval": 1, "trainer.max_prompt_length": 56,
         "trainer.train_batch_size": 4, "trainer.policy_mini_batch_size": 2,
-        "generator.sampling_params.max_generate_length": 16,
-        "generator.eval_sampling_params.max_generate_length": 16,
+        "generator.sampling_params.max_generate_length": 48,
+        "generator.eval_sampling_params.max_generate_length": 48,
         "generator.eval_n_samples_per_prompt": 2,
         "trainer.algorithm.overlong_buffer.len": 4, "reward.num_workers": 2,
         "generator.sidecar_engine": engine,
