@@ -35,6 +35,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dapo_jax.evaluation import evaluate  # noqa: E402
 from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
 from dapo_jax.prompts import (  # noqa: E402
@@ -44,7 +45,7 @@ from dapo_jax.prompts import (  # noqa: E402
     arithmetic_solution,
     encode_prompts,
 )
-from dapo_jax.rewards import arithmetic  # noqa: E402
+from dapo_jax.rewards import RewardPool  # noqa: E402
 from dapo_jax.train.batch import build_rows, make_layout  # noqa: E402
 from dapo_jax.train.update import sequence_logprobs  # noqa: E402
 
@@ -77,36 +78,32 @@ MAX_PROMPT, MAX_RESPONSE, EVAL_TOKENS = 56, 96, 64
 def flawed_response(example: Example, rng: random.Random, p_ramble: float, p_wrong: float,
                     p_format: float) -> str:
     """A worked solution with independently drawn flaws (module docstring)."""
-    terms = arithmetic_operands(example)
-    wrong_at = rng.randrange(len(terms) - 1) if rng.random() < p_wrong else -1
-    lines = []
-    while len(terms) > 1:
-        terms = [terms[0] + terms[1], *terms[2:]]
-        if len(lines) == wrong_at:
-            terms[0] = max(0, terms[0] + rng.choice((-2, -1, 1, 2)))
-        lines.append("+".join(map(str, terms)))
-    assert wrong_at >= 0 or lines == arithmetic_solution(arithmetic_operands(example))
+    lines = arithmetic_solution(arithmetic_operands(example))
+    if rng.random() < p_wrong:  # a slip by delta at one line shifts every later sum by delta
+        at, delta = rng.randrange(len(lines)), rng.choice((-2, -1, 1, 2))
+        for i in range(at, len(lines)):
+            first, *rest = lines[i].split("+")
+            lines[i] = "+".join([str(int(first) + delta), *rest])
+    answer = lines[-1]
     if rng.random() < p_ramble:
         i = rng.randrange(len(lines))
         lines[i:i + 1] = [lines[i]] * rng.randint(2, 5)
-    last = f"So {terms[0]}" if rng.random() < p_format else f"Answer: {terms[0]}"
+    last = f"So {answer}" if rng.random() < p_format else f"Answer: {answer}"
     return "\n".join([*lines, last])
 
 
-def report(gen: Generator, tok, problems: list[Example], label: str) -> None:
+def report(gen: Generator, tok, rewards: RewardPool, problems: list[Example],
+           label: str) -> None:
     ids = encode_prompts(tok, problems)
     for name, sp in [("greedy", SamplingParams(temperature=0.0, max_tokens=EVAL_TOKENS)),
                      ("t=1", SamplingParams(temperature=1.0, max_tokens=EVAL_TOKENS, seed=1))]:
-        outs = [o[0] for o in gen.generate(ids, sp)]
-        texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-        acc = np.mean([arithmetic(t, ex.ground_truth).acc
-                       for t, ex in zip(texts, problems, strict=True)])
-        trunc = np.mean([o.finish_reason == "length" for o in outs])
-        fmt = np.mean(["Answer:" not in t and o.finish_reason != "length"
-                       for t, o in zip(texts, outs, strict=True)])
-        length = np.mean([len(o.token_ids) for o in outs])
-        print(f"{label} {name}: accuracy {acc:.3f}, truncated {trunc:.3f}, "
-              f"no Answer line {fmt:.3f}, mean length {length:.1f}", flush=True)
+        result = evaluate(gen.generate, ids, problems, sp, 1, tok, rewards)
+        m = result.summary["all"]
+        no_answer = np.mean(["Answer:" not in x["response"] and x["finish_reason"] != "length"
+                             for x in result.samples])
+        print(f"{label} {name}: accuracy {m['accuracy']:.3f}, truncated "
+              f"{m['truncated_frac']:.3f}, no Answer line {no_answer:.3f}, mean length "
+              f"{m['avg_response_length']:.1f}", flush=True)
 
 
 def main() -> None:
@@ -168,8 +165,9 @@ def main() -> None:
 
     gen = Generator(graphdef, params, stop_token_ids=[eos, pad], max_model_len=256,
                     pad_token_id=pad)
-    report(gen, tok, arithmetic_examples(256, seed=0, split="eval"), "held-out")
-    report(gen, tok, arithmetic_examples(256, seed=7, split="train"), "RL pool")
+    rewards = RewardPool("arithmetic")
+    report(gen, tok, rewards, arithmetic_examples(256, seed=0, split="eval"), "held-out")
+    report(gen, tok, rewards, arithmetic_examples(256, seed=7, split="train"), "RL pool")
 
 
 if __name__ == "__main__":
