@@ -1,7 +1,10 @@
 """Every attention backend that runs on CPU against a float64 reference, forward and
-gradients, on packed rows (several segments, padding) with grouped-query heads; and the
-model gives the same hidden states whichever backend computes its attention. The GPU
-kernels (tokamax mosaic/triton/cudnn) are measured by bench/gpu.py on a device."""
+gradients, on packed rows (several segments, padding) with grouped-query heads: our XLA
+attention, tokamax's XLA references through the same per-query key ranges its GPU kernels
+take, and splash attention's Pallas kernel in interpret mode (the TPU kernel, segment ids);
+also under shard_map on 8 devices. The model gives the same hidden states whichever backend
+computes its attention. The kernels' compiled programs for H100 and TPU are checked by
+tests/test_compile.py."""
 
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ import numpy as np
 import pytest
 
 from dapo_jax.models import init_model, preset
-from dapo_jax.models.qwen import attention, fused_attention, resolve_attention_impl
+from dapo_jax.models.kernels import fused_attention, resolve_attention_impl
+from dapo_jax.models.qwen import attention
+from dapo_jax.sharding import make_mesh
 from dapo_jax.train.batch import build_rows, packed_layout
 
-CPU_BACKENDS = ["xla", "tokamax_xla", "tokamax_xla_chunked"]
+CPU_BACKENDS = ["xla", "tokamax_xla", "tokamax_xla_chunked"]  # what the model runs on CPU
+KERNEL_BACKENDS = CPU_BACKENDS + ["splash"]  # splash: Pallas interpret mode
 B, T, N, K, H = 2, 320, 4, 2, 16  # T > 256: our XLA path runs its causal query blocks
 
 
@@ -39,7 +45,8 @@ def inputs(seed: int = 0):
 def run(impl: str, q, k, v, mask):
     if impl == "xla":
         return attention(q, (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)), mask)
-    return fused_attention(q, k, v, mask, impl)
+    return fused_attention(q, k, v, jnp.asarray(packed_segments()), impl,
+                           interpret=impl == "splash")
 
 
 def reference(q, k, v, mask):
@@ -57,7 +64,7 @@ def value_and_grads(fn, q, k, v, mask, weight):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("impl", CPU_BACKENDS)
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
 def test_backend_matches_float64_reference(impl):
     q, k, v, mask, weight = inputs()
     with jax.enable_x64(True):
@@ -93,7 +100,28 @@ def test_model_hidden_states_agree_across_backends():
         np.testing.assert_allclose(out[impl], out["xla"], rtol=1e-5, atol=1e-5, err_msg=impl)
 
 
-def test_auto_is_xla_on_cpu_and_unknown_is_an_error():
-    assert resolve_attention_impl("auto") == "xla"
+@pytest.mark.parametrize("impl", ["tokamax_xla", "splash"])
+def test_kernel_under_shard_map_matches_reference(impl):
+    """On a 2x2x2 mesh (batch over data x fsdp, heads over tensor) each device runs the
+    kernel on its own rows and heads; the result is the unsharded one."""
+    q, k, v, mask, _ = inputs(seed=3)
+    q, k, v = (np.concatenate([x] * 2) for x in (q, k, v))  # 4 rows: 1 per batch shard
+    seg = jnp.asarray(np.concatenate([packed_segments()] * 2))
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    fn = lambda q, k, v: fused_attention(q, k, v, seg, impl, interpret=impl == "splash")
+    expected = np.asarray(jax.jit(fn)(*f32))
+    with jax.set_mesh(make_mesh((2, 2, 2))):
+        hlo = jax.jit(fn).lower(*f32).as_text()
+        out = np.asarray(jax.jit(fn)(*f32))
+    assert "shard_map" in hlo or "sdy.manual_computation" in hlo
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(out[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_follows_the_target_platform_and_unknown_is_an_error():
+    assert resolve_attention_impl("auto") == "xla"  # no mesh: this CPU host
+    assert resolve_attention_impl("auto", "tpu") == "splash"
+    assert resolve_attention_impl("auto", "gpu") == "tokamax_mosaic"
+    assert resolve_attention_impl("tokamax_triton", "tpu") == "tokamax_triton"  # as asked
     with pytest.raises(ValueError, match="attention_impl 'flash' is not one of"):
         resolve_attention_impl("flash")

@@ -14,7 +14,6 @@ without explicit positions they come from the mask (number of real tokens before
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dapo_jax.models.config import QwenConfig
+from dapo_jax.models.kernels import check_attention_impl, fused_attention, resolve_attention_impl
 from dapo_jax.sharding import constrain, named_sharding
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
@@ -192,53 +192,6 @@ def _sequential_blocks(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array) -> 
     return out_nBbNH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 
-ATTENTION_IMPLS = ("auto", "xla", "tokamax", "tokamax_mosaic", "tokamax_triton",
-                   "tokamax_cudnn", "tokamax_xla", "tokamax_xla_chunked")
-
-
-def _has_tokamax() -> bool:
-    return importlib.util.find_spec("tokamax") is not None
-
-
-def check_attention_impl(impl: str) -> None:
-    """A known value, and tokamax installed when one of its kernels is asked for (checked
-    without starting a JAX backend)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
-    if impl.startswith("tokamax") and not _has_tokamax():
-        raise ImportError(f"attention_impl {impl!r} needs tokamax: pip install -e "
-                          "\".[kernels]\"")
-
-
-def resolve_attention_impl(impl: str) -> str:
-    """`auto`: tokamax (which picks its fastest kernel: Mosaic on H100 and TPU, Triton,
-    cuDNN, else XLA) on accelerators when it is installed, else our blocked XLA attention
-    (always on CPU, where it is faster than tokamax's XLA fallbacks)."""
-    check_attention_impl(impl)
-    if impl == "auto":
-        return "tokamax" if jax.default_backend() != "cpu" and _has_tokamax() else "xla"
-    return impl
-
-
-def fused_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                    mask_BTT: jax.Array, impl: str) -> jax.Array:
-    """`attention` without a cache through tokamax's fused kernels (`impl` = "tokamax" lets
-    it choose, "tokamax_<name>" forces one). Its public API takes the mask dense
-    ([B, 1, T, T] booleans: packed segments and causality), which XLA builds from the
-    segment ids next to the kernel."""
-    import tokamax
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        # tokamax reads its options from absl flags and, outside `absl.app.run`, would parse
-        # sys.argv for them (a test runner's or notebook's arguments): take the defaults.
-        flags.FLAGS.mark_as_parsed()
-    implementation = None if impl == "tokamax" else impl.removeprefix("tokamax_")
-    out = tokamax.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None],
-                                        implementation=implementation)
-    return out.astype(q_BTNH.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: QwenConfig, precision: Precision, rngs: nnx.Rngs,
                  attention_impl: str = "xla"):
@@ -284,15 +237,18 @@ class Attention(nnx.Module):
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
-                 cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVLayer]:
-        """Attends within x (`mask_BTT`) and, given a layer's cache, also over the cache
-        (`cache_mask_BTS`). Returns the output and this chunk's k [B, K, H, T] and
-        v [B, K, T, H] (the cache layout) for the caller to store."""
+                 segment_ids_BT: jax.Array, cache: KVLayer | None = None,
+                 cache_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
+        """Attends within x (`mask_BTT`, built from `segment_ids_BT`) and, given a layer's
+        cache, also over the cache (`cache_mask_BTS`). Returns the output and this chunk's
+        k [B, K, H, T] and v [B, K, T, H] (the cache layout) for the caller to store.
+        Without a cache a fused kernel may compute it from the segment ids instead
+        (`dapo_jax.models.kernels`; `auto` is resolved for the platform traced for)."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
-        if cache is None and self.attention_impl != "xla":
-            out_BTNH = fused_attention(q, k, v, mask_BTT, self.attention_impl)
+        impl = resolve_attention_impl(self.attention_impl)
+        if cache is None and impl != "xla":
+            out_BTNH = fused_attention(q, k, v, segment_ids_BT, impl)
         else:
             out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
         return self.project_out(out_BTNH), new
@@ -327,10 +283,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, precision, rngs)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
-                 cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVLayer]:
-        attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTT, cache,
-                                 cache_mask_BTS)
+                 segment_ids_BT: jax.Array, cache: KVLayer | None = None,
+                 cache_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
+        attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTT,
+                                 segment_ids_BT, cache, cache_mask_BTS)
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), kv
 
@@ -349,7 +305,7 @@ class Qwen(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat {remat!r} is not one of {list(REMAT_POLICIES)}")
-        attention_impl = resolve_attention_impl(attention_impl)
+        check_attention_impl(attention_impl)  # resolved when traced, for the target
         pd = precision.param_dtype
         self.config = cfg
         self.precision = precision
@@ -420,7 +376,7 @@ class Qwen(nnx.Module):
         x_BTD = self.embed_tokens(input_ids_BT)
 
         def step(layer, x, *kv):
-            return layer(x, positions_BT, mask_BTT, kv or None, cache_mask_BTS)
+            return layer(x, positions_BT, mask_BTT, seg, kv or None, cache_mask_BTS)
 
         x_BTD, new_kv = self.scan_layers(step, x_BTD, *(cache or ()))
         return self.final_norm(x_BTD), new_kv

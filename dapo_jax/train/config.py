@@ -16,7 +16,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from dapo_jax.generation import SamplingParams
-from dapo_jax.models.qwen import check_attention_impl
+from dapo_jax.models.kernels import check_attention_impl
 from dapo_jax.multihost import DistributedConfig
 from dapo_jax.sharding import resolve_mesh_shape
 from dapo_jax.train import objective
@@ -37,9 +37,9 @@ def default_config() -> ConfigDict:
         "param_dtype": "float32",
         "compute_dtype": "float32",  # float32 | bfloat16: matmuls and activations
         "remat": "none",  # none | full | dots_saveable
-        # Training/prefill attention: auto (xla on CPU, tokamax on GPU/TPU) | xla (ours,
-        # blocked) | tokamax (it picks its kernel) | tokamax_{mosaic,triton,cudnn,xla,
-        # xla_chunked}
+        # Training/prefill attention, decided for the compile target: auto (xla on CPU,
+        # splash on TPU, tokamax Mosaic/Triton on GPU) | xla (ours, blocked) | splash |
+        # tokamax_{mosaic,triton,xla,xla_chunked} (dapo_jax/models/kernels.py)
         "attention_impl": "auto",
     })
     c.mesh = ConfigDict({
