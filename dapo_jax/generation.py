@@ -289,7 +289,8 @@ class Generator:
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *,
                  stop_token_ids: Sequence[int], max_model_len: int, pad_token_id: int = 0,
-                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0):
+                 mesh: jax.sharding.Mesh | None = None, weight_version: int = 0,
+                 max_num_seqs: int = 0):
         if not stop_token_ids:
             raise ValueError("stop_token_ids is empty: generation would never stop early")
         self.graphdef = graphdef
@@ -299,6 +300,7 @@ class Generator:
         self.max_model_len = max_model_len
         self.pad_token_id = pad_token_id
         self.mesh = mesh
+        self.max_num_seqs = max_num_seqs  # rows per generation call; 0: all at once
         self._fn = jax.jit(_generate, static_argnums=(0,),
                            static_argnames=("new_bucket", "kind"))
 
@@ -321,7 +323,8 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
                  n: int = 1) -> list[list[Sample]]:
-        """`n` samples for each prompt (token-id lists); one list of Samples per prompt."""
+        """`n` samples for each prompt (token-id lists); one list of Samples per prompt.
+        The rows are generated `max_num_seqs` at a time (the KV cache holds that many)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
@@ -334,7 +337,25 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it "
                     f"exceeds the model's maximum length {self.max_model_len}")
         rows = [list(p) for p in prompts for _ in range(n)]
-        B = bucket(len(rows), minimum=self._batch_multiple())
+        hashes = np.repeat([zlib.crc32(np.asarray(p, np.int32).tobytes()) for p in prompts], n)
+        sample = np.tile(np.arange(n, dtype=np.int32), len(prompts))
+        chunk = self.max_num_seqs or len(rows)
+        samples = []
+        for lo in range(0, len(rows), chunk):
+            part = slice(lo, lo + chunk)
+            samples += self._generate_rows(rows[part], hashes[part].astype(np.uint32),
+                                           sample[part], sampling)
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def batch_bucket(self, rows: int) -> int:
+        """Rows of one generation call: a power of two (few compilations), rounded up to a
+        multiple of the data-parallel size so that every device gets whole rows."""
+        dp = self._batch_multiple()
+        return -(-bucket(rows) // dp) * dp
+
+    def _generate_rows(self, rows: list[list[int]], prompt_hash_rows: np.ndarray,
+                       sample_rows: np.ndarray, sampling: SamplingParams) -> list[Sample]:
+        B = self.batch_bucket(len(rows))
         P = bucket(max(len(r) for r in rows))
         M = bucket(sampling.max_tokens)
         prompt = np.full((B, P), self.pad_token_id, np.int32)
@@ -345,10 +366,10 @@ class Generator:
         prompt[len(rows):, -1] = self.pad_token_id  # filler rows: one token, inactive
         mask[len(rows):, -1] = 1
         active = np.arange(B) < len(rows)
-        hashes = [zlib.crc32(np.asarray(p, np.int32).tobytes()) for p in prompts]
         prompt_hash = np.zeros(B, np.uint32)
-        prompt_hash[:len(rows)] = np.repeat(hashes, n)
-        sample = np.tile(np.arange(n, dtype=np.int32), B // n + 1)[:B]
+        prompt_hash[:len(rows)] = prompt_hash_rows
+        sample = np.zeros(B, np.int32)
+        sample[:len(rows)] = sample_rows
         batch = self._place((prompt, mask, active, prompt_hash, sample), batched=True)
         shared = self._place((self.stop_ids, np.uint32(sampling.seed % 2**32),
                               np.int32(sampling.max_tokens), np.float32(sampling.temperature),
@@ -370,4 +391,27 @@ class Generator:
                 finish_reason="stop" if out["stopped"][b] else "length",
                 weight_version=self.version,
             ))
-        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return samples
+
+    def lower(self, params: Any, rows: int, prompt_len: int, max_tokens: int,
+              kind: str = "full") -> Any:
+        """`jax.jit(...).lower` of one generation call (prefill + decode loop) for `rows`
+        sequences of prompts up to `prompt_len` and `max_tokens` new tokens, on abstract
+        `params` (sharded `jax.ShapeDtypeStruct`s): what `generate` compiles, for the
+        compile tool."""
+        B, P, M = self.batch_bucket(rows), bucket(prompt_len), bucket(max_tokens)
+
+        def spec(shape: tuple[int, ...], dtype: Any, batched: bool) -> jax.ShapeDtypeStruct:
+            sharding = None if self.mesh is None else NamedSharding(
+                self.mesh, PartitionSpec(("data", "fsdp")) if batched else PartitionSpec())
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        batched = [spec(s, d, True) for s, d in (((B, P), np.int32), ((B, P), np.int32),
+                                                 ((B,), np.bool_))]
+        hash_sample = [spec((B,), np.uint32, True), spec((B,), np.int32, True)]
+        shared = [spec(s, d, False) for s, d in (
+            (self.stop_ids.shape, np.int32), ((), np.uint32), ((), np.int32),
+            ((), np.float32), ((), np.int32), ((), np.float32))]
+        with mesh_context(self.mesh):
+            return self._fn.lower(self.graphdef, params, *batched, shared[0], shared[1],
+                                  *hash_sample, *shared[2:], new_bucket=M, kind=kind)

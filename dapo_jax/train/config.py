@@ -85,6 +85,9 @@ def default_config() -> ConfigDict:
         # to this dtype (half the bytes to write, load and stream in bf16).
         "model_dtype": "float32",
         "export_dir": "",  # weight exports for the sidecars (default: <run_dir>/exports)
+        # Sequences the in-process JAX engine generates at once (its KV cache holds that many;
+        # SkyRL's key and default); a step's rows are generated in calls of at most this.
+        "max_num_seqs": 1024,
         "n_samples_per_prompt": 5,
         "eval_n_samples_per_prompt": 1,
         "apply_overlong_filtering": False,
@@ -384,7 +387,8 @@ def _validate_generator(cfg: ConfigDict) -> None:
         _fail("generator.backend", f"must be 'jax' or 'sidecar', got {g.backend!r}")
     if g.sidecar_engine not in ("vllm", "jax"):
         _fail("generator.sidecar_engine", f"must be 'vllm' or 'jax', got {g.sidecar_engine!r}")
-    for key in ("num_inference_engines", "inference_engine_tensor_parallel_size"):
+    for key in ("num_inference_engines", "inference_engine_tensor_parallel_size",
+                "max_num_seqs"):
         if g[key] < 1:
             _fail(f"generator.{key}", f"must be >= 1, got {g[key]}")
     if g.sidecar_max_restarts < 0:

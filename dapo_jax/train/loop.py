@@ -159,7 +159,7 @@ def setup(cfg: ConfigDict) -> Run:
             graphdef, params, g.model_dtype, stop_token_ids=stop_token_ids(m.path),
             max_model_len=t.max_prompt_length + max(g.sampling_params.max_generate_length,
                                                     g.eval_sampling_params.max_generate_length),
-            pad_token_id=pad_id, mesh=mesh)
+            pad_token_id=pad_id, mesh=mesh, max_num_seqs=g.max_num_seqs)
     else:
         engine = SidecarEngine(list(g.sidecar_urls), g.sidecar_token,
                                Path(g.export_dir or run_dir / "exports"), g.model_dtype,

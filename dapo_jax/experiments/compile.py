@@ -1,0 +1,137 @@
+"""Compile a run's functions for the hardware it targets, without that hardware:
+
+    python -m dapo_jax.experiments.compile --config configs/dapo_qwen3_1p7b.py \\
+        --target h100x8|v5p-8|v6e-8|v5e-8|<GPU target description .txtpb> \\
+        [--preset qwen3-1.7b] [--attention-impl xla] [--functions update,logprobs,generate] \\
+        [--json r.json] [--config.trainer.micro_train_batch_size_per_gpu=1 ...]
+
+It builds the target's devices (libtpu topologies; the CUDA PJRT plugin with a target
+description, dapo_jax/assets/targets/h100_sxm_80gb.txtpb for h100x8), compiles the real
+update, old-log-prob pass and generation engine (prefill + decode) at the config's shapes
+and mesh on abstract weights (`--preset`, or model.path's config.json), and prints per
+device: arguments, outputs, temporaries, peak and what else the process holds against the
+chip's memory, whether it fits (a compile-time out-of-memory is "does not fit" with the
+bytes asked), compile seconds, collective bytes per call, and the attention in the compiled
+program (the kernel's custom call, or xla). It warns when a requested kernel is absent and
+when a kernel runs on the global batch. `--json` writes, per function, peak_bytes,
+memory_bytes, fits, collective_bytes, attention, compile_s (and the rest of the report).
+Needs the aot extra (`pip install -e ".[aot]"`: libtpu, the CUDA plugin, ptxas).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from dapo_jax.experiments import targets  # noqa: E402
+from dapo_jax.models import preset, read_config  # noqa: E402
+from dapo_jax.models.config import QwenConfig  # noqa: E402
+from dapo_jax.models.kernels import ATTENTION_IMPLS  # noqa: E402
+from dapo_jax.train import config as config_lib  # noqa: E402
+
+GIB = 2**30
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--config.a.b=value` arguments as {"a.b": value} (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        if not item.startswith("--config.") or "=" not in item:
+            raise config_lib.ConfigError(f"unexpected argument {item!r} (overrides are "
+                                         "--config.a.b=value)")
+        key, value = item.removeprefix("--config.").split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def load(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[Any, QwenConfig]:
+    """The config with its overrides, and the model shape (preset or model.path)."""
+    if not Path(config).is_file():
+        raise config_lib.ConfigError(f"--config {config} does not exist")
+    cfg = config_lib.load_config_file(config)
+    try:
+        config_lib.apply_overrides(cfg, overrides)
+    except (AttributeError, KeyError) as e:
+        raise config_lib.ConfigError(f"unknown config key in the overrides: {e}") from None
+    if preset_name:
+        try:
+            model = preset(preset_name)
+        except KeyError as e:
+            raise config_lib.ConfigError(str(e.args[0])) from None
+    elif Path(cfg.model.path, "config.json").exists():
+        model = read_config(cfg.model.path)
+    else:
+        raise config_lib.ConfigError(f"{cfg.model.path}/config.json does not exist here: pass "
+                                     "--preset (qwen3-1.7b, qwen3-4b, qwen2.5-math-7b, ...)")
+    seq = cfg.trainer.max_prompt_length + cfg.generator.sampling_params.max_generate_length
+    if model.max_position_embeddings < seq:  # Qwen2.5-Math-7B's must be raised (README)
+        model = QwenConfig(**{**model.__dict__, "max_position_embeddings": seq})
+    return cfg, model
+
+
+def table(target: targets.Target, reports: dict[str, targets.FunctionReport]) -> str:
+    gib = lambda b: f"{b / GIB:.2f}"
+    lines = [f"target {target.label}; memory in GiB per device of "
+             f"{gib(target.memory_bytes)}, collectives in GB per device and call", "",
+             "| function | arguments | outputs | temporaries | peak | + resident | fits | "
+             "collectives | attention | compile s |", "|" + "---|" * 10]
+    for r in reports.values():
+        fits = "yes" if r.fits else f"**no** {r.error}".strip()
+        lines.append(f"| {r.name} | {gib(r.argument_bytes)} | {gib(r.output_bytes)} | "
+                     f"{gib(r.temp_bytes)} | {gib(r.peak_bytes)} | {gib(r.resident_bytes)} | "
+                     f"{fits} | {r.collective_bytes / 1e9:.3f} | {r.attention} | "
+                     f"{r.compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--target", required=True,
+                   help=f"{', '.join(targets.TARGETS)}, or a GPU target description file")
+    p.add_argument("--preset", default="", help="model shape when model.path is not here")
+    p.add_argument("--attention-impl", default="", choices=("",) + ATTENTION_IMPLS)
+    p.add_argument("--functions", default=",".join(targets.FUNCTIONS))
+    p.add_argument("--json", default="")
+    a, rest = p.parse_known_args(argv)
+    # tokamax logs an "autotuning cache miss" per kernel shape: without a device nothing is
+    # autotuned, and its default block sizes are what gets compiled.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        cfg, model = load(a.config, parse_overrides(rest), a.preset)
+        target = targets.get_target(a.target)
+        functions = tuple(f for f in a.functions.split(",") if f)
+        reports = targets.compile_config(cfg, model, target,
+                                         attention_impl=a.attention_impl or None,
+                                         functions=functions)
+    except (targets.TargetError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(target, reports))
+    for r in reports.values():
+        for w in r.warnings:
+            print(f"warning: {r.name}: {w}", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "config": a.config, "target": target.name, "device_kind": target.device_kind,
+            "num_devices": len(target.devices), "mesh": list(cfg.mesh.shape),
+            "versions": targets.versions(),
+            "functions": {k: r.as_json() for k, r in reports.items()}}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Compiling the project's own functions for hardware that is not here, and reading the
+compiled programs: the code behind `python -m dapo_jax.experiments.compile` and the mesh and
+memory tools.
+
+XLA compiles for a TPU (libtpu) or an NVIDIA GPU (the CUDA PJRT plugin with a target
+description) from a CPU host; nothing runs. The compiled program's `memory_analysis()` is
+that chip's compiler's own accounting, and its HLO names the collectives and the kernels
+(custom calls) it will run. Without the plugins (`pip install -e ".[aot]"`) a target can
+fall back to a compile over simulated CPU devices, labelled as such.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a CPU host
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # two compiles at once
+os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+from dapo_jax.generation import Generator  # noqa: E402
+from dapo_jax.models import Precision, Qwen, QwenConfig, state_shardings  # noqa: E402
+from dapo_jax.models.kernels import resolve_attention_impl  # noqa: E402
+from dapo_jax.sharding import make_mesh  # noqa: E402
+from dapo_jax.train import config as config_lib  # noqa: E402
+from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
+from dapo_jax.train.update import (  # noqa: E402
+    BATCH_KEYS,
+    make_optimizer,
+    make_train_fns,
+    optimizer_shardings,
+)
+
+GIB = 2**30
+H100_DESCRIPTION = Path(__file__).resolve().parents[1] / "assets" / "targets" / \
+    "h100_sxm_80gb.txtpb"
+# Cloud TPU accelerator types: (libtpu topology, HBM per chip, dense bf16 FLOP/s per chip;
+# TARGET_COMPILE.md). v5p types count TensorCores (two per chip): v5p-8 is 4 chips on one
+# host, v5p-16 is 8 chips; v6e and v5e types count chips.
+TPU_TARGETS: dict[str, tuple[str, float, float]] = {
+    "v5p-8": ("v5p:2x2x1", 95 * GIB, 459e12),
+    "v5p-16": ("v5p:2x2x2", 95 * GIB, 459e12),
+    "v6e-8": ("v6e:2x4", 32 * GIB, 918e12),
+    "v5e-8": ("v5e:2x4", 16 * GIB, 197e12),
+}
+GPU_TARGETS = {"h100x8": H100_DESCRIPTION}
+TARGETS = (*GPU_TARGETS, *TPU_TARGETS)
+# Custom-call targets of the attention kernels (dapo_jax.models.kernels).
+KERNEL_CALLS = ("tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton")
+_OOM = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|[Oo]ut of memory")
+
+
+class TargetError(ValueError):
+    """A target that cannot be compiled for (unknown, unparsable, plugin missing): the
+    message names the problem and the fix, for a one-line error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str  # tpu | gpu | cpu
+    devices: tuple[Any, ...]
+    memory_bytes: float  # per device
+    device_kind: str
+    fallback: str = ""  # why a CPU compile stands in for the target ("" if it does not)
+
+    @property
+    def label(self) -> str:
+        if self.fallback:
+            return f"{self.name} stood in by {len(self.devices)} CPU devices ({self.fallback})"
+        return f"{self.name}: {len(self.devices)} x {self.device_kind}"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("jax", "jaxlib", "libtpu", "jax-cuda13-pjrt", "jax-cuda13-plugin", "tokamax"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _missing_plugin(name: str) -> str:
+    if name in TPU_TARGETS:
+        return "" if importlib.util.find_spec("libtpu") else "libtpu is not installed"
+    return "" if importlib.util.find_spec("jax_plugins.xla_cuda13") else \
+        "the CUDA PJRT plugin (jax-cuda13-pjrt) is not installed"
+
+
+def get_target(name: str, *, cpu_fallback: bool = False, num_devices: int = 8) -> Target:
+    """The devices of target `name`: h100x8, v5p-8, v6e-8, v5e-8, or a GPU target
+    description file (a GpuTargetConfigProto in text form, 8 GPUs). With `cpu_fallback`, a
+    target whose plugin is not installed becomes `num_devices` CPU devices, labelled."""
+    from jax.experimental import topologies
+
+    if name == "cpu":
+        return _cpu_target("cpu", num_devices, "")
+    description = GPU_TARGETS.get(name) or (Path(name) if name not in TPU_TARGETS else None)
+    if description is not None and name not in GPU_TARGETS and not description.is_file():
+        raise TargetError(f"unknown target {name!r}: use one of {', '.join(TARGETS)}, or the "
+                          "path of a GPU target description (.txtpb)")
+    missing = _missing_plugin(name)
+    if missing:
+        if cpu_fallback:
+            return _cpu_target(name, num_devices, f"{missing}: pip install -e \".[aot]\"")
+        raise TargetError(f"target {name}: {missing}; install the aot extra: "
+                          "pip install -e \".[aot]\"")
+    if name in TPU_TARGETS:
+        topology, memory, _ = TPU_TARGETS[name]
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        return Target(name, "tpu", tuple(devices), memory, devices[0].device_kind)
+    text = description.read_text()
+    try:
+        devices = topologies.get_topology_desc(platform="cuda", target_config=text,
+                                               topology=f"1x1x{num_devices}").devices
+    except Exception as e:  # the plugin's parse errors are plain RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TargetError(f"GPU target description {description} does not parse ({first}); "
+                          f"see {H100_DESCRIPTION} for a working one") from None
+    match = re.search(r"device_memory_size:\s*(\d+)", text)
+    if not match:
+        raise TargetError(f"GPU target description {description} has no device_memory_size")
+    return Target(name if name in GPU_TARGETS else description.stem, "gpu", tuple(devices),
+                  float(match.group(1)), devices[0].device_kind)
+
+
+def _cpu_target(name: str, num_devices: int, fallback: str) -> Target:
+    devices = jax.devices("cpu")
+    if len(devices) < num_devices:
+        raise TargetError(f"{num_devices} CPU devices are needed, {len(devices)} exist: set "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
+    return Target(name, "cpu", tuple(devices[:num_devices]), 80e9, "cpu",
+                  fallback or "this host")
+
+
+# ----------------------------------------------------------------------------- HLO reading
+_COLLECTIVE = re.compile(
+    r"=\s*([a-z0-9\[\],{}()\s:_TS*]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute|collective-broadcast|ragged-all-to-all)(-start)?\(")
+_SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|pred|s8|u8|s64|u64|f64)\[([\d,]*)\]")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(dtype: str, dims: str) -> float:
+    return _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collective_bytes(hlo: str) -> float:
+    """Bytes the collectives of a compiled program produce, per device and call: each
+    collective's output size (an async all-gather's or collective-permute's start returns
+    (operand, output): only the output counts). A loop body's collectives count once per
+    appearance in the text, not per iteration, alike for every attention backend."""
+    total = 0.0
+    for result, op, start in _COLLECTIVE.findall(hlo):
+        shapes = _SHAPE.findall(result)
+        if start and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
+            shapes = shapes[1:2]
+        total += sum(_shape_bytes(d, s) for d, s in shapes)
+    return total
+
+
+_CUSTOM_CALL = re.compile(r"=\s*(.+?)\s+custom-call\(.*?custom_call_target=\"([^\"]+)\"")
+
+
+def kernel_calls(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(custom-call target, result shapes) of every attention kernel in a compiled program."""
+    out = []
+    for line in hlo.splitlines():
+        m = _CUSTOM_CALL.search(line)
+        if m and m.group(2) in KERNEL_CALLS:
+            shapes = [tuple(int(d) for d in dims.split(",") if d)
+                      for _, dims in _SHAPE.findall(m.group(1))]
+            out.append((m.group(2), shapes))
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling
+@dataclasses.dataclass
+class FunctionReport:
+    """One compiled function on one device of the target (bytes)."""
+
+    name: str
+    argument_bytes: float = 0.0
+    output_bytes: float = 0.0
+    alias_bytes: float = 0.0
+    temp_bytes: float = 0.0
+    peak_bytes: float = 0.0  # arguments + outputs - aliased (donated) + temporaries
+    memory_bytes: float = 0.0  # the chip's
+    resident_bytes: float = 0.0  # other buffers of the process live during the call
+    fits: bool = False  # peak + resident within the chip's memory
+    collective_bytes: float = 0.0
+    attention: str = "xla"  # the kernels' custom-call targets found, or "xla"
+    compile_s: float = 0.0
+    error: str = ""  # a compile-time out-of-memory: the compiler's words
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
+                   requested_kernel: str, global_rows: int, local_rows: int
+                   ) -> FunctionReport:
+    """Lowers and compiles `lower()` for `target` and reads the program: memory, collective
+    bytes, attention kernels. A compile-time out-of-memory is reported (fits False, the
+    compiler's message), any other error is raised. Warns when `requested_kernel` (a
+    resolved attention_impl other than xla) is absent, or when a kernel's results have the
+    global batch (`global_rows` != `local_rows`: it was not partitioned)."""
+    report = FunctionReport(name, memory_bytes=target.memory_bytes)
+    start = time.perf_counter()
+    try:
+        # tokamax finds the device it compiles for from the default device.
+        with jax.default_device(target.devices[0]):
+            compiled = lower().compile()
+    except Exception as e:
+        if not _OOM.search(str(e)):
+            raise
+        report.compile_s = time.perf_counter() - start
+        report.error = next(line for line in str(e).splitlines() if _OOM.search(line)).strip()
+        asked = re.findall(r"\(([\d.]+)G\)", report.error)
+        report.peak_bytes = float(asked[0]) * 1e9 if asked else math.inf
+        return report
+    report.compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    report.argument_bytes = float(mem.argument_size_in_bytes)
+    report.output_bytes = float(mem.output_size_in_bytes)
+    report.alias_bytes = float(mem.alias_size_in_bytes)
+    report.temp_bytes = float(mem.temp_size_in_bytes)
+    report.peak_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes +
+                         report.temp_bytes)
+    report.fits = report.peak_bytes <= target.memory_bytes
+    hlo = compiled.as_text()
+    report.collective_bytes = collective_bytes(hlo)
+    calls = kernel_calls(hlo)
+    report.attention = ",".join(sorted({c for c, _ in calls})) or "xla"
+    if requested_kernel != "xla" and not calls:
+        report.warnings.append(f"{requested_kernel} attention was requested but no kernel is "
+                               "in the compiled program (it runs in XLA)")
+    if global_rows != local_rows and any(
+            shapes and shapes[0] and shapes[0][0] == global_rows for _, shapes in calls):
+        report.warnings.append(f"an attention kernel's results have the global batch "
+                               f"({global_rows} rows, {local_rows} per device): it is not "
+                               "partitioned")
+    return report
+
+
+def per_device_bytes(tree: Any) -> float:
+    """Bytes of one device's shards of an abstract (sharded) tree."""
+    total = 0.0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def abstract_train_state(cfg: QwenConfig, precision: Precision, remat: str,
+                         optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                         attention_impl: str = "auto") -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params, optimiser state) as sharded `jax.ShapeDtypeStruct`s: nothing is
+    allocated, so any model size compiles on a CPU."""
+    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
+                                           attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    params = jax.tree.map(with_sharding, state, state_shardings(state, mesh))
+    opt_state = jax.tree.map(with_sharding, jax.eval_shape(optimizer.init, params),
+                             optimizer_shardings(optimizer, params))
+    return graphdef, params, opt_state
+
+
+def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
+                   keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
+    """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    dtype = lambda k: jnp.int32 if k in ("input_ids", "segment_ids", "positions") else \
+        jnp.float32
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
+            for k in keys}
+
+
+def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
+    """A copy of `cfg` whose model path holds `model`'s config.json and whose data are the
+    built-in task: a compile needs shapes, not weights or data."""
+    cfg = copy.deepcopy(cfg)
+    (tmp / "config.json").write_text(json.dumps(model.to_hf("bfloat16")))
+    cfg.model.path = str(tmp)
+    cfg.data.train_data = cfg.data.val_data = "builtin:arithmetic"
+    if cfg.generator.backend == "sidecar":
+        cfg.generator.sidecar_urls = ("http://unused",)
+    return cfg
+
+
+FUNCTIONS = ("update", "logprobs", "generate")
+
+
+def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
+                   attention_impl: str | None = None,
+                   functions: tuple[str, ...] = FUNCTIONS) -> dict[str, FunctionReport]:
+    """Compiles a run's own functions for `target` at the config's shapes and mesh, on
+    abstract weights of `model`: the update of one mini-batch in its micro-batches, the
+    old-log-prob pass over a step's rollout batch in forward micro-batches, and one call of
+    the JAX generation engine (`generator.max_num_seqs` rows of max_prompt_length +
+    max_generate_length tokens, prefill + decode loop).
+
+    `resident_bytes` in each report counts what else the trainer process holds meanwhile
+    (AdamW moments during the log-prob pass; with the in-process engine, its
+    `generator.model_dtype` copy of the weights during updates, and the masters and moments
+    during generation), so `fits` is the process's peak against the chip's memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = with_model(cfg, model, Path(tmp))
+        try:
+            sizes = config_lib.validate(cfg, num_devices=len(target.devices))
+        except config_lib.ConfigError as e:
+            raise TargetError(f"{e} (target {target.name} has {len(target.devices)} "
+                              "devices)") from None
+    t, g = cfg.trainer, cfg.generator
+    impl = attention_impl or cfg.model.attention_impl
+    requested = resolve_attention_impl(impl, target.platform)
+    mesh = make_mesh(cfg.mesh.shape, devices=list(target.devices))
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
+    optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
+    graphdef, params, opt_state = abstract_train_state(model, precision, cfg.model.remat,
+                                                       optimizer, mesh, impl)
+    seq = t.max_prompt_length + g.sampling_params.max_generate_length
+    fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
+                         micro_batch_rows=sizes["micro_rows"],
+                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
+    masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
+    in_process = g.backend == "jax"
+    engine_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
+        params)
+    engine_copy = per_device_bytes(engine_params) if in_process and \
+        g.model_dtype != cfg.model.param_dtype else 0.0
+    rollout_rows = t.train_batch_size * g.n_samples_per_prompt
+    # The most rows a mini-batch or the rollout batch takes (every sequence its own row),
+    # in whole micro-batches, as `dapo_jax.train.batch` lays them out.
+    whole = lambda n, micro: -(-n // micro) * micro
+    reports = {}
+    for name in functions:
+        if name == "update":
+            batch = abstract_batch(whole(sizes["mini_rows"], sizes["micro_rows"]), seq, mesh)
+            lower = lambda b=batch: fns.lower_update(params, opt_state, b)
+            rows, resident = sizes["micro_rows"], engine_copy
+        elif name == "logprobs":
+            r = abstract_batch(whole(rollout_rows, sizes["forward_micro_rows"]), seq, mesh,
+                               keys=("input_ids", "segment_ids", "positions"))
+            lower = lambda r=r: fns.lower_logprobs(params, r["input_ids"], r["segment_ids"],
+                                                   r["positions"])
+            rows, resident = sizes["forward_micro_rows"], moments + engine_copy
+        elif name == "generate":
+            generator = Generator(graphdef, engine_params, stop_token_ids=[0],
+                                  max_model_len=seq, mesh=mesh, max_num_seqs=g.max_num_seqs)
+            rows = generator.batch_bucket(min(g.max_num_seqs, rollout_rows))
+            lower = lambda gen=generator, rows=rows: gen.lower(
+                engine_params, rows, t.max_prompt_length, g.sampling_params.max_generate_length)
+            resident = masters + moments if in_process else 0.0
+        else:
+            raise TargetError(f"unknown function {name!r}: one of {', '.join(FUNCTIONS)}")
+        report = compile_report(name, lower, target, requested_kernel=requested,
+                                global_rows=rows, local_rows=rows // dp)
+        report.resident_bytes = resident
+        report.fits = not report.error and report.peak_bytes + resident <= target.memory_bytes
+        reports[name] = report
+    return reports
