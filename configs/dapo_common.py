@@ -82,3 +82,21 @@ def dapo_config(*, model_path: str, run_dir: str, eval_interval: int, max_steps:
     g.eval_sampling_params.temperature = 1.0
     g.eval_sampling_params.top_p = 0.7
     return c
+
+
+def on_tpu(c, *, run_dir: str, max_num_seqs: int):
+    """A seed config for a single-host Cloud TPU slice: the same recipe, FSDP over every
+    chip of the host, and generation by the in-process JAX engine on the trainer's chips
+    (`max_num_seqs` sequences per call, what the KV cache next to the trainer's state
+    holds; from `python -m dapo_jax.experiments.compile`). No sidecars: vLLM's TPU build
+    (vllm-tpu / tpu-inference) needs its own process and chips, and the weights would go
+    through disk each step; in process they are resharded on device.
+
+        python -m dapo_jax.train --config configs/<name>_v5p.py --config.model.path=...
+    """
+    c.trainer.run_dir = run_dir
+    c.mesh.shape = (1, -1, 1)
+    g = c.generator
+    g.backend = "jax"
+    g.max_num_seqs = max_num_seqs
+    return c

@@ -1,0 +1,199 @@
+"""Every config compiled for the hardware it targets, without that hardware
+(`python -m dapo_jax.experiments.compile`): the seed configs for 8x H100 through the CUDA
+plugin and the shipped target description, their TPU versions for v5p-8 through libtpu,
+arith_tiny for this CPU; sizes shrunk to a tiny model and short rows, everything else the
+config's own (precision, remat, mesh, loss, engine).
+
+The compiles run in the aot environment (`DAPO_AOT_PYTHON`, built by .ci/run: libtpu and the
+CUDA plugin do not belong in the test environment, where they would start with every JAX
+process), all in one process for the session. What is checked is the compiled program:
+it fits, its memory is > 0, the attention kernel `auto` picks for the target is in it, and
+its collective bytes are not above XLA attention's (the kernel runs on each device's own
+rows and heads); an out-of-memory compile is "does not fit"; bad input is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dapo_jax.experiments import compile as compile_tool
+from dapo_jax.experiments import targets
+
+REPO = Path(__file__).resolve().parents[1]
+# Sizes only: a tiny model, rows of 64 + 192 tokens, 4 prompts x 4 samples per step.
+SHRINK = [
+    "--config.trainer.max_prompt_length=64",
+    "--config.generator.sampling_params.max_generate_length=192",
+    "--config.generator.eval_sampling_params.max_generate_length=192",
+    "--config.trainer.algorithm.overlong_buffer.len=64",
+    "--config.trainer.train_batch_size=4", "--config.trainer.policy_mini_batch_size=2",
+    "--config.generator.n_samples_per_prompt=4", "--config.generator.max_num_seqs=16",
+]
+GPU_SEEDS = {"dapo_qwen3_1p7b": "qwen3-tiny", "dapo_qwen3_4b": "qwen3-tiny",
+             "dapo_qwen2p5_math_7b": "qwen2-tiny"}
+# name -> (config, target, preset, attention_impl, functions)
+JOBS = {
+    **{f"{c}_h100": (c, "h100x8", p, "", "update,logprobs") for c, p in GPU_SEEDS.items()},
+    "dapo_qwen3_1p7b_h100_xla": ("dapo_qwen3_1p7b", "h100x8", "qwen3-tiny", "xla",
+                                 "update,logprobs"),
+    **{f"{c}_v5p_v5p": (f"{c}_v5p", "v5p-8", p, "", "update,logprobs,generate")
+       for c, p in GPU_SEEDS.items()},
+    "dapo_qwen3_1p7b_v5p_xla": ("dapo_qwen3_1p7b_v5p", "v5p-8", "qwen3-tiny", "xla",
+                                "update,logprobs"),
+    # 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB.
+    "oom_v5e": ("dapo_qwen3_1p7b", "v5e-8", "qwen3-tiny", "xla", "update"),
+}
+OOM_ARGS = ["--config.trainer.max_prompt_length=64",
+            "--config.generator.sampling_params.max_generate_length=8128",
+            "--config.generator.eval_sampling_params.max_generate_length=8128",
+            "--config.trainer.micro_train_batch_size_per_gpu=64",
+            "--config.trainer.train_batch_size=32", "--config.trainer.policy_mini_batch_size=32"]
+
+
+def aot_python() -> str:
+    python = os.environ.get("DAPO_AOT_PYTHON")
+    if not python:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set DAPO_AOT_PYTHON to the aot environment's python")
+        pytest.skip("DAPO_AOT_PYTHON (an environment with the aot extra) is not set")
+    return python
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, dict]:
+    """Every job's --json report, compiled in one aot process."""
+    python = aot_python()
+    out = tmp_path_factory.mktemp("compile")
+    calls = []
+    for name, (config, target, preset, impl, functions) in JOBS.items():
+        args = ["--config", f"configs/{config}.py", "--target", target, "--preset", preset,
+                "--functions", functions, "--json", str(out / f"{name}.json")]
+        args += ["--attention-impl", impl] if impl else []
+        args += OOM_ARGS if name.startswith("oom") else SHRINK
+        calls.append(args)
+    script = textwrap.dedent(f"""
+        import sys
+        from dapo_jax.experiments import compile
+        for args in {calls!r}:
+            if compile.main(args):
+                sys.exit(f"compile failed: {{args}}")
+    """)
+    proc = subprocess.run([python, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in JOBS}
+    reports["_stderr"] = proc.stderr
+    return reports
+
+
+@pytest.mark.parametrize("name", [f"{c}_h100" for c in GPU_SEEDS])
+def test_seed_configs_compile_for_h100_with_the_mosaic_kernel(compiled, name):
+    r = compiled[name]
+    assert r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["num_devices"] == 8
+    for fn in ("update", "logprobs"):
+        f = r["functions"][fn]
+        assert f["fits"] and 0 < f["peak_bytes"] < f["memory_bytes"], (fn, f)
+        assert f["attention"] == "mosaic_gpu_v2", (fn, f["attention"])
+        assert not f["warnings"], f["warnings"]
+
+
+@pytest.mark.parametrize("name", [f"{c}_v5p_v5p" for c in GPU_SEEDS])
+def test_tpu_configs_compile_for_v5p_with_splash(compiled, name):
+    r = compiled[name]
+    assert r["device_kind"].startswith("TPU v5") and r["num_devices"] == 4
+    for fn in ("update", "logprobs", "generate"):
+        f = r["functions"][fn]
+        assert f["fits"] and f["peak_bytes"] > 0, (fn, f)
+        assert f["attention"] == "tpu_custom_call", (fn, f["attention"])  # prefill too
+    # The in-process engine runs beside the trainer's masters and AdamW moments.
+    assert r["functions"]["generate"]["resident_bytes"] > 0
+
+
+@pytest.mark.parametrize("kernel,xla", [("dapo_qwen3_1p7b_h100", "dapo_qwen3_1p7b_h100_xla"),
+                                        ("dapo_qwen3_1p7b_v5p_v5p", "dapo_qwen3_1p7b_v5p_xla")])
+def test_kernel_collectives_not_above_xla_attention(compiled, kernel, xla):
+    """A kernel that XLA cannot partition runs on the all-gathered batch: its collective
+    bytes would exceed XLA attention's (12.97 vs 1.63 GB per update at the seed shape)."""
+    for fn in ("update", "logprobs"):
+        k, x = compiled[kernel]["functions"][fn], compiled[xla]["functions"][fn]
+        assert x["attention"] == "xla"
+        assert k["collective_bytes"] <= x["collective_bytes"] * 1.001, (fn, k, x)
+
+
+def test_out_of_memory_compile_is_does_not_fit(compiled):
+    f = compiled["oom_v5e"]["functions"]["update"]
+    assert not f["fits"] and "exceeds available HBM" in f["error"], f
+    assert f["peak_bytes"] > f["memory_bytes"]
+
+
+def run_tool(python: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-m", "dapo_jax.experiments.compile", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_targets_are_one_line_errors(tmp_path):
+    python = aot_python()
+    bad = tmp_path / "bad.txtpb"
+    bad.write_text("gpu_device_info { core_count: \"many\" }\n")
+    base = ["--config", "configs/dapo_qwen3_1p7b.py", "--preset", "qwen3-tiny", *SHRINK]
+    one_line_error(run_tool(python, *base, "--target", "h200x3"), "unknown target 'h200x3'",
+                   "h100x8")
+    one_line_error(run_tool(python, *base, "--target", str(bad)), "does not parse",
+                   "h100_sxm_80gb.txtpb")
+    # v5p-8 is 4 chips: the seed's (1, 8, 1) mesh does not fit on it.
+    one_line_error(run_tool(python, *base, "--target", "v5p-8"), "mesh.shape",
+                   "target v5p-8 has 4 devices")
+
+
+def test_missing_plugin_is_a_one_line_error(capsys):
+    """The test environment has no libtpu: asking for a TPU target says what to install."""
+    if targets.importlib.util.find_spec("libtpu"):
+        pytest.skip("libtpu is installed in this environment")
+    code = compile_tool.main(["--config", "configs/arith_tiny.py", "--target", "v5p-8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "libtpu is not installed" in err[0], err
+    assert 'pip install -e ".[aot]"' in err[0]
+
+
+def test_arith_tiny_compiles_for_this_cpu():
+    """The CPU job's own target; the CPU fallback the mesh and memory tools use, labelled."""
+    cfg, model = compile_tool.load("configs/arith_tiny.py", {}, "")
+    target = targets.get_target("cpu")
+    reports = targets.compile_config(cfg, model, target)
+    assert set(reports) == set(targets.FUNCTIONS)
+    for r in reports.values():
+        assert r.fits and r.peak_bytes > 0 and r.attention == "xla", r
+    fallback = targets.get_target("v5p-8", cpu_fallback=True) if not \
+        targets.importlib.util.find_spec("libtpu") else None
+    if fallback is not None:
+        assert fallback.platform == "cpu" and "libtpu is not installed" in fallback.label
+
+
+def test_hlo_reading():
+    """Collective bytes count outputs (an async all-gather's start returns operand and
+    output); kernels are found with their result shapes."""
+    hlo = "\n".join([
+        "  %ag = (bf16[2,64]{1,0}, bf16[16,64]{1,0}) all-gather-start(bf16[2,64] %p), "
+        "replica_groups={}",
+        "  %ar = f32[128]{0} all-reduce(f32[128]{0} %x), to_apply=%add",
+        "  %k = (bf16[2,256,4,64]{3,2,1,0}, f32[2,4,256]{2,1,0}) custom-call(%q, %k, %v), "
+        "custom_call_target=\"mosaic_gpu_v2\"",
+        "  %c = f32[4]{0} custom-call(%q), custom_call_target=\"Sharding\"",
+    ])
+    assert targets.collective_bytes(hlo) == 16 * 64 * 2 + 128 * 4
+    assert targets.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)])]
+
