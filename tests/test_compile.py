@@ -161,7 +161,7 @@ def test_bad_targets_are_one_line_errors(tmp_path):
 
 def test_missing_plugin_is_a_one_line_error(capsys):
     """The test environment has no libtpu: asking for a TPU target says what to install."""
-    if targets.importlib.util.find_spec("libtpu"):
+    if targets._installed("libtpu"):
         pytest.skip("libtpu is installed in this environment")
     code = compile_tool.main(["--config", "configs/arith_tiny.py", "--target", "v5p-8"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -171,14 +171,14 @@ def test_missing_plugin_is_a_one_line_error(capsys):
 
 def test_arith_tiny_compiles_for_this_cpu():
     """The CPU job's own target; the CPU fallback the mesh and memory tools use, labelled."""
-    cfg, model = compile_tool.load("configs/arith_tiny.py", {}, "")
+    cfg, model = targets.load_run("configs/arith_tiny.py", {}, "")
     target = targets.get_target("cpu")
     reports = targets.compile_config(cfg, model, target)
     assert set(reports) == set(targets.FUNCTIONS)
     for r in reports.values():
         assert r.fits and r.peak_bytes > 0 and r.attention == "xla", r
     fallback = targets.get_target("v5p-8", cpu_fallback=True) if not \
-        targets.importlib.util.find_spec("libtpu") else None
+        targets._installed("libtpu") else None
     if fallback is not None:
         assert fallback.platform == "cpu" and "libtpu is not installed" in fallback.label
 

@@ -33,8 +33,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from dapo_jax.experiments import targets  # noqa: E402
-from dapo_jax.models import preset, read_config  # noqa: E402
-from dapo_jax.models.config import QwenConfig  # noqa: E402
 from dapo_jax.models.kernels import ATTENTION_IMPLS  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
 
@@ -54,31 +52,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = value
     return out
-
-
-def load(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[Any, QwenConfig]:
-    """The config with its overrides, and the model shape (preset or model.path)."""
-    if not Path(config).is_file():
-        raise config_lib.ConfigError(f"--config {config} does not exist")
-    cfg = config_lib.load_config_file(config)
-    try:
-        config_lib.apply_overrides(cfg, overrides)
-    except (AttributeError, KeyError) as e:
-        raise config_lib.ConfigError(f"unknown config key in the overrides: {e}") from None
-    if preset_name:
-        try:
-            model = preset(preset_name)
-        except KeyError as e:
-            raise config_lib.ConfigError(str(e.args[0])) from None
-    elif Path(cfg.model.path, "config.json").exists():
-        model = read_config(cfg.model.path)
-    else:
-        raise config_lib.ConfigError(f"{cfg.model.path}/config.json does not exist here: pass "
-                                     "--preset (qwen3-1.7b, qwen3-4b, qwen2.5-math-7b, ...)")
-    seq = cfg.trainer.max_prompt_length + cfg.generator.sampling_params.max_generate_length
-    if model.max_position_embeddings < seq:  # Qwen2.5-Math-7B's must be raised (README)
-        model = QwenConfig(**{**model.__dict__, "max_position_embeddings": seq})
-    return cfg, model
 
 
 def table(target: targets.Target, reports: dict[str, targets.FunctionReport]) -> str:
@@ -111,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # autotuned, and its default block sizes are what gets compiled.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        cfg, model = load(a.config, parse_overrides(rest), a.preset)
+        cfg, model = targets.load_run(a.config, parse_overrides(rest), a.preset)
         target = targets.get_target(a.target)
         functions = tuple(f for f in a.functions.split(",") if f)
         reports = targets.compile_config(cfg, model, target,

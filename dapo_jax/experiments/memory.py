@@ -2,20 +2,18 @@
 sidecar's share of each GPU, and whether the configured split fits.
 
     python -m dapo_jax.experiments.memory --config configs/dapo_qwen3_4b.py \\
-        [--preset qwen3-4b] [--out bench/memory]
+        [--preset qwen3-4b] [--target h100x8] [--out bench/memory]
 
-Trainer, per device, from XLA's memory analysis of the run's own jitted functions compiled
-on abstract parameters over 8 simulated CPU devices (nothing allocated; XLA:CPU's fusion
-and scheduling differ from the GPU's, so these are estimates):
-- float32 master weights and AdamW moments (their shards, exact);
-- the update of one mini-batch in the config's micro-batches: XLA's temporaries, split
-  into float32 gradients (sharded like the masters), the bf16 compute copies (one decoder
-  layer gathered at a time, and the embedding table gathered for the lookup) and the rest
-  (activations of a training micro-batch, remat recomputation, attention blocks);
-- the old/reference log-prob pass over the whole rollout batch in forward micro-batches:
-  its temporaries plus its [rows, T] float32 outputs.
-The trainer's peak is masters + optimiser + the larger of the two; it must fit in
-`trainer.xla_memory_fraction` of the GPU (JAX preallocates exactly that pool).
+Trainer, per device, from the H100 compiler's own memory analysis of the run's jitted
+functions (`dapo_jax.experiments.targets`: the CUDA plugin with the shipped H100 target
+description, abstract weights, nothing allocated): the update of one mini-batch in the
+config's micro-batches (its arguments hold the float32 masters and AdamW moments) and the
+old-log-prob pass over the rollout batch in forward micro-batches, with the AdamW moments
+resident beside it. The trainer's peak is the larger of the two; it must fit in
+`trainer.xla_memory_fraction` of the GPU (JAX preallocates exactly that pool), and the
+suggested fraction is the smallest multiple of 0.05 that holds the peak with
+`HEADROOM` to spare. Without the aot extra the compile falls back to simulated CPU devices
+and says so (XLA:CPU's figures were 6-10 GiB per GPU above the H100 compiler's).
 
 The sidecar, per GPU, with vLLM's own accounting (vllm/v1/worker/gpu_worker.py): it asks
 for `gpu_memory_utilization` x total; the KV cache gets what is left after the bf16
@@ -35,29 +33,19 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import tempfile  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ml_collections import ConfigDict  # noqa: E402
 
+from dapo_jax.experiments import targets  # noqa: E402
 from dapo_jax.experiments.lengths import row_efficiency  # noqa: E402
-from dapo_jax.experiments.mesh import (  # noqa: E402
-    abstract_batch,
-    abstract_train_state,
-    per_device_bytes,
-)
-from dapo_jax.models import Precision, preset, read_config  # noqa: E402
 from dapo_jax.models.config import QwenConfig  # noqa: E402
-from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
-from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
-from dapo_jax.train.update import make_optimizer, make_train_fns  # noqa: E402
 
 GIB = 2**30
-H100_GIB = 79.65  # what the driver reports for an H100 80 GB (81,559 MiB)
+HEADROOM = 0.15  # allocator fragmentation, and what a compile without the GPU cannot see
 CUDA_CONTEXT_GIB = 0.5  # per process, outside both budgets
 CUDA_GRAPHS_GIB = 1.0  # vLLM's captured graphs: not counted in its utilisation by default
 VLLM_BATCHED_TOKENS = 16384  # vLLM's LLM-class defaults on a >= 70 GB GPU (not A100)
@@ -81,47 +69,34 @@ def vllm_activation_peak(cfg: QwenConfig, tp: int) -> float:
     return t * per_token + logits
 
 
-def trainer_plan(cfg: ConfigDict, model: QwenConfig) -> dict[str, float]:
+def trainer_plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target
+                 ) -> dict[str, float]:
     """Per-device bytes of the trainer (see the module docstring)."""
-    sizes = config_lib.validate(cfg, num_devices=8)
     t, g = cfg.trainer, cfg.generator
-    mesh = make_mesh(cfg.mesh.shape)
-    precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
-    optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
-    graphdef, params, opt_state = abstract_train_state(model, precision, cfg.model.remat,
-                                                       optimizer, mesh)
+    reports = targets.compile_config(cfg, model, target, functions=("update", "logprobs"))
+    update, forward = reports["update"], reports["logprobs"]
     seq = t.max_prompt_length + g.sampling_params.max_generate_length
-    fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
-                         micro_batch_rows=sizes["micro_rows"],
-                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
-    update = fns.lower_update(params, opt_state, abstract_batch(
-        sizes["mini_rows"], seq, mesh)).compile().memory_analysis()
-    rollout = abstract_batch(t.train_batch_size * g.n_samples_per_prompt, seq, mesh,
-                             keys=("input_ids", "segment_ids", "positions"))
-    forward = fns.lower_logprobs(params, rollout["input_ids"], rollout["segment_ids"],
-                                 rollout["positions"]).compile().memory_analysis()
-    masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
-    itemsize = precision.dtype.itemsize
-    shard = lambda n: n / (mesh.shape["tensor"])
-    layer = model.num_params - model.vocab_size * model.hidden_size * (
-        1 if model.tie_word_embeddings else 2) - model.hidden_size
-    copies = (shard(layer / model.num_layers) + shard(model.vocab_size * model.hidden_size)) \
-        * itemsize
-    update_temp = update.temp_size_in_bytes
-    forward_peak = forward.temp_size_in_bytes + forward.output_size_in_bytes
+    sizes = dict(mini_rows=t.policy_mini_batch_size * g.n_samples_per_prompt,
+                 micro_rows=t.micro_train_batch_size_per_gpu * len(target.devices))
     padded, packed = row_efficiency(sizes["mini_rows"], sizes["micro_rows"],
                                     scale=max(seq // 1280, 1))
     return {
         "useful_padded": padded, "useful_packed": packed,
         "rows_per_device_update": t.micro_train_batch_size_per_gpu,
         "rows_per_device_forward": t.micro_forward_batch_size_per_gpu,
-        "seq_len": seq,
-        "masters": masters, "adamw": moments, "update_temp": update_temp,
-        "gradients": masters, "compute_copies": copies,
-        "activations": max(update_temp - masters - copies, 0.0),
-        "forward_peak": forward_peak,
-        "peak": masters + moments + max(update_temp, forward_peak),
+        "seq_len": seq, "update_arguments": update.argument_bytes,
+        "adamw": forward.resident_bytes,
+        "update_peak": update.peak_bytes, "update_temp": update.temp_bytes,
+        "forward_peak": forward.peak_bytes + forward.resident_bytes,
+        "forward_temp": forward.temp_bytes,
+        "peak": max(update.peak_bytes + update.resident_bytes,
+                    forward.peak_bytes + forward.resident_bytes),
     }
+
+
+def suggested_fraction(peak: float, gpu: float) -> float:
+    """The smallest multiple of 0.05 of the GPU that holds `peak` x (1 + HEADROOM)."""
+    return math.ceil(peak * (1 + HEADROOM) / gpu / 0.05 - 1e-9) * 0.05
 
 
 def sidecar_plan(cfg: ConfigDict, model: QwenConfig, gpu_bytes: float) -> dict[str, float]:
@@ -141,9 +116,9 @@ def sidecar_plan(cfg: ConfigDict, model: QwenConfig, gpu_bytes: float) -> dict[s
             "waves": math.ceil(share / max(kv / per_token / max_len, 1e-9))}
 
 
-def plan(cfg: ConfigDict, model: QwenConfig, gpu_gib: float = H100_GIB) -> dict[str, object]:
-    gpu = gpu_gib * GIB
-    trainer = trainer_plan(cfg, model)
+def plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target) -> dict[str, object]:
+    gpu = target.memory_bytes
+    trainer = trainer_plan(cfg, model, target)
     sidecar = sidecar_plan(cfg, model, gpu)
     budget = cfg.trainer.xla_memory_fraction * gpu
     colocated = cfg.trainer.placement.colocate_all
@@ -152,7 +127,9 @@ def plan(cfg: ConfigDict, model: QwenConfig, gpu_gib: float = H100_GIB) -> dict[
         budget + CUDA_CONTEXT_GIB * GIB, sidecar["requested"] + outside - CUDA_CONTEXT_GIB * GIB)
     return {"trainer": trainer, "sidecar": sidecar, "trainer_budget": budget, "gpu": gpu,
             "gpu_used": used, "trainer_fits": trainer["peak"] <= budget,
-            "kv_fits": sidecar["concurrency"] >= 1, "gpu_fits": used <= gpu}
+            "suggested_fraction": suggested_fraction(trainer["peak"], gpu),
+            "kv_fits": sidecar["concurrency"] >= 1, "gpu_fits": used <= gpu,
+            "target": target.label}
 
 
 def table(name: str, cfg: ConfigDict, p: dict) -> str:
@@ -162,24 +139,24 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
     ok = lambda b: "yes" if b else "**no**"
     lines = [
         f"### {name}", "",
-        f"mesh {tuple(cfg.mesh.shape)}, remat {cfg.model.remat}, float32 masters + AdamW, "
-        f"{cfg.model.compute_dtype} compute, rows of {tr['seq_len']} tokens (one padded "
-        f"sequence, or several packed); update micro-batch {tr['rows_per_device_update']} and "
-        f"forward micro-batch {tr['rows_per_device_forward']} rows per device (the shapes, "
-        f"and so the memory, are the same packed or padded); vLLM engine "
+        f"Compiled for {p['target']}. Mesh {tuple(cfg.mesh.shape)}, remat {cfg.model.remat}, "
+        f"float32 masters + AdamW, {cfg.model.compute_dtype} compute, rows of {tr['seq_len']} "
+        f"tokens (one padded sequence, or several packed); update micro-batch "
+        f"{tr['rows_per_device_update']} and forward micro-batch "
+        f"{tr['rows_per_device_forward']} rows per device (the shapes, and so the memory, are "
+        f"the same packed or padded); vLLM engine "
         f"{g.inference_engine_tensor_parallel_size} GPU(s), {g.model_dtype} weights. GiB per GPU "
         f"of {gb(p['gpu'])}:", "",
         "| part | GiB |", "|---|---|",
-        f"| trainer: float32 master weights (shard) | {gb(tr['masters'])} |",
-        f"| trainer: AdamW moments (shard) | {gb(tr['adamw'])} |",
-        f"| trainer: update temporaries (XLA) | {gb(tr['update_temp'])} |",
-        f"| - of which float32 gradients (shard) | {gb(tr['gradients'])} |",
-        f"| - of which bf16 compute copies (1 layer + embedding, gathered) | "
-        f"{gb(tr['compute_copies'])} |",
-        f"| - of which activations of a micro-batch and the rest | {gb(tr['activations'])} |",
-        f"| trainer: forward (log-prob) pass peak, temporaries + outputs | "
+        f"| trainer: update arguments (float32 masters, AdamW moments, mini-batch; shards) | "
+        f"{gb(tr['update_arguments'])} |",
+        f"| trainer: update temporaries (gradients, compute copies, activations) | "
+        f"{gb(tr['update_temp'])} |",
+        f"| trainer: update peak (arguments + outputs - donated + temporaries) | "
+        f"{gb(tr['update_peak'])} |",
+        f"| trainer: log-prob pass peak, with the AdamW moments beside it | "
         f"{gb(tr['forward_peak'])} |",
-        f"| **trainer peak** (masters + AdamW + max(update, forward)) | {gb(tr['peak'])} |",
+        f"| **trainer peak** | {gb(tr['peak'])} |",
         f"| trainer budget: xla_memory_fraction {t.xla_memory_fraction} | "
         f"{gb(p['trainer_budget'])} |",
         f"| vLLM: requested, gpu_memory_utilization {g.gpu_memory_utilization} | "
@@ -205,19 +182,9 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"{tr['useful_padded'] / tr['useful_packed']:.2f}x the padded micro-batches.", "",
         f"Fits: trainer peak within its budget: {ok(p['trainer_fits'])}; at least one "
         f"full-length sequence of KV cache (vLLM's start condition): {ok(p['kv_fits'])}; "
-        f"the GPU: {ok(p['gpu_fits'])}.", ""]
+        f"the GPU: {ok(p['gpu_fits'])}. Suggested trainer.xla_memory_fraction (peak + "
+        f"{HEADROOM:.0%}): {p['suggested_fraction']:.2f}.", ""]
     return "\n".join(lines)
-
-
-def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
-    """A copy of `cfg` whose model path holds `model`'s config.json and whose data are the
-    built-in task: the plan needs shapes, not weights or data."""
-    cfg = copy.deepcopy(cfg)
-    (tmp / "config.json").write_text(json.dumps(model.to_hf("bfloat16")))
-    cfg.model.path = str(tmp)
-    cfg.data.train_data = cfg.data.val_data = "builtin:arithmetic"
-    cfg.generator.sidecar_urls = ("http://unused",)
-    return cfg
 
 
 def main() -> None:
@@ -226,20 +193,15 @@ def main() -> None:
     p.add_argument("--config", required=True, help="a config file, e.g. configs/dapo_qwen3_4b.py")
     p.add_argument("--preset", default="", help="model shape when model.path is not on this "
                    "machine (qwen2.5-math-7b, qwen3-1.7b, qwen3-4b, ...)")
-    p.add_argument("--gpu-gib", type=float, default=H100_GIB)
+    p.add_argument("--target", default="h100x8", help="h100x8 or a GPU target description")
     p.add_argument("--out", default="", help="also write <out>/<config name>.md")
     a = p.parse_args()
-    cfg = config_lib.load_config_file(a.config)
-    if Path(cfg.model.path, "config.json").exists():
-        model = read_config(cfg.model.path)
-    elif a.preset:
-        model = preset(a.preset)
-    else:
-        p.error(f"{cfg.model.path}/config.json does not exist here: pass --preset")
-    model = QwenConfig(**{**model.__dict__, "max_position_embeddings": max(
-        model.max_position_embeddings, 32768)})
-    with tempfile.TemporaryDirectory() as tmp:
-        result = plan(with_model(cfg, model, Path(tmp)), model, a.gpu_gib)
+    try:
+        cfg, model = targets.load_run(a.config, {}, a.preset)
+        target = targets.get_target(a.target, cpu_fallback=True)
+        result = plan(cfg, model, target)
+    except (targets.TargetError, config_lib.ConfigError) as e:
+        sys.exit(f"error: {e}")
     text = table(Path(a.config).stem, cfg, result)
     print(text)
     if a.out:

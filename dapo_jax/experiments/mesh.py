@@ -5,18 +5,19 @@
 
 For each mesh it compiles the real update step (the DAPO loss on chunked log-probs, AdamW,
 float32 master weights with bf16 compute, remat) on abstract parameters
-(`jax.ShapeDtypeStruct`, nothing allocated) over 8 simulated CPU devices, and reports per
-device, from XLA's memory analysis and the
-compiled HLO: parameters, optimiser state, activations + temporaries, collective bytes, and
-whether it fits; plus the model FLOPs per device (`train_flops_per_token`: XLA's cost
-analysis counts a while loop's body once, so it misses most of the scanned layers).
+(`jax.ShapeDtypeStruct`, nothing allocated) for `--target` (default h100x8: the H100
+compiler through the CUDA plugin, `dapo_jax.experiments.targets`; 8 simulated CPU devices,
+labelled, when the aot extra is not installed), and reports per device, from the target
+compiler's memory analysis and the compiled HLO: parameters, optimiser state, activations
++ temporaries, collective bytes, and whether it fits; plus the model FLOPs per device
+(`train_flops_per_token`: XLA's cost analysis counts a while loop's body once, so it misses
+most of the scanned layers).
 For small presets `--time-steps N` also runs the real step N times on CPU.
 Writes a markdown table and a CSV, and a PNG plot when matplotlib is installed
 (`pip install -e ".[bench]"`).
 
-XLA:CPU memory figures are an estimate of the GPU's: the CPU compiler makes different
-fusion and scheduling choices. Training attention runs in query blocks
-(`dapo_jax.models.qwen.attention`), so each layer holds scores of [B, N, block, <= T].
+Attention is `auto` for the target (a fused kernel on GPU/TPU, per device; on CPU our XLA
+attention in query blocks, [B, N, block, <= T] scores per layer).
 The seed configs' whole memory plan (trainer + vLLM sidecar per GPU) is
 `python -m dapo_jax.experiments.memory`.
 """
@@ -33,17 +34,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
+from dapo_jax.experiments import targets  # noqa: E402
 from dapo_jax.experiments.timing import (  # noqa: E402
     BENCH_LOSS,
     BENCH_OPTIMIZER,
@@ -51,97 +46,42 @@ from dapo_jax.experiments.timing import (  # noqa: E402
     train_flops_per_token,
     update_seconds,
 )
-from dapo_jax.models import Precision, Qwen, QwenConfig, preset, state_shardings  # noqa: E402
+from dapo_jax.models import Precision, preset  # noqa: E402
+from dapo_jax.models.kernels import resolve_attention_impl  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
-from dapo_jax.train.update import (  # noqa: E402
-    BATCH_KEYS,
-    make_optimizer,
-    make_train_fns,
-    optimizer_shardings,
-)
-
-H100_BYTES = 80e9
-_COLLECTIVE = re.compile(
-    r"=\s*([a-z0-9\[\],{}()\s]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|pred|s8|u8)\[([\d,]*)\]")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-
-
-def collective_bytes(hlo: str) -> float:
-    """Sum of the output sizes of the collectives in the compiled HLO (per device)."""
-    total = 0.0
-    for result, _ in _COLLECTIVE.findall(hlo):
-        for dtype, dims in _SHAPE.findall(result):
-            total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def per_device_bytes(tree) -> float:
-    """Bytes of one device's shards of an abstract (sharded) tree."""
-    total = 0.0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
-def abstract_train_state(cfg: QwenConfig, precision: Precision, remat: str,
-                         optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
-                         ) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, params, optimiser state) as sharded `jax.ShapeDtypeStruct`s: nothing is
-    allocated, so any model size compiles on a CPU."""
-    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
-                                           rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    params = jax.tree.map(with_sharding, state, state_shardings(state, mesh))
-    opt_state = jax.tree.map(with_sharding, jax.eval_shape(optimizer.init, params),
-                             optimizer_shardings(optimizer, params))
-    return graphdef, params, opt_state
-
-
-def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
-                   keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
-    """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    dtype = lambda k: jnp.int32 if k in ("input_ids", "segment_ids", "positions") else \
-        jnp.float32
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
-            for k in keys}
+from dapo_jax.train.update import make_optimizer, make_train_fns  # noqa: E402
 
 
 def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_batch: int,
-            time_steps: int) -> dict[str, float | str]:
+            time_steps: int, target: targets.Target) -> dict[str, float | str]:
     cfg = preset(preset_name)
-    mesh = make_mesh(mesh_shape)
+    mesh = make_mesh(mesh_shape, devices=list(target.devices))
     dp = mesh_shape[0] * mesh_shape[1]
     optimizer = make_optimizer(BENCH_OPTIMIZER)
-    graphdef, params, opt_state = abstract_train_state(
+    graphdef, params, opt_state = targets.abstract_train_state(
         cfg, Precision("float32", "bfloat16"), "full", optimizer, mesh)
     rows = micro_batch * dp  # one micro-batch per device per step
-    batch = abstract_batch(rows, seq_len, mesh)
+    batch = targets.abstract_batch(rows, seq_len, mesh)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
-    start = time.perf_counter()
-    compiled = fns.lower_update(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    param_b, opt_b = per_device_bytes(params), per_device_bytes(opt_state)
-    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+    r = targets.compile_report("update", lambda: fns.lower_update(params, opt_state, batch),
+                               target, requested_kernel=resolve_attention_impl(
+                                   "auto", target.platform), global_rows=rows,
+                               local_rows=micro_batch)
+    param_b, opt_b = targets.per_device_bytes(params), targets.per_device_bytes(opt_state)
     out: dict[str, float | str] = {
         "mesh": "x".join(map(str, mesh_shape)), "micro_batch": micro_batch, "seq_len": seq_len,
         "params_GB": param_b / 1e9, "opt_state_GB": opt_b / 1e9,
-        "activations_temps_GB": mem.temp_size_in_bytes / 1e9, "total_GB": total / 1e9,
-        "fits_80GB": "yes" if total <= H100_BYTES else "no",
+        "activations_temps_GB": r.temp_bytes / 1e9, "total_GB": r.peak_bytes / 1e9,
+        "fits": "yes" if r.fits else "no",
         "model_TFLOP_per_device": rows * seq_len * train_flops_per_token(cfg, seq_len)
         / mesh.size / 1e12,
-        "collective_GB": collective_bytes(compiled.as_text()) / 1e9,
-        "compile_s": compile_s,
+        "collective_GB": r.collective_bytes / 1e9,
+        "compile_s": r.compile_s,
     }
     if time_steps:
         out["step_s_cpu"] = update_seconds(cfg, synthetic_batch(cfg, rows, seq_len),
                                            time_steps, precision=Precision("float32", "float32"),
-                                           mesh=mesh)
+                                           mesh=make_mesh(mesh_shape))
     return out
 
 
@@ -154,11 +94,20 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--time-steps", type=int, default=0)
     p.add_argument("--out", default="bench/mesh")
+    p.add_argument("--target", default="h100x8", help="h100x8, v5p-16, v6e-8, v5e-8, cpu or a "
+                   "GPU target description (8 devices)")
     a = p.parse_args()
+    try:
+        target = targets.get_target(a.target, cpu_fallback=True)
+    except targets.TargetError as e:
+        raise SystemExit(f"error: {e}") from None
+    if len(target.devices) != 8:
+        raise SystemExit(f"error: target {a.target} has {len(target.devices)} devices; the "
+                         "meshes here are of 8")
     results = []
     for m in a.mesh.split(","):
         shape = tuple(int(x) for x in m.split("x"))
-        r = analyse(a.preset, shape, a.seq_len, a.micro_batch, a.time_steps)
+        r = analyse(a.preset, shape, a.seq_len, a.micro_batch, a.time_steps, target)
         results.append(r)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     out = Path(a.out)
@@ -172,7 +121,7 @@ def main() -> None:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
     table = [f"preset {a.preset}, seq {a.seq_len}, micro-batch {a.micro_batch} per device, "
              "float32 master weights and AdamW state, bf16 compute, remat full; per-device "
-             "figures from XLA:CPU's analyses (8 simulated devices)", "",
+             f"figures from the compiled program, {target.label}", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     table += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in results]
     (out / f"{stem}.md").write_text("\n".join(table) + "\n")
@@ -194,7 +143,8 @@ def main() -> None:
         vals = np.array([r[key] for r in results])
         ax.bar(names, vals, bottom=bottom, label=key.replace("_GB", ""))
         bottom += vals
-    ax.axhline(H100_BYTES / 1e9, color="red", linestyle="--", label="H100 80 GB")
+    ax.axhline(target.memory_bytes / 1e9, color="red", linestyle="--",
+               label=f"{target.name} memory")
     ax.set_ylabel("GB per device")
     ax.set_title(f"{a.preset}, seq {a.seq_len}, micro-batch {a.micro_batch}")
     ax.legend(fontsize=8)

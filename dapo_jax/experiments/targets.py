@@ -38,7 +38,7 @@ from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.generation import Generator  # noqa: E402
-from dapo_jax.models import Precision, Qwen, QwenConfig, state_shardings  # noqa: E402
+from dapo_jax.models import Precision, Qwen, QwenConfig, preset, read_config, state_shardings  # noqa: E402,E501
 from dapo_jax.models.kernels import resolve_attention_impl  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
@@ -100,10 +100,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def _missing_plugin(name: str) -> str:
     if name in TPU_TARGETS:
-        return "" if importlib.util.find_spec("libtpu") else "libtpu is not installed"
-    return "" if importlib.util.find_spec("jax_plugins.xla_cuda13") else \
+        return "" if _installed("libtpu") else "libtpu is not installed"
+    return "" if _installed("jax_plugins.xla_cuda13") else \
         "the CUDA PJRT plugin (jax-cuda13-pjrt) is not installed"
 
 
@@ -309,6 +316,32 @@ def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
     if cfg.generator.backend == "sidecar":
         cfg.generator.sidecar_urls = ("http://unused",)
     return cfg
+
+
+def load_run(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[Any, QwenConfig]:
+    """A config file with its overrides (dotted keys), and the model's shape: a preset, or
+    model.path's config.json (positions raised to the config's row length)."""
+    if not Path(config).is_file():
+        raise config_lib.ConfigError(f"--config {config} does not exist")
+    cfg = config_lib.load_config_file(config)
+    try:
+        config_lib.apply_overrides(cfg, overrides)
+    except (AttributeError, KeyError) as e:
+        raise config_lib.ConfigError(f"unknown config key in the overrides: {e}") from None
+    if preset_name:
+        try:
+            model = preset(preset_name)
+        except KeyError as e:
+            raise config_lib.ConfigError(str(e.args[0])) from None
+    elif Path(cfg.model.path, "config.json").exists():
+        model = read_config(cfg.model.path)
+    else:
+        raise config_lib.ConfigError(f"{cfg.model.path}/config.json does not exist here: pass "
+                                     "--preset (qwen3-1.7b, qwen3-4b, qwen2.5-math-7b, ...)")
+    seq = cfg.trainer.max_prompt_length + cfg.generator.sampling_params.max_generate_length
+    if model.max_position_embeddings < seq:  # Qwen2.5-Math-7B's must be raised (README)
+        model = QwenConfig(**{**model.__dict__, "max_position_embeddings": seq})
+    return cfg, model
 
 
 FUNCTIONS = ("update", "logprobs", "generate")
