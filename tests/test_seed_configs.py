@@ -14,6 +14,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -134,3 +135,32 @@ def test_seed_config_trains_through_the_launcher_and_resumes(tmp_path, config):
     finite_metrics(rows)
     p3 = restore_params(ckpts, 3)
     assert any(np.any(p2[k] != p3[k]) for k in p2)
+
+
+TPU_SEEDS = ["configs/dapo_qwen2p5_math_7b_v5p.py", "configs/dapo_qwen3_1p7b_v5p.py",
+             "configs/dapo_qwen3_4b_v5p.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", TPU_SEEDS)
+def test_tpu_seed_config_trains_with_the_in_process_engine(tmp_path, config):
+    """The TPU versions as their README command runs them (`python -m dapo_jax.train`, no
+    sidecars): FSDP over every device, generation in process in calls of
+    generator.max_num_seqs rows, bf16 rollout weights; 2 steps on 8 CPU devices."""
+    cfg = load(config)
+    assert cfg.generator.backend == "jax" and tuple(cfg.mesh.shape) == (1, -1, 1)
+    over = {k: v for k, v in size_overrides(tmp_path, "jax").items()
+            if not k.startswith("generator.sidecar") and k != "generator.num_inference_engines"}
+    over["generator.max_num_seqs"] = 8  # 4 prompts x 16 samples: several generation calls
+    cmd = [sys.executable, "-m", "dapo_jax.train", "--config", config] + [
+        f"--config.{k}={v}" for k, v in over.items()]
+    out = subprocess.run(cmd, cwd=launching.REPO, env=launching.env(), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = launching.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    finite_metrics(rows)
+    assert rows[-1]["generate/truncated_frac"] < 0.5, rows[-1]
+    ckpts = tmp_path / "run" / "checkpoints"
+    p1, p2 = restore_params(ckpts, 1), restore_params(ckpts, 2)
+    assert any(np.any(p1[k] != p2[k]) for k in p1)
