@@ -46,6 +46,8 @@ JOBS = {
        for c, p in GPU_SEEDS.items()},
     "dapo_qwen3_1p7b_v5p_xla": ("dapo_qwen3_1p7b_v5p", "v5p-8", "qwen3-tiny", "xla",
                                 "update,logprobs"),
+    **{f"dapo_{m}_v6e_v6e": (f"dapo_{m}_v6e", "v6e-8", "qwen3-tiny", "",
+                             "update,logprobs,generate") for m in ("qwen3_1p7b", "qwen3_4b")},
     # 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB.
     "oom_v5e": ("dapo_qwen3_1p7b", "v5e-8", "qwen3-tiny", "xla", "update"),
 }
@@ -124,6 +126,15 @@ def test_kernel_collectives_not_above_xla_attention(compiled, kernel, xla):
         k, x = compiled[kernel]["functions"][fn], compiled[xla]["functions"][fn]
         assert x["attention"] == "xla"
         assert k["collective_bytes"] <= x["collective_bytes"] * 1.001, (fn, k, x)
+
+
+@pytest.mark.parametrize("name", ["dapo_qwen3_1p7b_v6e_v6e", "dapo_qwen3_4b_v6e_v6e"])
+def test_v6e_configs_compile_for_v6e_with_splash(compiled, name):
+    r = compiled[name]
+    assert r["device_kind"].startswith("TPU v6") and r["num_devices"] == 8
+    for fn in ("update", "logprobs", "generate"):
+        f = r["functions"][fn]
+        assert f["fits"] and f["peak_bytes"] > 0 and f["attention"] == "tpu_custom_call", f
 
 
 def test_out_of_memory_compile_is_does_not_fit(compiled):

@@ -138,7 +138,8 @@ def test_seed_config_trains_through_the_launcher_and_resumes(tmp_path, config):
 
 
 TPU_SEEDS = ["configs/dapo_qwen2p5_math_7b_v5p.py", "configs/dapo_qwen3_1p7b_v5p.py",
-             "configs/dapo_qwen3_4b_v5p.py"]
+             "configs/dapo_qwen3_4b_v5p.py", "configs/dapo_qwen3_1p7b_v6e.py",
+             "configs/dapo_qwen3_4b_v6e.py"]
 
 
 @pytest.mark.slow
