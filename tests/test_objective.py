@@ -224,6 +224,22 @@ def test_grpo_advantages(norm_by_std):
     assert np.all(np.asarray(adv)[groups == 3] == 0)
 
 
+def test_uniform_group_of_inexact_floats_gets_exactly_zero():
+    """Five equal shaped rewards of 1 - 0.1 x 7/12: their float32 mean is not exactly
+    the reward (the sum rounds), so (r - mean) / (std + 1e-6) is the residue over ~1e-6
+    instead of 0. Exact zeros for GRPO (with and without std), RLOO; a mixed group is
+    untouched."""
+    r = np.float32(1.0) - np.float32(0.1) * np.float32(7 / 12)
+    rewards = np.array([r] * 5 + [1.0, -1.0], np.float32)
+    groups = np.array([0] * 5 + [1, 1])
+    mean = np.float32(rewards[:5].sum(dtype=np.float32) / np.float32(5))
+    assert abs((r - mean) / np.float32(1e-6)) > 0.01  # what the plain formula gives
+    for adv in (grpo_advantages(rewards, groups), grpo_advantages(rewards, groups, False),
+                rloo_advantages(rewards, groups)):
+        assert np.all(np.asarray(adv)[:5] == 0.0), adv
+        assert np.all(np.asarray(adv)[5:] != 0.0)
+
+
 def test_grpo_continuous_rewards():
     rng = np.random.default_rng(12)
     groups = np.repeat(np.arange(5), 8)
@@ -255,12 +271,17 @@ def test_advantage_shape_errors():
 def test_soft_overlong_penalty():
     rng = np.random.default_rng(14)
     L_max, L_cache, f = 100, 30, 1.0
-    lengths = np.concatenate([[0, 70, 71, 85, 100], rng.integers(0, 101, 20)])
-    expected = np.minimum(-(lengths - (L_max - L_cache)) / L_cache * f, 0.0)
+    # Beyond L_max (an engine with another limit): -f, the paper's R - 1 for f = 1; the
+    # formula alone would give -(130 - 70) / 30 = -2 at length 130.
+    lengths = np.concatenate([[0, 70, 71, 85, 100, 101, 130], rng.integers(0, 101, 20)])
+    expected = np.where(lengths > L_max, -f,
+                        np.minimum(-(lengths - (L_max - L_cache)) / L_cache * f, 0.0))
     out = soft_overlong_penalty(jnp.asarray(lengths), L_max, L_cache, f)
     chex.assert_type(out, jnp.float32)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(out[:5], [0, 0, -1 / 30, -0.5, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(out[:7], [0, 0, -1 / 30, -0.5, -1.0, -1.0, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(soft_overlong_penalty(jnp.asarray([130]), L_max, L_cache, 0.5),
+                               [-0.5])
     with pytest.raises(ValueError, match="overlong_buffer.len"):
         soft_overlong_penalty(jnp.asarray(lengths), 100, 0, 1.0)
 

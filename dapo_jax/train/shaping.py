@@ -14,7 +14,10 @@ def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: 
 
         expected = L_max - L_cache
         penalty  = min(-(|y| - expected) / L_cache * f, 0)      in [-f, 0] for |y| <= L_max
+        penalty  = -f                                           for |y| > L_max
 
+    (a sidecar whose limit differs can return a longer response: the paper's R - 1 for
+    f = 1, where SkyRL sets the reward to 0 and the formula alone would go below -f).
     Added to the correctness reward (after dynamic sampling has looked at correctness)."""
     if not 0 < buffer_len <= max_generate_length:
         raise ValueError(f"overlong_buffer.len must be in (0, max_generate_length="
@@ -23,7 +26,7 @@ def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: 
         raise ValueError(f"overlong_buffer.penalty_factor must be >= 0, got {penalty_factor}")
     expected = max_generate_length - buffer_len
     excess = lengths.astype(jnp.float32) - expected
-    return jnp.minimum(-excess / buffer_len * penalty_factor, 0.0)
+    return jnp.clip(-excess / buffer_len * penalty_factor, -penalty_factor, 0.0)
 
 
 def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
