@@ -8,4 +8,4 @@ from configs.dapo_common import dapo_config
 def get_config():
     return dapo_config(model_path="/models/Qwen2.5-Math-7B", run_dir="runs/dapo_qwen2p5_math_7b",
                        eval_interval=10, max_steps=320,
-                       xla_memory_fraction=0.6, micro_forward_batch_size_per_gpu=4)
+                       xla_memory_fraction=0.45, micro_forward_batch_size_per_gpu=4)

@@ -6,4 +6,4 @@ from configs.dapo_common import dapo_config
 def get_config():
     return dapo_config(model_path="/models/Qwen3-1.7B-Base", run_dir="runs/dapo_qwen3_1p7b",
                        eval_interval=5, max_steps=225,
-                       xla_memory_fraction=0.3, micro_forward_batch_size_per_gpu=8)
+                       xla_memory_fraction=0.15, micro_forward_batch_size_per_gpu=8)

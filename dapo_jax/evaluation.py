@@ -99,14 +99,15 @@ class EvalResult:
 def evaluate(generate: Any, prompt_ids: list[list[int]], examples: list[Any],
              sampling: SamplingParams, n_samples: int, tokenizer: Any, rewards: RewardPool,
              *, batch_prompts: int = 0, progress: Any = None) -> EvalResult:
-    """`n_samples` responses per prompt from `generate(prompts, sampling, n)` (an engine's
-    generate), scored by `rewards`, summarised. Prompts go `batch_prompts` at a time (0: all
-    at once); `progress(n)` is called after each batch with the number of prompts done."""
+    """`n_samples` responses per prompt from `generate(prompts, sampling, n, keys)` (an
+    engine's generate; each prompt keyed by its position in `prompt_ids`), scored by
+    `rewards`, summarised. Prompts go `batch_prompts` at a time (0: all at once);
+    `progress(n)` is called after each batch with the number of prompts done."""
     groups, samples = [], []
     step = batch_prompts or len(prompt_ids)
     for lo in range(0, len(prompt_ids), step):
         chunk = range(lo, min(lo + step, len(prompt_ids)))
-        outs = generate([prompt_ids[i] for i in chunk], sampling, n_samples)
+        outs = generate([prompt_ids[i] for i in chunk], sampling, n_samples, list(chunk))
         texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group]
                  for group in outs]
         flat = [t for group in texts for t in group]

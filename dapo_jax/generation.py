@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -226,7 +225,7 @@ def _write(cache: KVCache, new: KVCache, slot: jax.Array) -> KVCache:
 
 def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
               prompt_mask_BP: jax.Array, active_B: jax.Array, stop_ids: jax.Array,
-              seed: jax.Array, prompt_hash_B: jax.Array, sample_B: jax.Array,
+              seed: jax.Array, prompt_key_B: jax.Array, sample_B: jax.Array,
               max_new: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
               *, new_bucket: int, kind: str) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params)
@@ -237,11 +236,11 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, prompt_BP: jax.Array,
     positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=-1) - 1, 0)
     h, new_kv = model.hidden_states_cached(prompt_BP, positions_BP, prompt_mask_BP)
     cache = _write(model.init_cache(B, S), new_kv, jnp.int32(0))
-    # Every sequence draws from its own key (seed, prompt, sample index, token index): what
-    # it generates does not depend on the batch it is in or on how that is split.
+    # Every sequence draws from its own key (seed, prompt key, sample index, token index):
+    # what it generates does not depend on the batch it is in or on how that is split.
     key = jax.random.key(seed)
     seq_keys_B = jax.vmap(lambda h_, j: jax.random.fold_in(jax.random.fold_in(key, h_), j))(
-        prompt_hash_B, sample_B)
+        prompt_key_B, sample_B)
     keys_at = lambda i: jax.vmap(jax.random.fold_in, (0, None))(seq_keys_B, i)
     tok_B, logp_B = sample_tokens(_logits_last(model, h), keys_at(0), temperature, top_k,
                                   top_p, kind=kind)
@@ -322,9 +321,13 @@ class Generator:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
-                 n: int = 1) -> list[list[Sample]]:
+                 n: int = 1, keys: Sequence[int] | None = None) -> list[list[Sample]]:
         """`n` samples for each prompt (token-id lists); one list of Samples per prompt.
-        The rows are generated `max_num_seqs` at a time (the KV cache holds that many)."""
+        `keys` name each prompt's identity (its position in the dataset; default: its
+        position in `prompts`): sample j of a prompt draws from key (sampling.seed, key, j),
+        so two copies of one prompt under different keys draw different samples, and what a
+        prompt gets does not depend on the batch it is in or its order. The rows are
+        generated `max_num_seqs` at a time (the KV cache holds that many)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
@@ -337,13 +340,16 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it "
                     f"exceeds the model's maximum length {self.max_model_len}")
         rows = [list(p) for p in prompts for _ in range(n)]
-        hashes = np.repeat([zlib.crc32(np.asarray(p, np.int32).tobytes()) for p in prompts], n)
+        keys = range(len(prompts)) if keys is None else keys
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+        prompt_keys = np.repeat(np.asarray(keys, np.int64) % 2**32, n)
         sample = np.tile(np.arange(n, dtype=np.int32), len(prompts))
         chunk = self.max_num_seqs or len(rows)
         samples = []
         for lo in range(0, len(rows), chunk):
             part = slice(lo, lo + chunk)
-            samples += self._generate_rows(rows[part], hashes[part].astype(np.uint32),
+            samples += self._generate_rows(rows[part], prompt_keys[part].astype(np.uint32),
                                            sample[part], sampling)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -353,7 +359,7 @@ class Generator:
         dp = self._batch_multiple()
         return -(-bucket(rows) // dp) * dp
 
-    def _generate_rows(self, rows: list[list[int]], prompt_hash_rows: np.ndarray,
+    def _generate_rows(self, rows: list[list[int]], prompt_key_rows: np.ndarray,
                        sample_rows: np.ndarray, sampling: SamplingParams) -> list[Sample]:
         B = self.batch_bucket(len(rows))
         P = bucket(max(len(r) for r in rows))
@@ -366,20 +372,20 @@ class Generator:
         prompt[len(rows):, -1] = self.pad_token_id  # filler rows: one token, inactive
         mask[len(rows):, -1] = 1
         active = np.arange(B) < len(rows)
-        prompt_hash = np.zeros(B, np.uint32)
-        prompt_hash[:len(rows)] = prompt_hash_rows
+        prompt_key = np.zeros(B, np.uint32)
+        prompt_key[:len(rows)] = prompt_key_rows
         sample = np.zeros(B, np.int32)
         sample[:len(rows)] = sample_rows
-        batch = self._place((prompt, mask, active, prompt_hash, sample), batched=True)
+        batch = self._place((prompt, mask, active, prompt_key, sample), batched=True)
         shared = self._place((self.stop_ids, np.uint32(sampling.seed % 2**32),
                               np.int32(sampling.max_tokens), np.float32(sampling.temperature),
                               np.int32(sampling.top_k), np.float32(sampling.top_p)),
                              batched=False)
-        prompt, mask, active, prompt_hash, sample = batch
+        prompt, mask, active, prompt_key, sample = batch
         stop_ids, seed, max_new, temperature, top_k, top_p = shared
         with mesh_context(self.mesh):
             out = self._fn(self.graphdef, self.params, prompt, mask, active, stop_ids, seed,
-                           prompt_hash, sample, max_new, temperature, top_k, top_p,
+                           prompt_key, sample, max_new, temperature, top_k, top_p,
                            new_bucket=M, kind=sampling_kind(sampling))
         out = {k: to_host(v) for k, v in out.items()}
         samples = []

@@ -100,8 +100,8 @@ class RolloutClient:
                                f"version {self.version}")
 
     def _generate_one(self, url: str, prompts: list[list[int]], sampling: SamplingParams,
-                      n: int) -> list[list[Sample]]:
-        request = {"prompt_token_ids": prompts, "n": n, "sampling_params": {
+                      n: int, keys: list[int]) -> list[list[Sample]]:
+        request = {"prompt_token_ids": prompts, "n": n, "prompt_keys": keys, "sampling_params": {
             "temperature": sampling.temperature, "top_p": sampling.top_p,
             "top_k": sampling.top_k, "max_tokens": sampling.max_tokens, "seed": sampling.seed}}
 
@@ -124,14 +124,19 @@ class RolloutClient:
         return self._with_retries(url, attempt)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
-                 n: int = 1) -> list[list[Sample]]:
-        """`n` samples per prompt, split across the sidecars; order follows `prompts`."""
+                 n: int = 1, keys: Sequence[int] | None = None) -> list[list[Sample]]:
+        """`n` samples per prompt, split across the sidecars; order follows `prompts`.
+        `keys` name the prompts' identities for sampling (`Generator.generate`; default:
+        positions in `prompts`), the same whichever sidecar serves a prompt."""
         prompts = [list(p) for p in prompts]
+        keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
         k = len(self.urls)
         size = -(-len(prompts) // k)
-        chunks = [(url, prompts[i * size:(i + 1) * size]) for i, url in enumerate(self.urls)]
-        chunks = [(url, c) for url, c in chunks if c]
+        chunks = [(url, prompts[i * size:(i + 1) * size], keys[i * size:(i + 1) * size])
+                  for i, url in enumerate(self.urls)]
+        chunks = [c for c in chunks if c[1]]
         with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-            parts = pool.map(lambda uc: self._generate_one(uc[0], uc[1], sampling, n), chunks)
+            parts = pool.map(lambda c: self._generate_one(c[0], c[1], sampling, n, c[2]),
+                             chunks)
             return [group for part in parts for group in part]
 

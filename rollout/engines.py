@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from dapo_jax.generation import Generator, Sample, SamplingParams, stop_token_ids
 from dapo_jax.models import read_config
 from rollout.protocol import RequestError
@@ -38,9 +40,9 @@ class JaxEngine:
     def version(self) -> int:
         return self.generator.version
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]:
-        return self.generator.generate(prompts, sampling, n)
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]:
+        return self.generator.generate(prompts, sampling, n, keys)
 
     def update_weights(self, path: Path, version: int) -> None:
         from flax import nnx
@@ -53,6 +55,12 @@ class JaxEngine:
         if model.config != self.config:
             raise RequestError(409, f"{path} is a different architecture from the served model")
         self.generator.set_params(nnx.split(model)[1], version)
+
+
+def request_seed(seed: int, key: int) -> int:
+    """A vLLM request's seed from the sampling seed and the prompt's key (well mixed, so
+    nearby seeds and keys do not give related streams)."""
+    return int(np.random.SeedSequence([seed % 2**32, key % 2**32]).generate_state(1)[0])
 
 
 class VllmEngine:
@@ -78,14 +86,19 @@ class VllmEngine:
             worker_extension_cls="rollout.vllm_worker.ExportLoader",
             logprobs_mode="processed_logprobs")
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]:
+        """Each request (one prompt, its n samples) is seeded from (seed, the prompt's key):
+        copies of one prompt under different keys, and the same sample index of different
+        prompts, draw different numbers (one seed for every request made sample j of each
+        prompt draw alike), and a prompt gets the same samples whichever batch or sidecar
+        it is in. The n samples of a request come from its one seeded generator."""
         from vllm import SamplingParams as VllmSampling
 
-        params = VllmSampling(
+        params = [VllmSampling(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0,
-            stop_token_ids=self.stop_ids, detokenize=False)
+            max_tokens=sampling.max_tokens, seed=request_seed(sampling.seed, key), logprobs=0,
+            stop_token_ids=self.stop_ids, detokenize=False) for key in keys]
         results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     use_tqdm=False)
         out = []

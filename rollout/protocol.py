@@ -1,7 +1,7 @@
 """The sidecar's JSON wire format and its validation (a bad request is a RequestError with
 an HTTP status and a message that names the problem).
 
-    POST /generate  {"prompt_token_ids": [[int, ...], ...], "n": 4,
+    POST /generate  {"prompt_token_ids": [[int, ...], ...], "n": 4, "prompt_keys": [int, ...],
                      "sampling_params": {"temperature": 1.0, "top_p": 1.0, "top_k": -1,
                                          "max_tokens": 64, "seed": 0}}
     -> {"outputs": [[{"token_ids": [...], "logprobs": [...], "finish_reason": "stop"}, ...n],
@@ -48,9 +48,11 @@ def _check_fields(obj: Any, allowed: set[str], required: set[str], where: str) -
 
 
 def parse_generate(body: Any, *, vocab_size: int, max_model_len: int,
-                   ) -> tuple[list[list[int]], int, SamplingParams]:
-    _check_fields(body, {"prompt_token_ids", "n", "sampling_params"}, {"prompt_token_ids"},
-                  "request")
+                   ) -> tuple[list[list[int]], int, SamplingParams, list[int]]:
+    """(prompts, n, sampling, keys): `prompt_keys` name each prompt's identity for sampling
+    (its dataset position; default: its position in the request)."""
+    _check_fields(body, {"prompt_token_ids", "n", "sampling_params", "prompt_keys"},
+                  {"prompt_token_ids"}, "request")
     prompts = body["prompt_token_ids"]
     if not isinstance(prompts, list) or not prompts:
         raise RequestError(400, "prompt_token_ids must be a non-empty list of token-id lists")
@@ -84,7 +86,12 @@ def parse_generate(body: Any, *, vocab_size: int, max_model_len: int,
             raise RequestError(400, f"prompt_token_ids[{i}] has {len(p)} tokens; with "
                                     f"max_tokens={sampling.max_tokens} that exceeds the model's "
                                     f"maximum length {max_model_len}")
-    return prompts, n, sampling
+    keys = body.get("prompt_keys", list(range(len(prompts))))
+    if not isinstance(keys, list) or len(keys) != len(prompts):
+        raise RequestError(400, f"prompt_keys must be a list of {len(prompts)} integers, one per "
+                                "prompt")
+    keys = [_require_int(k, f"prompt_keys[{i}]") for i, k in enumerate(keys)]
+    return prompts, n, sampling, keys
 
 
 def parse_update(body: Any) -> tuple[str, int]:

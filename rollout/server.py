@@ -51,12 +51,12 @@ class Sidecar:
                 "stop_token_ids": sorted(int(t) for t in self.engine.stop_ids)}
 
     def generate(self, body: Any) -> dict[str, Any]:
-        prompts, n, sampling = protocol.parse_generate(
+        prompts, n, sampling, keys = protocol.parse_generate(
             body, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         with self.lock:
             self.busy = True
             try:
-                outputs = self.engine.generate(prompts, sampling, n)
+                outputs = self.engine.generate(prompts, sampling, n, keys)
                 version = self.engine.version
             finally:
                 self.busy = False

@@ -82,8 +82,9 @@ def test_launcher_splits_gpus_over_processes_and_keeps_its_own_flag():
 
 
 def test_a_sequence_samples_the_same_in_any_batch_and_split(tiny_checkpoints):
-    """Sampling is keyed per sequence (seed, prompt, sample index): a prompt's responses do
-    not depend on the other prompts of the call, their order or the device split."""
+    """Sampling is keyed per sequence (seed, prompt key = dataset position, sample index): a
+    prompt's responses do not depend on the other prompts of the call, their order or the
+    device split; two copies of one prompt (different keys) draw different samples."""
     model = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="float32")
     from flax import nnx
 
@@ -91,14 +92,18 @@ def test_a_sequence_samples_the_same_in_any_batch_and_split(tiny_checkpoints):
     sp = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
     a, b, c = [5, 9, 13], [21, 8], [3, 3, 3, 3]
     gen = Generator(graphdef, params, stop_token_ids=[2], max_model_len=64)
-    alone = gen.generate([b], sp, n=3)[0]
-    mixed = gen.generate([a, b, c], sp, n=3)
+    alone = gen.generate([b], sp, n=3, keys=[11])[0]
+    mixed = gen.generate([a, b, c], sp, n=3, keys=[10, 11, 12])
     assert [s.token_ids for s in mixed[1]] == [s.token_ids for s in alone]
     assert len({tuple(s.token_ids) for s in alone}) > 1  # the samples of a prompt differ
+    twice = gen.generate([b, b], sp, n=3, keys=[11, 40])  # a repeated prompt in one batch
+    assert [s.token_ids for s in twice[0]] == [s.token_ids for s in alone]
+    assert [s.token_ids for s in twice[1]] != [s.token_ids for s in twice[0]]
     mesh = make_mesh((1, -1, 1))
     sharded = load_pretrained(tiny_checkpoints["qwen3_tied"], dtype="float32", mesh=mesh)
-    gen8 = Generator(*nnx.split(sharded), stop_token_ids=[2], max_model_len=64, mesh=mesh)
-    reordered = gen8.generate([c, b], sp, n=3)
+    gen8 = Generator(*nnx.split(sharded), stop_token_ids=[2], max_model_len=64, mesh=mesh,
+                     max_num_seqs=3)  # one prompt's samples per call
+    reordered = gen8.generate([c, b], sp, n=3, keys=[12, 11])
     assert [s.token_ids for s in reordered[1]] == [s.token_ids for s in alone]
     assert [s.token_ids for s in reordered[0]] == [s.token_ids for s in mixed[2]]
 

@@ -158,3 +158,10 @@ def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
         sampled = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=8), n=2)
         lp = np.concatenate([s.logprobs for g in sampled for s in g])
         assert np.all(lp <= 0) and np.all(np.isfinite(lp))
+        # Two copies of one prompt in one batch (dataset positions 3 and 9) draw different
+        # samples; the same key draws the same ones in another batch (seeded per request).
+        sp = SamplingParams(temperature=1.0, max_tokens=16, seed=5)
+        copies = client.generate([PROMPTS[0], PROMPTS[0]], sp, n=2, keys=[3, 9])
+        assert [s.token_ids for s in copies[0]] != [s.token_ids for s in copies[1]]
+        again = client.generate([PROMPTS[1], PROMPTS[0]], sp, n=2, keys=[4, 3])
+        assert [s.token_ids for s in again[1]] == [s.token_ids for s in copies[0]]

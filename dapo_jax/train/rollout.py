@@ -57,8 +57,8 @@ def load_prompt_set(spec: str, tokenizer: Any, cfg: ConfigDict, split: str) -> P
 
 # ----------------------------------------------------------------------------- engines
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]: ...
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]: ...
 
     def sync(self, model: Any, params: Any, step: int, version: int) -> None: ...
 
@@ -79,9 +79,9 @@ class InProcessEngine:
         same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
         return params if same else cast_params(params, dtype=self.dtype)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]:
-        return self.generator.generate(prompts, sampling, n)
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]:
+        return self.generator.generate(prompts, sampling, n, keys)
 
     def sync(self, model: Any, params: Any, step: int, version: int) -> None:
         del model, step
@@ -107,9 +107,9 @@ class SidecarEngine:
         self.export_dir = export_dir
         self.dtype = dtype
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]:
-        return multihost.from_primary(lambda: self.client.generate(prompts, sampling, n))
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]:
+        return multihost.from_primary(lambda: self.client.generate(prompts, sampling, n, keys))
 
     def sync(self, model: Any, params: Any, step: int, version: int) -> None:
         from dapo_jax.weight_export import export_weights
@@ -126,9 +126,9 @@ class SidecarEngine:
 def versioned(engine: Engine, version: int) -> Any:
     """`engine.generate` that refuses samples generated with another weight version than
     `version` (stale or unknown weights are an error, never a silent rollout)."""
-    def generate(prompts: list[list[int]], sampling: SamplingParams,
-                 n: int) -> list[list[Sample]]:
-        groups = engine.generate(prompts, sampling, n)
+    def generate(prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]:
+        groups = engine.generate(prompts, sampling, n, keys)
         stale = {s.weight_version for g in groups for s in g} - {version}
         if stale:
             raise RuntimeError(f"rollout generated with weight version(s) {sorted(stale)}, "
@@ -145,7 +145,8 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
     contiguous, and the reward pool's failure counts. Refuses samples generated with another
     weight version than `version`."""
     start = time.perf_counter()
-    groups = versioned(engine, version)([prompt_set.ids[i] for i in indices], sampling, n)
+    groups = versioned(engine, version)([prompt_set.ids[i] for i in indices], sampling, n,
+                                        [int(i) for i in indices])
     timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
     samples = [s for g in groups for s in g]
     rows = np.repeat(np.asarray(indices), n)
