@@ -104,13 +104,24 @@ def arithmetic_examples(count: int, seed: int, split: str = "train") -> list[Exa
     `Answer:` line, so its length grows with k. The splits are disjoint sets of operand
     tuples, by a hash of the tuple: "eval" (1/5) for held-out evaluation, "sft" (3/5) for the
     base model's supervised warm-up, "train" (1/5) for RL, so RL and evaluation both see
-    problems the base model never saw."""
+    problems the base model never saw.
+
+    The RL and evaluation splits hold distinct problems (a repeated prompt would train as a
+    cloned group and count twice in an eval): a drawn tuple already taken is drawn again,
+    so once the few short sums of a split are used up (81 tuples of two operands in all,
+    about 16 per split) the rest are longer. The supervised split keeps repeats: it is a
+    corpus drawn with k uniform, and the shipped base model was trained on exactly it."""
     if split not in ARITHMETIC_SPLITS:
         raise ValueError(f"split must be one of {sorted(ARITHMETIC_SPLITS)}, got {split!r}")
     rng = random.Random(f"{seed}-{split}")
-    out = []
+    out: list[Example] = []
+    seen: set[tuple[int, ...]] = set()
     while len(out) < count:
         operands = [rng.randint(1, 9) for _ in range(rng.randint(*ARITHMETIC_OPERANDS))]
+        if split != "sft":
+            if tuple(operands) in seen:
+                continue
+            seen.add(tuple(operands))
         if _operand_bucket(operands) in ARITHMETIC_SPLITS[split]:
             question = "What is " + " + ".join(map(str, operands)) + "?"
             out.append(Example((("user", question),), str(sum(operands)), "arithmetic"))

@@ -131,6 +131,16 @@ def test_arithmetic_splits_are_disjoint_and_not_tied_to_the_answer():
     assert np.mean([len(e.ground_truth) for e in arithmetic_examples(50, 1)]) > 1
 
 
+def test_arithmetic_rl_and_eval_splits_hold_distinct_problems():
+    """The main job's sizes: 4096 training and 256 held-out problems, none repeated (they
+    used to hold 2309 and 208 distinct); the supervised corpus keeps its repeats."""
+    for split, count in (("train", 4096), ("eval", 256)):
+        examples = arithmetic_examples(count, seed=42, split=split)
+        assert len({e.messages for e in examples}) == count, split
+    sft = arithmetic_examples(2000, seed=0, split="sft")
+    assert len({e.messages for e in sft}) < 2000
+
+
 def test_arithmetic_task_worked_solution_and_lengths():
     examples = arithmetic_examples(500, seed=3)
     counts = {len(arithmetic_operands(e)) for e in examples}
