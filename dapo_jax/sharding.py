@@ -127,3 +127,14 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_shards(rows: int) -> int:
+    """How many ways `rows` batch rows are split over the mesh in context (1 without one, or
+    when the batch axes do not divide them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec(("batch",), (rows,), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(mesh.shape[a] for a in axes)

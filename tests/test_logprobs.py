@@ -107,3 +107,26 @@ def test_bad_arguments():
         token_logprobs(h, jnp.zeros((8, 10)), jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="hidden dim"):
         token_logprobs(h, jnp.zeros((7, 10)), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_vocab_block_is_sized_per_device():
+    """Under an 8-device mesh the [B, T, Vc] block is sized for one device's B/8 rows: 16 x
+    128 tokens, 8 ways, with a 2^18-value budget gives 1024 columns per block, not the
+    global batch's 128."""
+    from unittest import mock
+
+    from dapo_jax.models import logprobs
+    from dapo_jax.sharding import make_mesh
+
+    blocks = []
+    real = logprobs.vocab_block
+    spy = lambda bt, v, be: blocks.append(real(bt, v, be)) or blocks[-1]
+    h = jax.ShapeDtypeStruct((16, 128, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((64, 4096), jnp.float32)
+    y = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+    fn = lambda h, w, y: logprobs.token_logprobs(h, w, y, block_elements=2**18)
+    with mock.patch.object(logprobs, "vocab_block", spy):
+        jax.eval_shape(fn, h, w, y)
+        with jax.set_mesh(make_mesh((1, -1, 1))):
+            jax.eval_shape(fn, h, w, y)
+    assert blocks == [128, 1024]

@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dapo_jax.sharding import batch_shards
+
 _MIN_BLOCK = 128
 
 
@@ -131,7 +133,10 @@ def token_logprobs(
         raise ValueError(f"targets shape {targets_BT.shape} does not match hidden {h_BTD.shape}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    vc = vocab_block(B * T, w_DV.shape[1], block_elements)
+    # The block is sized for one device's rows: under a mesh the batch is split over the
+    # `batch` axes (at the seed shape, 1,187 sequential 128-column blocks per micro-batch
+    # when sized for the global batch instead of 198).
+    vc = vocab_block(B * T // batch_shards(B), w_DV.shape[1], block_elements)
     return _logprobs(h_BTD, w_DV, targets_BT.astype(jnp.int32), vc, float(temperature))
 
 
