@@ -33,10 +33,10 @@ def ref_reduce(values, mask, reduction, max_seq_len=None):
     m = np.asarray(mask, np.float64)
     if reduction == "token_mean":
         return (values * m).sum() / max(m.sum(), 1)
-    if reduction == "sequence_mean":
+    if reduction == "sequence_mean":  # SkyRL: every row counts, all-masked ones add 0
         rows = m.sum(-1) > 0
         per_seq = (values * m).sum(-1)[rows] / m.sum(-1)[rows]
-        return per_seq.sum() / max(rows.sum(), 1)
+        return per_seq.sum() / m.shape[0]
     return (values * m).sum() / (m.shape[0] * max_seq_len)
 
 
@@ -73,6 +73,32 @@ def test_policy_loss_matches_reference(kind, reduction, seed):
     np.testing.assert_allclose(metrics["approx_kl"], (old - logp)[m].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["ratio"], ratio[m].mean(), rtol=1e-5)
     assert 0 < float(metrics["clip_frac_high"]) < 1
+
+
+def test_sequence_mean_counts_masked_sequences_and_kl_is_a_sequence_mean():
+    """Hand case, ratio 1 (logp = old) so the regular loss is -A per token. Two sequences:
+    row 0 has tokens A = 1, 1, 3 (mean loss -5/3), row 1 is overlong-filtered (mask 0).
+    SkyRL's sequence_mean: (-5/3 + 0) / 2 rows = -5/6 (counting only trainable rows would
+    give -5/3). KL (k1 = logp - ref = 0.3 on row 0's tokens) under token_mean is still a
+    sequence mean: (0.3 + 0) / 2 = 0.15, not the token mean 0.3."""
+    logp = jnp.zeros((2, 3))
+    adv = jnp.array([[1.0, 1.0, 3.0], [2.0, 2.0, 2.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    kw = dict(policy_loss_type="regular", eps_clip_low=0.2, eps_clip_high=0.28,
+              clip_ratio_c=3.0, max_seq_len=None)
+    den = objective.reduction_denominator(mask, "sequence_mean")
+    assert float(den) == 2.0
+    loss, _ = objective.policy_loss(logp, logp, adv, mask, loss_reduction="sequence_mean",
+                                    denominator=den, **kw)
+    np.testing.assert_allclose(loss, -5 / 6, rtol=1e-6)
+    batch = {"old_logprobs": logp, "advantages": adv, "loss_mask": mask,
+             "ref_logprobs": logp - 0.3}
+    den_tok = objective.reduction_denominator(mask, "token_mean")
+    total, metrics = objective.total_loss(
+        logp, jnp.zeros((2, 3)), batch, loss_kwargs={**kw, "loss_reduction": "token_mean"},
+        denominator=den_tok, kl_loss_coef=1.0, kl_estimator="k1")
+    np.testing.assert_allclose(metrics["kl_loss"], 0.15, rtol=1e-6)
+    np.testing.assert_allclose(total, -5 / 3 + 0.15, rtol=1e-6)  # token mean: -5/3
 
 
 def test_dual_clip_bounds_negative_advantages():

@@ -134,7 +134,8 @@ def reduction_weights(loss_mask: Array, loss_reduction: str,
     """Per-token weights w such that the reduced loss is sum(w * L) / denominator.
 
     token_mean and seq_mean_token_sum_norm: w = m; sequence_mean: w = m / (trainable tokens
-    of the token's sequence), so each sequence with a trainable token weighs 1 in total."""
+    of the token's sequence), so each sequence with a trainable token weighs 1 in total (and
+    one without weighs 0 but still counts in the denominator)."""
     m = loss_mask.astype(jnp.float32)
     if loss_reduction == "sequence_mean":
         return m / jnp.maximum(segment_sums(m, segment_ids), 1.0)
@@ -147,14 +148,15 @@ def reduction_denominator(loss_mask: Array, loss_reduction: str,
     """The normaliser of a whole mini-batch (sum it over micro-batches/devices first, or pass
     the full mini-batch mask):
 
-    token_mean: sum(m); sequence_mean: number of sequences with at least one trainable token
-    (= the sum of sequence_mean's weights); seq_mean_token_sum_norm: number of sequences x
-    max_seq_len (Dr. GRPO's constant)."""
+    token_mean: sum(m); sequence_mean: the number of sequences, also those whose tokens are
+    all masked (overlong-filtered: they add 0 and count, SkyRL's and GRPO's 1/G over all
+    samples); seq_mean_token_sum_norm: the number of sequences x max_seq_len (Dr. GRPO's
+    constant)."""
     m = loss_mask.astype(jnp.float32)
     if loss_reduction == "token_mean":
         return jnp.sum(m)
     if loss_reduction == "sequence_mean":
-        return jnp.sum(reduction_weights(m, loss_reduction, segment_ids))
+        return num_sequences(m, segment_ids)
     if loss_reduction == "seq_mean_token_sum_norm":
         return num_sequences(m, segment_ids) * max_seq_len
     raise ValueError(f"loss_reduction {loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
@@ -279,8 +281,15 @@ def total_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     tis_cap: float | None = None,
+    num_sequences_total: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """policy_loss + kl_loss_coef * KL - entropy_coef * entropy, all reduced the same way.
+    """policy_loss + kl_loss_coef * KL - entropy_coef * entropy.
+
+    The policy loss and the entropy bonus use `loss_reduction` with the mini-batch's
+    `denominator`. The KL term is a sequence mean whatever `loss_reduction` is, as SkyRL
+    reduces it: KL = (1/S) sum_i (sum_t m_it kl_it / sum_t m_it) over all S sequences of the
+    mini-batch (`num_sequences_total`; default: this batch's), each sequence's per-token KL
+    weighing 1 however long it is.
 
     `batch` holds old_logprobs, advantages, loss_mask, optionally segment_ids (packed rows)
     and, when used, ref_logprobs (KL) and rollout_logprobs (TIS)."""
@@ -297,7 +306,11 @@ def total_loss(
                                    max_seq_len=loss_kwargs.get("max_seq_len"),
                                    denominator=denominator, segment_ids=segments)
     if kl_loss_coef:
-        kl = reduce(kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator))
+        if num_sequences_total is None:
+            num_sequences_total = num_sequences(mask, segments)
+        kl = reduce_loss(kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator), mask,
+                         "sequence_mean", denominator=num_sequences_total,
+                         segment_ids=segments)
         loss = loss + kl_loss_coef * kl
         metrics["kl_loss"] = kl
     if entropy_coef:

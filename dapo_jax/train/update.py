@@ -225,7 +225,7 @@ def make_train_fns(
     """
     policy_kwargs = loss_cfg.policy_kwargs()
 
-    def loss_fn(params: nnx.State, mb: Batch, denominator: jax.Array):
+    def loss_fn(params: nnx.State, mb: Batch, denominator: jax.Array, sequences: jax.Array):
         model = nnx.merge(graphdef, params)
         logp, entropy = sequence_logprobs(model, mb["input_ids"], mb["segment_ids"],
                                           mb["positions"], temperature=loss_cfg.temperature)
@@ -233,19 +233,20 @@ def make_train_fns(
             logp, entropy, mb, loss_kwargs=policy_kwargs, denominator=denominator,
             kl_loss_coef=loss_cfg.kl_loss_coef if loss_cfg.use_kl_loss else 0.0,
             kl_estimator=loss_cfg.kl_estimator, entropy_coef=loss_cfg.entropy_coef,
-            tis_cap=loss_cfg.tis_cap)
+            tis_cap=loss_cfg.tis_cap, num_sequences_total=sequences)
 
     def update(params: nnx.State, opt_state: Any, batch: Batch):
         _check_batch(batch, loss_cfg)
         denominator = objective.reduction_denominator(
             batch["loss_mask"], loss_cfg.loss_reduction, loss_cfg.max_seq_len,
             batch["segment_ids"])
+        sequences = objective.num_sequences(batch["loss_mask"], batch["segment_ids"])
         micro = {k: _split(v, micro_batch_rows) for k, v in batch.items()}
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def body(grads, mb):
-            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb,
-                                                                           denominator)
+            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, mb, denominator, sequences)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return grads, {**metrics, "loss": loss}
 
