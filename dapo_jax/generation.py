@@ -57,7 +57,9 @@ class SamplingParams:
 class Sample:
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (a stop token was sampled, and is included) or "length"
+    # "stop" (a stop token was sampled, and is included), "length", or another engine's
+    # reason (vLLM: "abort"); everything but "stop" is overlong-filtered.
+    finish_reason: str
     weight_version: int
 
 

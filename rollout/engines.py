@@ -109,8 +109,8 @@ class VllmEngine:
                 logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, ids,
                                                                        strict=True)]
                 group.append(Sample(token_ids=ids, logprobs=logprobs,
-                                    finish_reason="stop" if c.finish_reason == "stop" else
-                                    "length", weight_version=self.version))
+                                    finish_reason=c.finish_reason or "abort",
+                                    weight_version=self.version))
             out.append(group)
         return out
 

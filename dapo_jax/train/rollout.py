@@ -163,7 +163,9 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
         "text": obj(texts),
         "score": np.array([r.score for r in results], np.float32),
         "acc": np.array([r.acc for r in results], bool),
-        "truncated": np.array([s.finish_reason == "length" for s in samples], bool),
+        # Did not end with a stop token: "length", or an engine's "abort" (SkyRL's rule for
+        # overlong filtering: every finish reason but "stop").
+        "truncated": np.array([s.finish_reason != "stop" for s in samples], bool),
     }, stats
 
 

@@ -30,8 +30,9 @@ def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: 
 
 
 def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
-    """Overlong filtering: the tokens of responses whose finish reason is `length` (no stop
-    token within max_generate_length) get loss mask 0. `truncated` is per token (true on
+    """Overlong filtering: the tokens of responses whose finish reason is not `stop`
+    (`length`: no stop token within max_generate_length; or an aborted request, as SkyRL
+    filters) get loss mask 0. `truncated` is per token (true on
     every token of such a response, see `batch.place_sequence_values`), so padded and packed
     rows work alike. Those responses still count in their group's advantage statistics;
     only their tokens stop training."""
