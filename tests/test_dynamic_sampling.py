@@ -85,6 +85,24 @@ def test_replace_copies_good_groups_over_bad_ones():
     assert set(prompts[[1, 3], 0]) <= {0, 2}  # bad ones become copies of good ones
 
 
+def test_replace_draws_without_repetition_when_enough_good_groups():
+    """SkyRL: with at least as many good groups as bad, each good group is copied at most
+    once (50 seeds); with fewer, copies repeat. Copies keep their source's group id."""
+    kw = dict(kind="replace", group_size=G, train_batch_size=6, max_sample_batches=5,
+              min_replace_ratio=0.3)
+    for seed in range(50):
+        batch, scores = gen_batch([MIXED, RIGHT, MIXED, WRONG, MIXED, WRONG], 0)
+        _, out = accumulate(DynamicSamplingState(), batch, scores,
+                            rng=np.random.default_rng(seed), **kw)
+        sources = out["prompt"].reshape(6, G)[[1, 3, 5], 0]
+        assert len(set(sources)) == 3 and set(sources) <= {0, 2, 4}, sources
+        np.testing.assert_array_equal(out["group_id"], out["prompt"])  # prompt i is group i
+    batch, scores = gen_batch([MIXED, RIGHT, MIXED, WRONG, WRONG, RIGHT], 0)  # 2 good, 4 bad
+    _, out = accumulate(DynamicSamplingState(), batch, scores, rng=np.random.default_rng(0),
+                        **kw)
+    assert set(out["prompt"].reshape(6, G)[:, 0]) <= {0, 2}
+
+
 def test_replace_resamples_when_too_few_good_groups():
     kw = dict(kind="replace", group_size=G, train_batch_size=4, max_sample_batches=2,
               min_replace_ratio=0.3)

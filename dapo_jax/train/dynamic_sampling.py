@@ -8,7 +8,12 @@ BEFORE soft overlong punishment).
   kept), accumulate over generation batches until `train_batch_size` groups are kept, then
   truncate to exactly that many.
 - `replace` (POLARIS): if more than `min_replace_ratio` of a batch's groups are good,
-  overwrite each bad group with a copy of a randomly chosen good group; otherwise draw again.
+  overwrite each bad group with a copy of a randomly chosen good group (without repetition
+  when there are at least as many good groups as bad ones, as SkyRL); otherwise draw again.
+  A copy keeps its source's group id (SkyRL keeps the source's uid), so its advantages are
+  normalised over the source and its copies together.
+
+The training batch carries `group_id` per row: the group its advantages are normalised in.
 
 The accumulator state (`DynamicSamplingState`) lives for one training step and is not
 checkpointed: checkpoints are written between steps, and the generation seeds depend only on
@@ -115,24 +120,27 @@ def accumulate(
         all_wrong_groups=state.all_wrong_groups + int(np.sum(uniform & (g[:, 0] <= 0))),
     )
     if kind is None:
-        return _finish(state, batch)
+        return _finish(state, batch, group_size)
     if kind == "replace":
         if g.shape[0] != train_batch_size:
             raise ValueError(f"replace needs generation batches of train_batch_size="
                              f"{train_batch_size} groups, got {g.shape[0]}")
         if good.mean() > min_replace_ratio:
             rng = rng if rng is not None else np.random.default_rng()
-            good_idx = np.flatnonzero(good)
+            good_idx, bad_idx = np.flatnonzero(good), np.flatnonzero(~good)
             source = np.arange(g.shape[0])
-            source[~good] = rng.choice(good_idx, size=int((~good).sum()))
-            return _finish(state, select_groups(batch, source, group_size))
+            source[bad_idx] = rng.choice(good_idx, size=len(bad_idx),
+                                         replace=len(good_idx) < len(bad_idx))
+            out = select_groups(batch, source, group_size)
+            return _finish(state, {**out, "group_id": np.repeat(source, group_size)},
+                           group_size)
     else:  # filter
         kept = select_groups(batch, np.flatnonzero(good), group_size)
         state = dataclasses.replace(state, kept=concat(state.kept, kept),
                                     num_kept_groups=state.num_kept_groups + int(good.sum()))
         if state.num_kept_groups >= train_batch_size:
             out = select_groups(state.kept, np.arange(train_batch_size), group_size)
-            return _finish(state, out)
+            return _finish(state, out, group_size)
     if 0 < max_sample_batches <= state.batches_drawn:
         raise DynamicSamplingError(
             f"dynamic sampling ({kind}) drew {state.batches_drawn} generation batches "
@@ -144,5 +152,9 @@ def accumulate(
     return state, None
 
 
-def _finish(state: DynamicSamplingState, batch: Batch) -> tuple[DynamicSamplingState, Batch]:
+def _finish(state: DynamicSamplingState, batch: Batch, group_size: int
+            ) -> tuple[DynamicSamplingState, Batch]:
+    if "group_id" not in batch:  # every group its own
+        rows = len(next(iter(batch.values())))
+        batch = {**batch, "group_id": np.arange(rows) // group_size}
     return dataclasses.replace(state, kept=None, num_kept_groups=0), batch

@@ -77,7 +77,8 @@ def shaped_advantages(batch: dict[str, np.ndarray], s: StepSettings
     if s.overlong_buffer_len > 0:
         rewards = rewards + np.asarray(soft_overlong_penalty(
             lengths, s.max_generate_length, s.overlong_buffer_len, s.overlong_penalty_factor))
-    group_ids = np.repeat(np.arange(len(rewards) // s.group_size), s.group_size)
+    # Dynamic sampling's groups (replace's copies join their source); else G rows each.
+    group_ids = batch.get("group_id", np.arange(len(rewards)) // s.group_size)
     estimator = adv_lib.ADVANTAGE_ESTIMATORS[s.advantage_estimator]
     kwargs = {"norm_by_std": s.grpo_norm_by_std} if s.advantage_estimator == "grpo" else {}
     return rewards, np.asarray(estimator(rewards, group_ids, **kwargs))
