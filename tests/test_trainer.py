@@ -78,11 +78,19 @@ def test_unknown_keys_are_errors(tmp_path):
     c = arith_tiny.get_config()
     with pytest.raises(AttributeError):
         c.trainer.algorithm.eps_clip_hihg = 0.3  # a typo never silently does nothing
-    out = subprocess.run(
-        [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
-         "--config.trainer.no_such_key=1"], cwd=REPO, capture_output=True, text=True,
-        timeout=120)
-    assert out.returncode != 0 and "no_such_key" in out.stderr
+    for module in ("dapo_jax.train", "dapo_jax.launch"):
+        for arg, line in [
+                ("--config.trainer.algorithm.eps_clip_hihg=0.3", "error: unknown config key "
+                 'trainer.algorithm.eps_clip_hihg (did you mean "eps_clip_high"?)'),
+                ("--config.trainer.no_such_key=1", "error: unknown config key "
+                 "trainer.no_such_key"),
+                ("--config.trainer.max_steps=abc", "error: flag --config.trainer.max_steps=abc: "
+                 "invalid literal for int() with base 10: 'abc'")]:
+            out = subprocess.run([sys.executable, "-m", module, "--config",
+                                  "configs/arith_tiny.py", arg], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+            # One line naming the key, no traceback (the user's mistake, not a bug).
+            assert out.returncode == 2 and out.stderr.strip() == line, (module, out.stderr)
 
 
 def test_every_config_key_is_consumed():

@@ -21,4 +21,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dapo_jax.train.config import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -431,3 +431,32 @@ def total_steps(cfg: ConfigDict, num_train_prompts: int) -> int:
         return cfg.trainer.max_steps
     return max(1, math.floor(cfg.trainer.epochs * num_train_prompts /
                              cfg.trainer.train_batch_size))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `--config path --config.a.b=value` (an `app.run`
+    `flags_parser`): a key the config does not have, or a value it cannot take, is one line
+    naming it (with ml_collections' suggestion for a misspelt key) and exit code 2, no
+    traceback: the user's mistake, not a bug."""
+    import re
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        text = str(e)
+        suggestion = re.search(r'Did you mean "([^"]+)"', text)
+        overrides = [a.removeprefix("--").split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.")]
+        missing = re.match(r"""^\W*(\w+)""", text)
+        key = next((o for o in overrides if missing and
+                    missing.group(1) in o.split(".")[1:]), None)
+        if isinstance(e, (AttributeError, KeyError)) and key:
+            message = f"unknown config key {key.removeprefix('config.')}"
+            if suggestion:
+                message += f' (did you mean "{suggestion.group(1)}"?)'
+        else:
+            message = " ".join(text.split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
