@@ -182,7 +182,7 @@ def test_dapo_raises_held_out_accuracy(tmp_path):
     for key in ("reward/avg_raw_reward", "reward/avg_pass_at_8", "policy/grad_norm",
                 "policy/clip_frac_high", "policy/approx_kl", "policy/lr", "policy/entropy",
                 "dynamic_sampling/kept_frac", "rollout/logprob_abs_diff", "timing/generate",
-                "timing/update", "throughput/tokens_per_s", "eval/all/pass_at_4",
+                "timing/update", "throughput/trained_tokens_per_s", "eval/all/pass_at_4",
                 "eval/all/avg_score", "eval/all/truncated_frac",
                 "eval/all/avg_response_length", "generate/truncated_frac"):
         assert key in last, key

@@ -401,15 +401,6 @@ class Qwen(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
 
-def param_logical_axes(state: nnx.State) -> dict[tuple[str, ...], tuple[str, ...]]:
-    """{parameter path: logical axes}, with `layers` prepended for the stacked layers."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        axes = tuple(var.get_metadata()["axes"])
-        out[tuple(str(p) for p in path)] = (("layers",) + axes) if path[0] == "layers" else axes
-    return out
-
-
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """The state with each parameter replaced by its NamedSharding on `mesh`."""
 

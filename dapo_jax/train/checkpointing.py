@@ -1,7 +1,8 @@
 """Training checkpoints with orbax's CheckpointManager.
 
 Each step directory holds the parameters, the optimiser state and a JSON host state (step,
-data position, weight version, dynamic-sampling accumulator). orbax writes a step under a
+data position, weight version). Checkpoints are written between steps, so no
+dynamic-sampling accumulator is in flight then. orbax writes a step under a
 temporary name and renames it when complete, so a run killed at any moment (also during a
 save) resumes from the last complete checkpoint; sampling seeds are derived from (seed,
 step), so the resumed run reproduces the uninterrupted one.
@@ -29,9 +30,6 @@ class Checkpointer:
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             host=ocp.args.JsonSave(host)))
         self.manager.wait_until_finished()
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Restores into the structure, dtypes and shardings of the given (live) trees."""

@@ -272,8 +272,10 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             if t.eval_interval > 0 and (step % t.eval_interval == 0 or last):
                 metrics.update(evaluate_policy(r, step))
             metrics["timing/step"] = time.perf_counter() - step_start
-            metrics["throughput/tokens_per_s"] = (metrics["generate/avg_response_length"] *
-                                                  len(batch["score"]) / metrics["timing/step"])
+            # Response tokens of the trained batch (after dynamic sampling) per second.
+            metrics["throughput/trained_tokens_per_s"] = (
+                metrics["generate/avg_response_length"] * len(batch["score"]) /
+                metrics["timing/step"])
             log.log(step, metrics, echo=tqdm.write)
             bar.update(1)
     finally:

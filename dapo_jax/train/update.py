@@ -41,7 +41,6 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # "constant" | "cosine"
     total_steps: int = 0  # optimiser steps, for cosine decay
-    min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     b1: float = 0.9
@@ -61,12 +60,11 @@ class OptimizerConfig:
 
 def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup lr * (t + 1) / warmup for t < warmup (the first step is not wasted at
-    lr 0), then constant, or cosine down to min_lr_ratio * lr at total_steps."""
+    lr 0), then constant, or cosine down to 0 at total_steps."""
     warm = lambda t: cfg.lr * jnp.minimum(1.0, (t + 1.0) / max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":
         return warm
-    decay = optax.cosine_decay_schedule(cfg.lr, cfg.total_steps - cfg.warmup_steps,
-                                        alpha=cfg.min_lr_ratio)
+    decay = optax.cosine_decay_schedule(cfg.lr, cfg.total_steps - cfg.warmup_steps)
     return lambda t: jnp.where(t < cfg.warmup_steps, warm(t), decay(t - cfg.warmup_steps))
 
 
