@@ -241,3 +241,7 @@ def test_main_job_runs_on_six_devices(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[-1]["eval/all/accuracy"] > 0 and rows[-1]["policy/grad_norm"] > 0
+    # Piped, not a terminal: plain step lines, no progress bars, and a closing summary.
+    assert "generation batches" not in out.stderr and "steps:" not in out.stderr
+    assert f"held-out accuracy {rows[0]['eval/all/accuracy']:.3f} (step 0) -> " in out.stdout
+    assert f"checkpoints: {tmp_path / 'checkpoints'}" in out.stdout

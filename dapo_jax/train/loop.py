@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
     n = run.settings.group_size
     state = DynamicSamplingState()
     drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
-    bar = tqdm(desc="generation batches", leave=False, disable=not run.primary)
+    bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
     while True:
         sp = dataclasses.replace(run.train_sampling,
                                  seed=t.seed * 100_003 + step * 1009 + state.batches_drawn)
@@ -235,6 +236,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
 
 def run(cfg: ConfigDict) -> dict[str, float]:
     """Trains per `cfg`; returns the last step's metrics."""
+    started = time.perf_counter()
     r = setup(cfg)
     t = cfg.trainer
     log = MetricsLog(r.run_dir, t.logger, project=t.project_name, run_name=t.run_name,
@@ -244,7 +246,9 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                     "data/dropped_overlong_prompts": r.train_set.dropped_overlong,
                     "data/duplicates_removed": r.train_set.duplicates}, echo=tqdm.write)
     metrics: dict[str, float] = {}
-    bar = tqdm(total=r.max_steps, initial=r.start_step, desc="steps", disable=not r.primary)
+    evals: dict[int, float] = {}
+    bar = tqdm(total=r.max_steps, initial=r.start_step, desc="steps",
+               disable=not show_bars(r.primary))
     try:
         for step in range(r.start_step + 1, r.max_steps + 1):
             step_start = time.perf_counter()
@@ -277,9 +281,50 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                 metrics["generate/avg_response_length"] * len(batch["score"]) /
                 metrics["timing/step"])
             log.log(step, metrics, echo=tqdm.write)
+            if "eval/all/accuracy" in metrics:
+                evals[step] = metrics["eval/all/accuracy"]
             bar.update(1)
     finally:
         bar.close()
         log.close()
         r.close()
+    if r.primary:
+        print(run_summary(r, evals, time.perf_counter() - started), flush=True)
     return metrics
+
+
+def show_bars(primary: bool) -> bool:
+    """Progress bars on a terminal only: in a log file (piped, under a scheduler) the
+    per-step lines say it all."""
+    return primary and sys.stderr.isatty()
+
+
+def run_summary(r: Run, evals: dict[int, float], wall_s: float) -> str:
+    """The end of a run: held-out accuracy, steps, wall time, where everything is."""
+    first = _first_eval(r.run_dir)
+    acc = "no held-out eval"
+    if first is not None and evals:
+        last = max(evals)
+        acc = f"held-out accuracy {first[1]:.3f} (step {first[0]}) -> {evals[last]:.3f} " \
+              f"(step {last})"
+    hf = sorted((r.run_dir / "hf").glob("step_*"), key=lambda p: int(p.name[5:]))
+    lines = [f"done: {r.max_steps} steps ({r.max_steps - r.start_step} this run) in "
+             f"{wall_s / 60:.1f} min; {acc}",
+             f"  metrics: {r.run_dir / 'metrics.jsonl'}",
+             f"  checkpoints: {r.run_dir / 'checkpoints'}"]
+    if hf:
+        lines.append(f"  Hugging Face policy: {hf[-1]}")
+    return "\n".join(lines)
+
+
+def _first_eval(run_dir: Path) -> tuple[int, float] | None:
+    """(step, accuracy) of the run's first held-out eval, from metrics.jsonl (a resumed run
+    reports from where the whole run began)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "eval/all/accuracy" in row:
+            return int(row["step"]), float(row["eval/all/accuracy"])
+    return None
