@@ -1,5 +1,7 @@
 """python -m dapo_jax.train --config configs/<name>.py [--config.a.b=value ...]"""
 
+import sys
+
 from absl import app
 from ml_collections import config_flags
 
@@ -15,9 +17,16 @@ def main(argv: list[str]) -> None:
 
     exit_with_parent()
     apply_trainer_memory_fraction(_CONFIG.value)  # before JAX creates its GPU client
-    from dapo_jax.train.loop import run
+    from dapo_jax.train.config import ConfigError
+    from dapo_jax.train.dynamic_sampling import DynamicSamplingError
+    from dapo_jax.train.loop import RunDirInUse, run
 
-    run(_CONFIG.value)
+    try:
+        run(_CONFIG.value)
+    except (ConfigError, RunDirInUse, DynamicSamplingError) as e:
+        # The user's to fix (a key, the run directory, the data): one line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

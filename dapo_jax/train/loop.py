@@ -80,10 +80,13 @@ class Run:
     eval_sampling: SamplingParams
     start_step: int = 0
     version: int = 0
+    lock: Any = None  # the run directory's lock file, held while the run lives
 
     def close(self) -> None:
         self.rewards.close()
         self.ckpt.close()
+        if self.lock is not None:
+            self.lock.close()  # releases the flock
 
 
 def sampling_params(sp: ConfigDict) -> SamplingParams:
@@ -128,6 +131,7 @@ def setup(cfg: ConfigDict) -> Run:
     multihost.initialize(config_lib.distributed_config(cfg))
     sizes = config_lib.validate(cfg, jax.device_count())
     primary = multihost.is_primary()
+    lock = lock_run_dir(run_dir) if primary else None
     if primary:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     mesh = make_mesh(cfg.mesh.shape)
@@ -175,7 +179,8 @@ def setup(cfg: ConfigDict) -> Run:
         sampler=PromptSampler(len(train_set.examples), seed=t.seed),
         settings=StepSettings.from_config(cfg, sizes=sizes, pad_id=pad_id),
         train_sampling=sampling_params(g.sampling_params),
-        eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed))
+        eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed),
+        lock=lock)
     resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)
     if resume is not None:
         source = run.ckpt if resume[0] == run.ckpt.directory else \
@@ -291,6 +296,34 @@ def run(cfg: ConfigDict) -> dict[str, float]:
     if r.primary:
         print(run_summary(r, evals, time.perf_counter() - started), flush=True)
     return metrics
+
+
+class RunDirInUse(RuntimeError):
+    pass
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """An exclusive lock on <run_dir>/.lock for this trainer's lifetime (the kernel drops it
+    when the process dies, kill -9 included): two trainers on one run directory would
+    interleave metrics.jsonl and collide on checkpoint names. A second one refuses at once,
+    naming the holder's pid."""
+    import fcntl
+    import os
+
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirInUse(f"{run_dir} is in use by another trainer (pid {holder}); stop it or "
+                          "set trainer.run_dir to another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def show_bars(primary: bool) -> bool:
