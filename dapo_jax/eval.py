@@ -73,9 +73,9 @@ def _model_dirs(model: str) -> tuple[Path, bool]:
     if (path / "config.json").exists():
         return path, False
     if path.name.isdigit() and path.parent.name == "checkpoints":
-        from dapo_jax.export import checkpoint_model
+        from dapo_jax.train.checkpointing import checkpoint_base_model
 
-        return checkpoint_model(path)[1], True
+        return checkpoint_base_model(path), True
     raise ValueError(f"--model {model}: neither a HF directory (no config.json) nor a "
                      "checkpoint <run_dir>/checkpoints/<step>")
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         from flax import nnx
 
         if is_checkpoint:
-            from dapo_jax.export import checkpoint_model
+            from dapo_jax.train.checkpointing import checkpoint_model
 
             model = checkpoint_model(a.model)[0]
         else:

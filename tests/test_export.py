@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dapo_jax.export import checkpoint_model
 from dapo_jax.generation import Generator, SamplingParams, stop_token_ids
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.safetensors_io import TensorIndex, find_safetensors
 from dapo_jax.rollout_client import RolloutClient
+from dapo_jax.train.checkpointing import checkpoint_model
 from tests import hf_models, launching, sidecar
 
 TRAIN = [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",

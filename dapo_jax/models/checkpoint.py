@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -316,3 +317,29 @@ def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
+
+
+# What a HF directory carries besides weights and config.json (those present are copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def save_hf(model: Qwen, out: str | Path, *, base_model: str | Path, dtype: str) -> Path:
+    """Writes `model` as a HF directory at `out` (see the module docstring): first under a
+    temporary name, renamed when complete, so `out` is never half written. All processes
+    call it (each gathers its shards); process 0 writes."""
+    out = Path(out)
+    tmp = out.with_name(f".tmp_{out.name}")
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, dtype=dtype)
+    if primary:
+        for name in TOKENIZER_FILES:
+            if (Path(base_model) / name).exists():
+                shutil.copy2(Path(base_model) / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out

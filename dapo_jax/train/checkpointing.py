@@ -10,11 +10,15 @@ step), so the resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from dapo_jax.models import Precision, Qwen, read_config
 
 
 class Checkpointer:
@@ -68,3 +72,37 @@ def resolve_resume(mode: str, run_ckpt_dir: Path, resume_path: str) -> tuple[Pat
         raise ValueError(f"trainer.resume_path {resume_path!r} must be a step directory "
                          "(<run_dir>/checkpoints/<step>)")
     return path.parent, int(path.name)
+
+
+def checkpoint_base_model(checkpoint: str | Path) -> Path:
+    """The base model directory a training checkpoint `<run_dir>/checkpoints/<step>` was
+    trained from (its run's config.json), without restoring anything."""
+    step_dir = Path(checkpoint).resolve()
+    run_config = step_dir.parent.parent / "config.json"
+    if not run_config.exists():
+        raise ValueError(f"{run_config} does not exist: pass --base-model")
+    return Path(json.loads(run_config.read_text())["model"]["path"])
+
+
+def checkpoint_model(checkpoint: str | Path, base_model: str | Path | None = None
+                     ) -> tuple[Qwen, Path]:
+    """(the policy of a training checkpoint `<run_dir>/checkpoints/<step>`, its base model
+    directory), restoring only the parameters (float32 masters), on one device."""
+    step_dir = Path(checkpoint).resolve()
+    if not step_dir.name.isdigit() or not step_dir.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint}: expected a step directory "
+                         "<run_dir>/checkpoints/<step>")
+    base_model = Path(base_model or checkpoint_base_model(step_dir))
+    cfg = read_config(base_model)
+    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=Precision("float32", "float32"),
+                                           attention_impl="xla", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          state)
+    ckpt = Checkpointer(step_dir.parent, keep=10**6)
+    try:
+        params = ckpt.restore_params(int(step_dir.name), target)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, params), base_model

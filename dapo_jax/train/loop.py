@@ -24,9 +24,9 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from dapo_jax import evaluation, multihost
-from dapo_jax.export import save_hf
 from dapo_jax.generation import SamplingParams, stop_token_ids
 from dapo_jax.models import load_pretrained
+from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.prompts import PromptSampler, SamplerState
 from dapo_jax.rewards import RewardPool
 from dapo_jax.sharding import make_mesh
