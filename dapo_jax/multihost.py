@@ -133,10 +133,18 @@ def split_work(fn: Callable[[slice], list[T]], n: int) -> list[T]:
 
 
 def from_primary(fn: Callable[[], T]) -> T:
-    """fn() computed on process 0 only, its result on every process."""
+    """fn() computed on process 0 only, its result on every process: its pickle broadcast
+    from process 0 (its size first), so each process receives the payload once whatever
+    the process count (an all-gather would move process_count copies of it)."""
     if jax.process_count() == 1:
         return fn()
-    return allgather_objects(fn() if is_primary() else None)[0]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(fn()), np.uint8) if is_primary() else \
+        np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64)))
+    buffer = data if is_primary() else np.zeros(size, np.uint8)
+    return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
 
 
 def barrier(name: str) -> None:

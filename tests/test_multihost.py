@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -226,3 +227,43 @@ def test_a_process_that_never_joins_is_a_clear_error(tmp_path):
         timeout=120)
     assert out.returncode != 0
     assert "did not assemble within 3 s (mesh.initialization_timeout_s" in out.stderr
+
+
+FROM_PRIMARY = """
+import json, sys
+import jax
+from jax.experimental import multihost_utils
+from dapo_jax import multihost
+port, pid, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if count > 1:
+    multihost.initialize(multihost.DistributedConfig(f"127.0.0.1:{port}", count, pid, 60, 30))
+moved = []
+real = multihost_utils.broadcast_one_to_all
+def counting(x, *a, **k):
+    import numpy as np
+    moved.append(int(np.asarray(x).nbytes))
+    return real(x, *a, **k)
+multihost_utils.broadcast_one_to_all = counting
+payload = {"samples": list(range(5000)), "text": "x" * 20000}
+got = multihost.from_primary(lambda: payload if multihost.is_primary() else None)
+print(json.dumps({"ok": got == payload, "moved": moved}))
+"""
+
+
+@pytest.mark.slow
+def test_from_primary_broadcasts_the_same_bytes_with_two_processes(tmp_path):
+    """from_primary is a broadcast from process 0: every process gets the payload, and the
+    buffers it moves are the payload's size (plus its 8-byte length), not process_count
+    copies of it as an all-gather would."""
+    script = tmp_path / "fp.py"
+    script.write_text(FROM_PRIMARY)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = sidecar.free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    size = len(pickle.dumps({"samples": list(range(5000)), "text": "x" * 20000}))
+    for out in outs:
+        assert out["ok"] and out["moved"] == [8, size], out
