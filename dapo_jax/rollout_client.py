@@ -35,6 +35,9 @@ class _Retryable(Exception):
     pass
 
 
+RETRY_STATUSES = (502, 503, 504)
+
+
 class RolloutClient:
     def __init__(self, urls: Sequence[str], *, token: str | None = None,
                  timeout_s: float = 600.0, retry_window_s: float = 15.0,
@@ -61,8 +64,15 @@ class RolloutClient:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
-            if e.code >= 500:
+            try:
+                body = json.loads(detail)
+                detail = body["error"] + "".join(f"\n  {line}" for line in
+                                                 body.get("traceback", []))
+            except (ValueError, KeyError, TypeError):
+                pass
+            if e.code in RETRY_STATUSES:  # a proxy or a sidecar not ready yet: may heal
                 raise _Retryable(f"{url}{route}: HTTP {e.code}: {detail}") from None
+            # 4xx is our request, 500 the engine failing on it: retrying cannot help.
             raise RolloutError(f"{url}{route}: HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             raise _Retryable(f"{url}{route}: {e}") from None

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,7 +120,9 @@ def make_handler(sidecar: Sidecar) -> type[BaseHTTPRequestHandler]:
                 self._reply(e.status, {"error": str(e)})
             except Exception as e:  # the server keeps serving; the client sees what failed
                 log.exception("request failed")
-                self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+                tail = traceback.format_exc().strip().splitlines()[-12:]
+                self._reply(HTTPStatus.INTERNAL_SERVER_ERROR,
+                            {"error": f"{type(e).__name__}: {e}", "traceback": tail})
 
         def do_GET(self) -> None:  # noqa: N802
             self._handle("GET")

@@ -165,3 +165,51 @@ def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
         assert [s.token_ids for s in copies[0]] != [s.token_ids for s in copies[1]]
         again = client.generate([PROMPTS[1], PROMPTS[0]], sp, n=2, keys=[4, 3])
         assert [s.token_ids for s in again[1]] == [s.token_ids for s in copies[0]]
+
+
+def test_engine_error_stops_at_once_and_not_ready_is_retried():
+    """HTTP 500 (the engine raised on the request) cannot heal: the client raises at once
+    with the sidecar's message and traceback tail, although its retry window is 15 minutes.
+    503 (not ready) is retried until it heals."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    from dapo_jax.rollout_client import RolloutError
+
+    calls = {"n": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            calls["n"] += 1
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/update_weights":  # not ready twice, then fine
+                code, body = (503, {"error": "loading"}) if calls["n"] <= 2 else (
+                    200, {"weight_version": 1})
+            else:
+                code, body = 500, {"error": "RuntimeError: engine exploded",
+                                   "traceback": ["File engines.py, line 9", "RuntimeError"]}
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        client = RolloutClient([url], retry_window_s=900, backoff_s=0.05)
+        client.update_weights("/exports/step_1", 1)  # 503, 503, then 200
+        assert calls["n"] == 3
+        start = time.monotonic()
+        with pytest.raises(RolloutError, match="HTTP 500: RuntimeError: engine exploded") as e:
+            client.generate(PROMPTS, GREEDY)
+        assert time.monotonic() - start < 5 and calls["n"] == 4  # one attempt, no retry
+        assert "File engines.py, line 9" in str(e.value)
+    finally:
+        server.shutdown()

@@ -17,14 +17,16 @@ def main(argv: list[str]) -> None:
 
     exit_with_parent()
     apply_trainer_memory_fraction(_CONFIG.value)  # before JAX creates its GPU client
+    from dapo_jax.rollout_client import RolloutError
     from dapo_jax.train.config import ConfigError
     from dapo_jax.train.dynamic_sampling import DynamicSamplingError
     from dapo_jax.train.loop import RunDirInUse, run
 
     try:
         run(_CONFIG.value)
-    except (ConfigError, RunDirInUse, DynamicSamplingError) as e:
-        # The user's to fix (a key, the run directory, the data): one line, no traceback.
+    except (ConfigError, RunDirInUse, DynamicSamplingError, RolloutError) as e:
+        # The user's to fix (a key, the run directory, the data), or a sidecar's failure
+        # with its own message and traceback tail: no trainer traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
