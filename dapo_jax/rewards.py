@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import multiprocessing
 import re
 import signal
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FAIL_SCORE = -1.0
 
@@ -34,6 +38,11 @@ class RewardResult:
     acc: bool
     pred: str = ""
     status: str = "ok"  # ok | error | timeout
+    traceback: str = ""  # of a raising reward function
+
+
+class RewardError(RuntimeError):
+    """The reward function failed on more than `max_failure_frac` of a batch."""
 
 
 # ----------------------------------------------------------------------------- DAPO math
@@ -156,7 +165,8 @@ def _score_one(name: str, response: str, ground_truth: str, timeout_s: float) ->
     except _Timeout:
         return RewardResult(FAIL_SCORE, False, "", "timeout")
     except Exception as e:  # a failing reward is a failed sample, counted, not a crash
-        return RewardResult(FAIL_SCORE, False, f"{type(e).__name__}: {e}"[:200], "error")
+        return RewardResult(FAIL_SCORE, False, f"{type(e).__name__}: {e}"[:200], "error",
+                            traceback.format_exc())
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -166,9 +176,12 @@ class RewardPool:
     JAX). If a worker hangs where the alarm cannot reach (inside C code), the batch deadline
     expires, the pool is replaced and the unfinished samples score as timeouts."""
 
-    def __init__(self, name: str, *, workers: int = 2, timeout_s: float = 10.0):
+    def __init__(self, name: str, *, workers: int = 2, timeout_s: float = 10.0,
+                 max_failure_frac: float = 1.0):
         resolve(name)  # fail fast on a bad name, in this process
         self.name, self.workers, self.timeout_s = name, workers, timeout_s
+        self.max_failure_frac = max_failure_frac
+        self._logged: set[str] = set()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> Any:
@@ -186,7 +199,29 @@ class RewardPool:
                              len(responses))
         stats = {"reward/timeouts": float(sum(r.status == "timeout" for r in results)),
                  "reward/errors": float(sum(r.status == "error" for r in results))}
+        self._check_failures(results)
         return results, stats
+
+    def _check_failures(self, results: list[RewardResult]) -> None:
+        """Failures (errors and timeouts) above `max_failure_frac` of the batch stop with the
+        first one's traceback: a reward that always fails makes every group uniform and
+        every advantage 0, a run that trains on nothing. Below it, each distinct failure is
+        logged once, with its traceback."""
+        failed = [r for r in results if r.status != "ok"]
+        if failed and len(failed) > self.max_failure_frac * len(results):
+            first = failed[0]
+            raise RewardError(
+                f"reward function {self.name} failed on {len(failed)} of {len(results)} "
+                f"responses (more than reward.max_failure_frac={self.max_failure_frac}); the "
+                f"first failure: {first.status}\n"
+                f"{first.traceback or f'timed out after {self.timeout_s} s'}".rstrip())
+        for r in failed:
+            key = r.pred or r.status
+            if key not in self._logged:
+                self._logged.add(key)
+                log.warning("reward function %s failed (%d of %d this batch; logged once): "
+                            "%s\n%s", self.name, len(failed), len(results), key,
+                            r.traceback.rstrip())
 
     def _score_here(self, responses: Sequence[str], ground_truths: Sequence[str]
                     ) -> list[RewardResult]:

@@ -72,6 +72,32 @@ def test_reward_pool_counts_hangs_and_errors_and_goes_on():
         pool.close()
 
 
+def test_reward_failures_above_the_bound_stop_with_the_traceback(caplog):
+    """All failing: RewardError naming the function, the count and the first traceback.
+    Rare failures (1 of 4 under a bound of 0.5): scored -1, counted, logged once each."""
+    from dapo_jax.rewards import RewardError
+
+    pool = RewardPool("tests.reward_fixtures:always_raises", workers=1, max_failure_frac=0.01)
+    try:
+        with pytest.raises(RewardError, match=r"failed on 3 of 3 responses .*"
+                           r"reward.max_failure_frac=0.01") as e:
+            pool.score(["a", "b", "c"], ["1", "2", "3"])
+        assert "ValueError: cannot parse '1'" in str(e.value) and "Traceback" in str(e.value)
+        assert 'reward_fixtures.py", line' in str(e.value)
+    finally:
+        pool.close()
+    pool = RewardPool("tests.reward_fixtures:raises_on_boom", workers=1, max_failure_frac=0.5)
+    try:
+        with caplog.at_level("WARNING", logger="dapo_jax.rewards"):
+            for _ in range(2):
+                results, stats = pool.score(["boom", "x", "y", "z"], ["1"] * 4)
+                assert stats["reward/errors"] == 1.0 and results[0].score == -1.0
+        logged = [r for r in caplog.records if "rare failure" in r.getMessage()]
+        assert len(logged) == 1 and "Traceback" in logged[0].getMessage()
+    finally:
+        pool.close()
+
+
 def _rows():
     row = lambda q, a: {"data_source": "math", "prompt": [{"role": "user", "content": q}],
                         "ability": "MATH", "reward_model": {"ground_truth": a, "style": "rule"},

@@ -272,3 +272,19 @@ def test_second_trainer_on_a_run_dir_refuses_and_the_first_finishes(tmp_path):
     finally:
         first.kill()
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
+
+
+def test_a_reward_function_that_always_raises_stops_the_run_with_its_traceback(tmp_path):
+    """Every score fails: the run stops at its first scoring (the step-0 eval) with the
+    function's own traceback, instead of training on uniform groups (advantages all 0)."""
+    out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={tmp_path}",
+                                     "--config.reward.fn=tests.reward_fixtures:always_raises",
+                                     "--config.data.builtin_val_size=8"],
+                         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                        "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: reward function tests.reward_fixtures:always_raises failed on 32 of 32 " \
+           "responses" in out.stderr
+    assert "ValueError: cannot parse" in out.stderr and 'reward_fixtures.py", line' in out.stderr
+    assert "dapo_jax/train/loop.py" not in out.stderr  # the reward's traceback, not ours

@@ -65,6 +65,9 @@ def default_config() -> ConfigDict:
         "fn": "dapo_math",  # dapo_math | boxed | arithmetic | package.module:function
         "num_workers": 2,
         "timeout_s": 10.0,
+        # Failed scores (raised or timed out) above this fraction of a batch stop the run with
+        # the first failure's traceback; below it each distinct failure is logged once.
+        "max_failure_frac": 0.01,
     })
     c.generator = ConfigDict({
         "backend": "jax",  # jax (in process) | sidecar (rollout.server over HTTP)
@@ -335,6 +338,8 @@ def validate(cfg: ConfigDict, num_devices: int | None) -> dict[str, int]:
         _fail("trainer.algorithm.overlong_buffer.penalty_factor", "must be >= 0")
     if alg.use_tis and alg.tis_imp_ratio_cap <= 0:
         _fail("trainer.algorithm.tis_imp_ratio_cap", "must be > 0")
+    if not 0 <= cfg.reward.max_failure_frac <= 1:
+        _fail("reward.max_failure_frac", f"must be in [0, 1], got {cfg.reward.max_failure_frac}")
     if t.resume_mode not in ("none", "latest", "from_path"):
         _fail("trainer.resume_mode", f"{t.resume_mode!r} is not none, latest or from_path")
     if t.resume_mode == "from_path" and not Path(t.resume_path).exists():
