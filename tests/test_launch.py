@@ -42,7 +42,8 @@ def test_ctrl_c_stops_trainer_and_sidecars(tmp_path):
     groups = launching.child_groups(run_dir)
     assert len(groups) == 2  # trainer + one sidecar
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the launcher
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)  # an event (the exit), not a speed: a loaded
+    # machine takes longer to tear down a trainer mid-compile
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert launching.manifest(run_dir)["closed"]

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 from dapo_jax.train.metrics_log import MetricsLog
+from tests.launching import wait_for
 
 STEPS = [{"reward/accuracy": 0.25, "policy/grad_norm": 1.5},
          {"reward/accuracy": 0.5, "policy/grad_norm": float("nan")},
@@ -76,17 +77,25 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written locally
     monkeypatch.setenv("WANDB_SILENT", "true")
     log_steps(tmp_path, ("wandb",))
-    (run_file,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    history, config = [], {}
-    for data in wandb_records(run_file):
-        record = wandb_internal_pb2.Record.FromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
-        elif kind == "run":  # the run's start record carries the config
-            config.update({item.key: json.loads(item.value_json)
-                           for item in record.run.config.update})
+
+    def read() -> tuple[list[dict], dict]:
+        history, config = [], {}
+        for run_file in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb"):
+            for data in wandb_records(run_file):
+                record = wandb_internal_pb2.Record.FromString(data)
+                kind = record.WhichOneof("record_type")
+                if kind == "history":
+                    history.append({item.key or "/".join(item.nested_key):
+                                    json.loads(item.value_json) for item in record.history.item})
+                elif kind == "run":  # the run's start record carries the config
+                    config.update({item.key: json.loads(item.value_json)
+                                   for item in record.run.config.update})
+        return history, config
+
+    # wandb's service process writes the file: wait until the three history records are in
+    # it (an event) rather than reading it at once (read back empty on a loaded machine).
+    wait_for(lambda: len(read()[0]) >= 3, 120, what="three W&B history records")
+    history, config = read()
     assert [h["_step"] for h in history] == [1, 2, 3]
     assert [h["reward/accuracy"] for h in history] == [0.25, 0.5, 0.75]
     assert "policy/grad_norm" not in history[1]  # the NaN is not written
