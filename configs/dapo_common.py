@@ -89,8 +89,9 @@ def on_tpu(c, *, run_dir: str, max_num_seqs: int):
     chip of the host, and generation by the in-process JAX engine on the trainer's chips
     (`max_num_seqs` sequences per call, what the KV cache next to the trainer's state
     holds; from `python -m dapo_jax.experiments.compile`). No sidecars: vLLM's TPU build
-    (vllm-tpu / tpu-inference) needs its own process and chips, and the weights would go
-    through disk each step; in process they are resharded on device.
+    (vllm-tpu / tpu-inference 0.32) pins jax 0.11.2 and libtpu 0.0.48, so it needs its own
+    process and chips, and the weights would go through disk each step; in process they are
+    cast on device.
 
         python -m dapo_jax.train --config configs/<name>_v5p.py --config.model.path=...
     """
