@@ -167,7 +167,7 @@ def test_bad_targets_are_one_line_errors(tmp_path):
                    "h100_sxm_80gb.txtpb")
     # v5p-8 is 4 chips: the seed's (1, 8, 1) mesh does not fit on it.
     one_line_error(run_tool(python, *base, "--target", "v5p-8"), "mesh.shape",
-                   "target v5p-8 has 4 devices")
+                   "target v5p-8 has 4 devices", "--config.mesh.shape=(1,-1,1)")
 
 
 def test_missing_plugin_is_a_one_line_error(capsys):

@@ -365,8 +365,10 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
         try:
             sizes = config_lib.validate(cfg, num_devices=len(target.devices))
         except config_lib.ConfigError as e:
+            fix = "; pass --config.mesh.shape=(1,-1,1) or another shape that fits it" if \
+                str(e).startswith("mesh.shape") else ""
             raise TargetError(f"{e} (target {target.name} has {len(target.devices)} "
-                              "devices)") from None
+                              f"devices){fix}") from None
     t, g = cfg.trainer, cfg.generator
     impl = attention_impl or cfg.model.attention_impl
     requested = resolve_attention_impl(impl, target.platform)
