@@ -85,10 +85,8 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target
         "rows_per_device_update": t.micro_train_batch_size_per_gpu,
         "rows_per_device_forward": t.micro_forward_batch_size_per_gpu,
         "seq_len": seq, "update_arguments": update.argument_bytes,
-        "adamw": forward.resident_bytes,
         "update_peak": update.peak_bytes, "update_temp": update.temp_bytes,
         "forward_peak": forward.peak_bytes + forward.resident_bytes,
-        "forward_temp": forward.temp_bytes,
         "peak": max(update.peak_bytes + update.resident_bytes,
                     forward.peak_bytes + forward.resident_bytes),
     }
