@@ -227,14 +227,17 @@ class FunctionReport:
 
 
 def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
-                   requested_kernel: str, global_rows: int, local_rows: int
-                   ) -> FunctionReport:
+                   requested_kernel: str, global_rows: int, local_rows: int,
+                   resident_bytes: float = 0.0) -> FunctionReport:
     """Lowers and compiles `lower()` for `target` and reads the program: memory, collective
     bytes, attention kernels. A compile-time out-of-memory is reported (fits False, the
     compiler's message), any other error is raised. Warns when `requested_kernel` (a
     resolved attention_impl other than xla) is absent, or when a kernel's results have the
-    global batch (`global_rows` != `local_rows`: it was not partitioned)."""
-    report = FunctionReport(name, memory_bytes=target.memory_bytes)
+    global batch (`global_rows` != `local_rows`: it was not partitioned). It fits when its
+    peak plus `resident_bytes` (what the process holds beside the call) is within the chip's
+    memory."""
+    report = FunctionReport(name, memory_bytes=target.memory_bytes,
+                            resident_bytes=resident_bytes)
     start = time.perf_counter()
     try:
         # tokamax finds the device it compiles for from the default device.
@@ -256,7 +259,7 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
     report.temp_bytes = float(mem.temp_size_in_bytes)
     report.peak_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes +
                          report.temp_bytes)
-    report.fits = report.peak_bytes <= target.memory_bytes
+    report.fits = report.peak_bytes + resident_bytes <= target.memory_bytes
     hlo = compiled.as_text()
     report.collective_bytes = collective_bytes(hlo)
     calls = kernel_calls(hlo)
@@ -408,15 +411,16 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
         elif name == "generate":
             generator = Generator(graphdef, engine_params, stop_token_ids=[0],
                                   max_model_len=seq, mesh=mesh, max_num_seqs=g.max_num_seqs)
-            rows = generator.batch_bucket(min(g.max_num_seqs, rollout_rows))
-            lower = lambda gen=generator, rows=rows: gen.lower(
-                engine_params, rows, t.max_prompt_length, g.sampling_params.max_generate_length)
+            # `lower` buckets the sequence count as `generate` does (bucketing twice would
+            # round 18 rows on 6 devices up to 36).
+            seqs = min(g.max_num_seqs, rollout_rows)
+            rows = generator.batch_bucket(seqs)
+            lower = lambda gen=generator, n=seqs: gen.lower(
+                engine_params, n, t.max_prompt_length, g.sampling_params.max_generate_length)
             resident = masters + moments if in_process else 0.0
         else:
             raise TargetError(f"unknown function {name!r}: one of {', '.join(FUNCTIONS)}")
-        report = compile_report(name, lower, target, requested_kernel=requested,
-                                global_rows=rows, local_rows=rows // dp)
-        report.resident_bytes = resident
-        report.fits = not report.error and report.peak_bytes + resident <= target.memory_bytes
-        reports[name] = report
+        reports[name] = compile_report(name, lower, target, requested_kernel=requested,
+                                       global_rows=rows, local_rows=rows // dp,
+                                       resident_bytes=resident)
     return reports
