@@ -172,7 +172,7 @@ def test_bad_targets_are_one_line_errors(tmp_path):
 
 def test_missing_plugin_is_a_one_line_error(capsys):
     """The test environment has no libtpu: asking for a TPU target says what to install."""
-    if targets._installed("libtpu"):
+    if targets.installed("libtpu"):
         pytest.skip("libtpu is installed in this environment")
     code = compile_tool.main(["--config", "configs/arith_tiny.py", "--target", "v5p-8"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -189,7 +189,7 @@ def test_arith_tiny_compiles_for_this_cpu():
     for r in reports.values():
         assert r.fits and r.peak_bytes > 0 and r.attention == "xla", r
     fallback = targets.get_target("v5p-8", cpu_fallback=True) if not \
-        targets._installed("libtpu") else None
+        targets.installed("libtpu") else None
     if fallback is not None:
         assert fallback.platform == "cpu" and "libtpu is not installed" in fallback.label
 

@@ -39,7 +39,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.generation import Generator  # noqa: E402
 from dapo_jax.models import Precision, Qwen, QwenConfig, preset, read_config, state_shardings  # noqa: E402,E501
-from dapo_jax.models.kernels import resolve_attention_impl  # noqa: E402
+from dapo_jax.models.kernels import installed, resolve_attention_impl  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
@@ -100,17 +100,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
-
-
 def _missing_plugin(name: str) -> str:
     if name in TPU_TARGETS:
-        return "" if _installed("libtpu") else "libtpu is not installed"
-    return "" if _installed("jax_plugins.xla_cuda13") else \
+        return "" if installed("libtpu") else "libtpu is not installed"
+    return "" if installed("jax_plugins.xla_cuda13") else \
         "the CUDA PJRT plugin (jax-cuda13-pjrt) is not installed"
 
 

@@ -46,8 +46,12 @@ SPLASH_BLOCK = 128  # splash attention's sequence tiles: rows are padded to a mu
 log = logging.getLogger(__name__)
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def installed(module: str) -> bool:
+    """Whether `module` (dotted names too) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def check_attention_impl(impl: str) -> None:
@@ -55,7 +59,7 @@ def check_attention_impl(impl: str) -> None:
     without starting a JAX backend)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
-    if impl.startswith("tokamax") and not _has("tokamax"):
+    if impl.startswith("tokamax") and not installed("tokamax"):
         raise ImportError(f"attention_impl {impl!r} needs tokamax: pip install -e "
                           "\".[kernels]\"")
 
@@ -79,7 +83,7 @@ def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
     if platform == "tpu":
         return "splash"
     if platform == "gpu":
-        if _has("tokamax"):
+        if installed("tokamax"):
             return "tokamax_mosaic"
         log.warning("attention_impl auto on GPU: tokamax is not installed (pip install -e "
                     "\".[kernels]\"), so attention runs in XLA without a fused kernel")
