@@ -11,7 +11,7 @@ max_generate_length 1024 (rows of 1280 tokens); prompts uniform in 20..80 tokens
 log-normal with median 150 and P(> 1024) = 5%, those cut at 1024 (truncated). At the seed
 shape every length is x8.
 Both layouts go through the trainer's own code (`train.step.mini_batch_rows`,
-`forward_all`, the jitted update) with the same rows per micro-batch.
+the jitted log-prob pass and update) with the same rows per micro-batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 from dapo_jax.experiments.lengths import length_mix, row_efficiency  # noqa: E402
 from dapo_jax.experiments.timing import BENCH_LOSS, BENCH_OPTIMIZER  # noqa: E402
 from dapo_jax.models import init_model, preset  # noqa: E402
-from dapo_jax.train.step import StepSettings, forward_all, mini_batch_rows  # noqa: E402
+from dapo_jax.train.step import StepSettings, mini_batch_rows  # noqa: E402
 from dapo_jax.train.update import init_optimizer, make_optimizer, make_train_fns  # noqa: E402
 
 
@@ -51,28 +51,31 @@ def measure(cfg, batch, s: StepSettings, steps: int) -> dict[str, float]:
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS,
                          micro_batch_rows=s.micro_batch_rows,
-                         forward_micro_batch_rows=s.forward_micro_batch_rows)
+                         forward_micro_batch_rows=s.micro_batch_rows)
     n = len(batch["score"])
-    (mini,) = mini_batch_rows(batch, np.where(np.arange(n) % 2, 1.0, -1.0).astype(np.float32),
-                              s)
-    forward_all(fns, params, [mini], s)  # compile
+    (layout,), (mini,) = mini_batch_rows(
+        batch, np.where(np.arange(n) % 2, 1.0, -1.0).astype(np.float32), s)
+    mini = fns.put(mini)
+    forward = lambda: fns.logprobs(params, mini["input_ids"], mini["segment_ids"],
+                                   mini["positions"]).block_until_ready()
+    forward()  # compile
     start = time.perf_counter()
     for _ in range(steps):
-        (old,) = forward_all(fns, params, [mini], s)
+        old = forward()
     forward_s = (time.perf_counter() - start) / steps
-    mini.tensors["old_logprobs"] = old
-    temp = fns.lower_update(params, opt_state, mini.tensors).compile().memory_analysis()
-    params, opt_state, m = fns.update(params, opt_state, mini.tensors)  # compile
+    mini["old_logprobs"] = old
+    temp = fns.lower_update(params, opt_state, mini).compile().memory_analysis()
+    params, opt_state, m = fns.update(params, opt_state, mini)  # compile
     float(m["loss"])
     start = time.perf_counter()
     for _ in range(steps):
-        params, opt_state, m = fns.update(params, opt_state, mini.tensors)
+        params, opt_state, m = fns.update(params, opt_state, mini)
         float(m["loss"])
     update_s = (time.perf_counter() - start) / steps
     useful = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"],
                                                   strict=True))
-    rows = mini.layout.num_rows
-    return {"rows": rows, "useful": useful, "efficiency": useful / (rows * mini.layout.row_length),
+    rows = layout.num_rows
+    return {"rows": rows, "useful": useful, "efficiency": useful / (rows * layout.row_length),
             "update_tps": useful / update_s, "forward_tps": useful / forward_s,
             "update_temp_gib": temp.temp_size_in_bytes / 2**30}
 
@@ -93,7 +96,7 @@ def main() -> None:
         mini_batch_size=a.sequences, update_epochs=1, advantage_estimator="grpo",
         grpo_norm_by_std=True, overlong_buffer_len=0, overlong_penalty_factor=1.0,
         apply_overlong_filtering=True, use_kl_loss=False, use_tis=False, pad_id=0,
-        packing=False, micro_batch_rows=a.micro_rows, forward_micro_batch_rows=a.micro_rows)
+        packing=False, micro_batch_rows=a.micro_rows)
     res = {}
     for name, packing in (("padded", False), ("packed", True)):
         res[name] = measure(cfg, batch, dataclasses.replace(base, packing=packing), a.steps)

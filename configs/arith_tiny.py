@@ -33,6 +33,7 @@ def get_config():
     t.train_batch_size = 32
     t.policy_mini_batch_size = 16
     t.micro_train_batch_size_per_gpu = 64
+    t.micro_forward_batch_size_per_gpu = 64  # no backward: the whole mini-batch at once
     t.eval_interval = 20
     t.ckpt_interval = 20
     t.max_ckpts_to_keep = 2

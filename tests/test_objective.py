@@ -241,13 +241,17 @@ def test_grpo_advantages(norm_by_std):
     rewards[8:] = 1.0
     perm = rng.permutation(10)
     groups, rewards = groups[perm], rewards[perm]
-    adv = jax.jit(grpo_advantages, static_argnums=2)(rewards, groups, norm_by_std)
-    chex.assert_shape(adv, (10,))
-    chex.assert_type(adv, jnp.float32)
-    np.testing.assert_allclose(adv, ref_grpo(rewards, groups, norm_by_std), rtol=1e-5,
-                               atol=1e-6)
-    # The equal-reward group gets 0, not a NaN.
-    assert np.all(np.asarray(adv)[groups == 3] == 0)
+    # In JAX (jitted) and in numpy on the host (the trainer's step), the same numbers.
+    on_device = jax.jit(grpo_advantages, static_argnums=2)(rewards, groups, norm_by_std)
+    on_host = grpo_advantages(rewards, groups, norm_by_std)
+    assert isinstance(on_device, jax.Array) and isinstance(on_host, np.ndarray)
+    for adv in (on_device, on_host):
+        chex.assert_shape(adv, (10,))
+        chex.assert_type(adv, jnp.float32)
+        np.testing.assert_allclose(adv, ref_grpo(rewards, groups, norm_by_std), rtol=1e-5,
+                                   atol=1e-6)
+        # The equal-reward group gets 0, not a NaN.
+        assert np.all(np.asarray(adv)[groups == 3] == 0)
 
 
 def test_uniform_group_of_inexact_floats_gets_exactly_zero():
@@ -278,8 +282,10 @@ def test_rloo_advantages():
     rng = np.random.default_rng(13)
     groups = np.array([0, 0, 0, 1, 2, 2, 2, 2])
     rewards = rng.normal(size=8).astype(np.float32)
-    np.testing.assert_allclose(rloo_advantages(rewards, groups), ref_rloo(rewards, groups),
-                               rtol=1e-5, atol=1e-6)
+    for r, g in ((rewards, groups), (jnp.asarray(rewards), jnp.asarray(groups))):
+        adv = rloo_advantages(r, g)
+        chex.assert_type(adv, jnp.float32)
+        np.testing.assert_allclose(adv, ref_rloo(rewards, groups), rtol=1e-5, atol=1e-6)
 
 
 def test_token_advantages_broadcast():
@@ -302,10 +308,11 @@ def test_soft_overlong_penalty():
     lengths = np.concatenate([[0, 70, 71, 85, 100, 101, 130], rng.integers(0, 101, 20)])
     expected = np.where(lengths > L_max, -f,
                         np.minimum(-(lengths - (L_max - L_cache)) / L_cache * f, 0.0))
-    out = soft_overlong_penalty(jnp.asarray(lengths), L_max, L_cache, f)
-    chex.assert_type(out, jnp.float32)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(out[:7], [0, 0, -1 / 30, -0.5, -1.0, -1.0, -1.0], rtol=1e-6)
+    for out in (soft_overlong_penalty(jnp.asarray(lengths), L_max, L_cache, f),
+                soft_overlong_penalty(lengths, L_max, L_cache, f)):  # jax / numpy (host)
+        chex.assert_type(out, jnp.float32)
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(out[:7], [0, 0, -1 / 30, -0.5, -1.0, -1.0, -1.0], rtol=1e-6)
     np.testing.assert_allclose(soft_overlong_penalty(jnp.asarray([130]), L_max, L_cache, 0.5),
                                [-0.5])
     with pytest.raises(ValueError, match="overlong_buffer.len"):

@@ -23,8 +23,14 @@ from dapo_jax.train.batch import (
     place_response_values,
     response_values,
 )
-from dapo_jax.train.step import StepSettings, forward_all, mini_batch_rows
-from dapo_jax.train.update import LossConfig, init_optimizer, make_train_fns
+from dapo_jax.train.step import StepSettings, mini_batch_rows
+from dapo_jax.train.update import (
+    LossConfig,
+    OptimizerConfig,
+    init_optimizer,
+    make_optimizer,
+    make_train_fns,
+)
 
 CFG = preset("qwen3-tiny")
 P, R = 12, 20  # max prompt / response length: rows of 32 tokens
@@ -139,7 +145,7 @@ def settings(packing: bool, micro_rows: int, n: int = 16, **kw) -> StepSettings:
                         grpo_norm_by_std=True, overlong_buffer_len=4,
                         overlong_penalty_factor=1.0, apply_overlong_filtering=True,
                         use_kl_loss=True, use_tis=True, pad_id=0, packing=packing,
-                        micro_batch_rows=micro_rows, forward_micro_batch_rows=micro_rows, **kw)
+                        micro_batch_rows=micro_rows, **kw)
 
 
 def sgd_step(loss_cfg: LossConfig, s: StepSettings, batch, mesh=None):
@@ -151,15 +157,16 @@ def sgd_step(loss_cfg: LossConfig, s: StepSettings, batch, mesh=None):
     before = jax.tree.map(np.asarray, params)
     opt = optax.sgd(1.0)
     fns = make_train_fns(graphdef, params, opt, loss_cfg, micro_batch_rows=s.micro_batch_rows,
-                         forward_micro_batch_rows=s.forward_micro_batch_rows, mesh=mesh)
+                         forward_micro_batch_rows=s.micro_batch_rows, mesh=mesh)
     _, adv = shaped_advantages(batch, s)
-    (mini,) = mini_batch_rows(batch, adv, s)
-    (old,) = forward_all(fns, params, [mini], s)
+    (layout,), (mini,) = mini_batch_rows(batch, adv, s)
+    old = np.asarray(fns.logprobs(params, mini["input_ids"], mini["segment_ids"],
+                                  mini["positions"]))
     rng = np.random.default_rng(0)  # the same perturbation of each response token
-    noisy = [v + 0.05 * rng.normal(size=v.shape) for v in response_values(mini.layout, old)]
-    mini.tensors["old_logprobs"] = place_response_values(mini.layout, noisy)
-    mini.tensors["ref_logprobs"] = old + 0.1
-    params, _, metrics = fns.update(params, init_optimizer(opt, params), mini.tensors)
+    noisy = [v + 0.05 * rng.normal(size=v.shape) for v in response_values(layout, old)]
+    mini["old_logprobs"] = place_response_values(layout, noisy)
+    mini["ref_logprobs"] = old + 0.1
+    params, _, metrics = fns.update(params, init_optimizer(opt, params), mini)
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, params)
     return jax.tree.leaves(grads), {k: float(v) for k, v in metrics.items()}
 
@@ -209,13 +216,74 @@ def test_compiles_once_per_bucket_across_length_mixes():
     rows_seen, sizes = set(), []
     for seed in range(10):  # short and long responses alternate
         batch = rollout_batch(seed, max_response=R if seed % 2 else 6)
-        (mini,) = mini_batch_rows(batch, np.ones(16, np.float32), dataclasses.replace(
-            s, use_tis=False))
-        (old,) = forward_all(fns, params, [mini], s)
-        mini.tensors["old_logprobs"] = old
-        params, opt_state, _ = fns.update(params, opt_state, mini.tensors)
-        rows_seen.add(mini.layout.num_rows)
+        (layout,), (mini,) = mini_batch_rows(batch, np.ones(16, np.float32), s)
+        mini["old_logprobs"] = fns.logprobs(params, mini["input_ids"], mini["segment_ids"],
+                                            mini["positions"])
+        params, opt_state, _ = fns.update(params, opt_state, mini)
+        rows_seen.add(layout.num_rows)
         sizes.append(fns.update_jit._cache_size())
     assert len(rows_seen) >= 2  # the mixes did change the packed shapes
     assert sizes[-1] == len(rows_seen) <= 5  # one compilation per bucket, never two
     assert fns.logprobs_jit._cache_size() <= 5
+
+
+def test_step_moves_rows_once_and_fetches_metrics_once(monkeypatch):
+    """One `train_step` on 8 devices (2 mini-batches x 2 epochs, KL and TIS on) sends every
+    row to the devices in one transfer, keeps the old and reference log-probs there, fetches
+    the metrics of all four updates in one transfer back, and waits on the devices three
+    times (after the transfer, the log-prob pass, the updates: the phase timings). Implicit
+    transfers (a float() of a device value, numpy rows handed to jit, jnp on host arrays)
+    are disallowed, so none can creep back unnoticed."""
+    from dapo_jax.train.step import train_step
+
+    mesh = make_mesh((2, 2, 2))
+    graphdef, params = nnx.split(init_model(CFG, seed=0, mesh=mesh))
+    ref_params = nnx.split(init_model(CFG, seed=0, mesh=mesh))[1]
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))  # the trainer's (its lr is a metric)
+    cfg = LossConfig(use_kl_loss=True, kl_loss_coef=0.1, tis_cap=2.0)
+    fns = make_train_fns(graphdef, params, opt, cfg, micro_batch_rows=8,
+                         forward_micro_batch_rows=8, mesh=mesh)
+    s = dataclasses.replace(settings(packing=True, micro_rows=8, n=8), update_epochs=2)
+    batch = rollout_batch(seed=5, n=16)
+    step = lambda p, o: train_step(batch, params=p, opt_state=o, ref_params=ref_params,
+                                   fns=fns, settings=s, timings={})
+    params, opt_state, _ = step(params, init_optimizer(opt, params))  # compiles
+
+    counts: dict[str, int] = {"put": 0, "get": 0, "wait": 0, "implicit_get": 0}
+    inside_get = [False]
+
+    def counted(name, real, host_only=False):
+        def call(*args, **kwargs):
+            # A put of arrays already on the devices moves nothing: only host data counts.
+            if not host_only or any(isinstance(x, np.ndarray) for x in jax.tree.leaves(args[0])):
+                counts[name] += 1
+            inside_get[0] = name == "get"
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside_get[0] = False
+        return call
+
+    # Every read of a device value on the host (float(), np.asarray, .item(), device_get)
+    # goes through ArrayImpl._value; outside device_get it is an implicit fetch. (The
+    # transfer guard alone does not catch a float() of a replicated scalar.)
+    from jax._src.array import ArrayImpl
+
+    value = ArrayImpl._value
+
+    def read(self):
+        counts["implicit_get"] += not inside_get[0]
+        return value.fget(self)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(read))
+    monkeypatch.setattr(jax, "device_put", counted("put", jax.device_put, host_only=True))
+    monkeypatch.setattr(jax, "device_get", counted("get", jax.device_get))
+    monkeypatch.setattr(jax, "block_until_ready", counted("wait", jax.block_until_ready))
+    timings: dict[str, float] = {}
+    with jax.transfer_guard("disallow"):
+        _, _, metrics = train_step(batch, params=params, opt_state=opt_state,
+                                   ref_params=ref_params, fns=fns, settings=s, timings=timings)
+    assert counts == {"put": 1, "get": 1, "wait": 3, "implicit_get": 0}
+    assert set(timings) == {"layout", "transfer", "logprobs", "update", "metrics"}
+    assert all(np.isfinite(v) for v in metrics.values()) and "policy/kl_loss" in metrics
+    assert fns.update_jit._cache_size() == 1 and fns.logprobs_jit._cache_size() == 1

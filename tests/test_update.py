@@ -94,14 +94,14 @@ def test_training_raises_logprobs_of_positive_advantage_tokens():
     opt = make_optimizer(OptimizerConfig(lr=3e-3, weight_decay=0.0))
     fns = make_train_fns(graphdef, params, opt, LossConfig(), micro_batch_rows=4)
     batch = make_batch(seed=2)
-    logp0, _ = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
+    logp0 = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
     batch["old_logprobs"] = np.asarray(logp0)
     adv = np.where(np.arange(8)[:, None] % 2 == 0, 1.0, -1.0) * batch["loss_mask"]
     batch["advantages"] = adv.astype(np.float32)
     opt_state = init_optimizer(opt, params)
     for _ in range(5):
         params, opt_state, metrics = fns.update(params, opt_state, batch)
-    logp1, _ = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
+    logp1 = fns.logprobs(params, batch["input_ids"], batch["segment_ids"], batch["positions"])
     delta = np.asarray(logp1 - logp0)
     pos, neg = adv > 0, adv < 0
     assert delta[pos].mean() > 0.1, delta[pos].mean()

@@ -385,8 +385,8 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     engine_copy = per_device_bytes(engine_params) if in_process and \
         g.model_dtype != cfg.model.param_dtype else 0.0
     rollout_rows = t.train_batch_size * g.n_samples_per_prompt
-    # The most rows a mini-batch or the rollout batch takes (every sequence its own row),
-    # in whole micro-batches, as `dapo_jax.train.batch` lays them out.
+    # The most rows a mini-batch takes (every sequence its own row), in whole micro-batches,
+    # as `dapo_jax.train.batch` lays them out; the log-prob pass runs per mini-batch too.
     whole = lambda n, micro: -(-n // micro) * micro
     reports = {}
     for name in functions:
@@ -395,7 +395,7 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
             lower = lambda b=batch: fns.lower_update(params, opt_state, b)
             rows, resident = sizes["micro_rows"], engine_copy
         elif name == "logprobs":
-            r = abstract_batch(whole(rollout_rows, sizes["forward_micro_rows"]), seq, mesh,
+            r = abstract_batch(whole(sizes["mini_rows"], sizes["micro_rows"]), seq, mesh,
                                keys=("input_ids", "segment_ids", "positions"))
             lower = lambda r=r: fns.lower_logprobs(params, r["input_ids"], r["segment_ids"],
                                                    r["positions"])

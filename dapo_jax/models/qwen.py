@@ -14,6 +14,7 @@ without explicit positions they come from the mask (number of real tokens before
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,18 @@ def compute_weight(param: nnx.Param, dtype: Any) -> jax.Array:
     than the vocab-blocked log-probs save."""
     axes = tuple("act_embed" if a == "embed" else a for a in param.get_metadata()["axes"])
     return constrain(param[...].astype(dtype), axes)
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., C1..Ck] times w [C1..Ck, ...] over the k = `contract` shared dims, as one 2-D
+    matmul of the flattened leading dims: the same dot on GPU and TPU, but XLA:CPU
+    differentiates the [B, T, D] einsum 2-3x slower than the [B*T, D] product (measured on
+    the main job's MLP shapes: 39 vs 16 ms forward + backward). Only unsharded `length` is
+    merged into the batch dim, so the batch sharding carries over."""
+    lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+    k = math.prod(inner)
+    out = x.reshape(-1, k) @ w.reshape(k, -1)
+    return out.reshape(*lead, *w.shape[contract:])
 
 
 class RMSNorm(nnx.Module):
@@ -218,9 +231,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,N,H], k and v [B,T,K,H] with bias, q/k norm and RoPE applied."""
         w = lambda p: compute_weight(p, self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, w(self.q_proj))
-        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, w(self.k_proj))
-        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, w(self.v_proj))
+        q = dense(x_BTD, w(self.q_proj))
+        k = dense(x_BTD, w(self.k_proj))
+        v = dense(x_BTD, w(self.v_proj))
         if self.cfg.qkv_bias:
             q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
         if self.cfg.qk_norm:
@@ -233,7 +246,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project_out(self, out_BTNH: jax.Array) -> jax.Array:
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, compute_weight(self.o_proj, self.dtype))
+        out_BTD = dense(out_BTNH, compute_weight(self.o_proj, self.dtype), contract=2)
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
@@ -266,10 +279,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         w = lambda p: compute_weight(p, self.dtype)
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w(self.gate_proj))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w(self.up_proj))
+        gate_BTF = dense(x_BTD, w(self.gate_proj))
+        up_BTF = dense(x_BTD, w(self.up_proj))
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, w(self.down_proj))
+        out_BTD = dense(h_BTF, w(self.down_proj))
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
 

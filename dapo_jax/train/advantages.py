@@ -2,14 +2,40 @@
 
 `group_ids` are integers in [0, N) naming each response's prompt group (e.g. the prompt's
 index in the batch); groups may have any size, including one.
+
+Each function computes in the namespace of its input: numpy arrays stay on the host (the
+trainer's step: no device round trip, no op-by-op dispatch), jax arrays or tracers in JAX.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-Array = jax.Array
+Array = Any  # np.ndarray or jax.Array
+
+
+def xp(x: Array) -> Any:
+    """jax.numpy for jax arrays and tracers, numpy for everything else."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
+_JAX_SEGMENT = {"sum": jax.ops.segment_sum, "max": jax.ops.segment_max,
+                "min": jax.ops.segment_min}
+_NP_SEGMENT = {"sum": (np.add, 0.0), "max": (np.maximum, -np.inf), "min": (np.minimum, np.inf)}
+
+
+def _segment(op: str, x: Array, ids: Array, n: int) -> Array:
+    """Per-group sum / max / min of x over group ids in [0, n), as jax.ops.segment_*."""
+    if xp(x) is jnp or xp(ids) is jnp:
+        return _JAX_SEGMENT[op](x, ids, num_segments=n)
+    ufunc, identity = _NP_SEGMENT[op]
+    out = np.full(n, identity, x.dtype)
+    ufunc.at(out, np.asarray(ids), x)
+    return out
 
 
 def _group_stats(rewards: Array, group_ids: Array) -> tuple[Array, Array, Array, Array]:
@@ -19,15 +45,13 @@ def _group_stats(rewards: Array, group_ids: Array) -> tuple[Array, Array, Array,
     if rewards.ndim != 1 or rewards.shape != group_ids.shape:
         raise ValueError(
             f"rewards and group_ids must both be [N], got {rewards.shape}, {group_ids.shape}")
-    N = rewards.shape[0]
-    r = rewards.astype(jnp.float32)
-    seg = lambda x: jax.ops.segment_sum(x, group_ids, num_segments=N)[group_ids]
-    n = seg(jnp.ones_like(r))
-    mean = seg(r) / n
-    var = seg((r - mean) ** 2) / jnp.maximum(n - 1.0, 1.0)
-    top = jax.ops.segment_max(r, group_ids, num_segments=N)[group_ids]
-    bottom = jax.ops.segment_min(r, group_ids, num_segments=N)[group_ids]
-    return n, mean, jnp.sqrt(var), top == bottom
+    N, np_ = rewards.shape[0], xp(rewards)
+    r = rewards.astype(np_.float32)
+    seg = lambda op, x: _segment(op, x, group_ids, N)[group_ids]
+    n = seg("sum", np_.ones_like(r))
+    mean = seg("sum", r) / n
+    var = seg("sum", (r - mean) ** 2) / np_.maximum(n - np_.float32(1), np_.float32(1))
+    return n, mean, np_.sqrt(var), seg("max", r) == seg("min", r)
 
 
 def grpo_advantages(rewards: Array, group_ids: Array, norm_by_std: bool = True,
@@ -39,19 +63,23 @@ def grpo_advantages(rewards: Array, group_ids: Array, norm_by_std: bool = True,
     equal gets exactly 0 (SkyRL and verl divide the rounding residue of the mean by eps:
     up to 0.3 for shaped rewards)."""
     n, mean, std, uniform = _group_stats(rewards, group_ids)
+    np_ = xp(mean)
     single = n == 1
-    mean = jnp.where(single, 0.0, mean)
-    centred = jnp.where(uniform & ~single, 0.0, rewards.astype(jnp.float32) - mean)
+    mean = np_.where(single, np_.float32(0), mean)
+    centred = np_.where(uniform & ~single, np_.float32(0), rewards.astype(np_.float32) - mean)
     if not norm_by_std:
         return centred
-    return centred / (jnp.where(single, 1.0, std) + epsilon)
+    return centred / (np_.where(single, np_.float32(1), std) + np_.float32(epsilon))
 
 
 def rloo_advantages(rewards: Array, group_ids: Array) -> Array:
     """RLOO: A_i = R_i - mean_{j != i} R_j = (R_i - mean_g R) * n / (n - 1); a group of one
     gets 0, and so does a group of equal rewards (exactly)."""
     n, mean, _, uniform = _group_stats(rewards, group_ids)
-    return jnp.where((n > 1) & ~uniform, (rewards - mean) * n / jnp.maximum(n - 1.0, 1.0), 0.0)
+    np_ = xp(mean)
+    one = np_.float32(1)
+    return np_.where((n > 1) & ~uniform, (rewards.astype(np_.float32) - mean) * n /
+                     np_.maximum(n - one, one), np_.float32(0))
 
 
 ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "rloo": rloo_advantages}
@@ -59,4 +87,4 @@ ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "rloo": rloo_advantages}
 
 def token_advantages(advantages: Array, loss_mask: Array) -> Array:
     """Broadcasts per-response advantages [N] over response tokens: [N, T]."""
-    return advantages[:, None] * loss_mask.astype(jnp.float32)
+    return advantages[:, None] * loss_mask.astype(xp(loss_mask).float32)

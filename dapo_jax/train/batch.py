@@ -24,6 +24,7 @@ to place per-response values into rows and to read per-sequence values back out.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,32 +47,28 @@ class Layout:
     def num_sequences(self) -> int:
         return len(self.row)
 
-    def response_slices(self) -> list[tuple[int, slice]]:
-        """(row, columns) of each sequence's response tokens."""
-        first = self.start + self.prompt_len
-        return [(int(r), slice(int(a), int(a + n)))
-                for r, a, n in zip(self.row, first, self.response_len, strict=True)]
-
 
 def _lengths(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
              ) -> tuple[np.ndarray, np.ndarray]:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    return (np.array([len(p) for p in prompts], np.int64),
-            np.array([len(r) for r in responses], np.int64))
+    return (np.fromiter(map(len, prompts), np.int64, count=len(prompts)),
+            np.fromiter(map(len, responses), np.int64, count=len(responses)))
 
 
 def padded_layout(prompt_len: np.ndarray, response_len: np.ndarray, max_prompt_length: int,
                   max_response_length: int) -> Layout:
     """One sequence per row: prompt right-aligned at max_prompt_length, response after it."""
-    for i, (p, r) in enumerate(zip(prompt_len, response_len, strict=True)):
-        if not 0 < p <= max_prompt_length:
-            raise ValueError(f"row {i}: prompt of {p} tokens does not fit "
-                             f"trainer.max_prompt_length {max_prompt_length}")
-        if r > max_response_length:
-            raise ValueError(f"row {i}: response of {r} tokens exceeds "
-                             f"generator.sampling_params.max_generate_length "
-                             f"{max_response_length}")
+    bad = np.flatnonzero((prompt_len <= 0) | (prompt_len > max_prompt_length))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"row {i}: prompt of {prompt_len[i]} tokens does not fit "
+                         f"trainer.max_prompt_length {max_prompt_length}")
+    bad = np.flatnonzero(response_len > max_response_length)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"row {i}: response of {response_len[i]} tokens exceeds "
+                         f"generator.sampling_params.max_generate_length {max_response_length}")
     n = len(prompt_len)
     return Layout(row=np.arange(n), start=max_prompt_length - prompt_len,
                   segment=np.ones(n, np.int64), prompt_len=prompt_len,
@@ -92,22 +89,21 @@ def packed_layout(prompt_len: np.ndarray, response_len: np.ndarray, row_length: 
                          f"{response_len[i]}) but a packed row holds {row_length} = "
                          "trainer.max_prompt_length + generator.sampling_params."
                          "max_generate_length: raise those limits")
-    row = np.empty(len(total), np.int64)
-    start = np.empty(len(total), np.int64)
-    segment = np.empty(len(total), np.int64)
-    free: list[int] = []  # room left in each row
-    count: list[int] = []  # sequences in each row
+    n = len(total)
+    row = np.empty(n, np.int64)
+    start = np.empty(n, np.int64)
+    segment = np.empty(n, np.int64)
+    free = np.full(max(n, 1), row_length, np.int64)  # room left in each row (n rows at most)
+    count = np.zeros(max(n, 1), np.int64)  # sequences in each row
     for i in np.argsort(-total, kind="stable"):
-        r = next((j for j, room in enumerate(free) if room >= total[i]), len(free))
-        if r == len(free):
-            free.append(row_length)
-            count.append(0)
+        r = int(np.argmax(free >= total[i]))  # the first row with room (an empty one exists)
         row[i], start[i] = r, row_length - free[r]
         count[r] += 1
         segment[i] = count[r]
-        free[r] -= int(total[i])
+        free[r] -= total[i]
+    used = int(np.count_nonzero(count))
     return Layout(row=row, start=start, segment=segment, prompt_len=prompt_len,
-                  response_len=response_len, num_rows=max(len(free), 1),
+                  response_len=response_len, num_rows=max(used, 1),
                   row_length=row_length)
 
 
@@ -144,40 +140,78 @@ def make_layout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
         layout.num_rows, micro_batch_rows, at_most=len(prompt_len)))
 
 
+def _token_index(layout: Layout, first: np.ndarray, count: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where `count[i]` consecutive tokens of each sequence i, from column `first[i]` of its
+    row, sit in the flattened [rows * L] arrays, in sequence order; with the sequence of each
+    and its offset from `first`."""
+    seq = np.repeat(np.arange(layout.num_sequences), count)
+    offset = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return layout.row[seq] * layout.row_length + first[seq] + offset, seq, offset
+
+
+def _check_lengths(values: Sequence[Sequence[float]], lengths: np.ndarray, what: str) -> int:
+    """The ragged per-sequence values match the layout's lengths; their total count."""
+    got = np.fromiter(map(len, values), np.int64, count=len(values))
+    if len(got) != len(lengths):
+        raise ValueError(f"{what}: {len(got)} sequences, the layout has {len(lengths)}")
+    bad = np.flatnonzero(got != lengths)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{what}: sequence {i} has {got[i]}, the layout {lengths[i]}")
+    return int(got.sum())
+
+
 def build_rows(layout: Layout, prompts: Sequence[Sequence[int]],
                responses: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, np.ndarray]:
     """input_ids, segment_ids, positions and loss_mask (see the module docstring)."""
+    _check_lengths(prompts, layout.prompt_len, "prompts")
+    _check_lengths(responses, layout.response_len, "responses")
+    total = layout.prompt_len + layout.response_len
+    pairs = zip(prompts, responses, strict=True)  # each sequence's prompt, then its response
+    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(pairs)),
+                         np.int32, count=int(total.sum()))
+    flat, seq, pos = _token_index(layout, layout.start, total)
+    size = layout.num_rows * layout.row_length
+    ids = np.full(size, pad_id, np.int32)
+    segments = np.zeros(size, np.int32)
+    positions = np.zeros(size, np.int32)
+    loss = np.zeros(size, np.float32)
+    ids[flat] = tokens
+    segments[flat] = layout.segment[seq]
+    positions[flat] = pos
+    loss[flat] = pos >= layout.prompt_len[seq]
     shape = (layout.num_rows, layout.row_length)
-    ids = np.full(shape, pad_id, np.int32)
-    segments = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
-    loss = np.zeros(shape, np.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        row, a = int(layout.row[i]), int(layout.start[i])
-        n, m = len(p), len(r)
-        ids[row, a:a + n] = p
-        ids[row, a + n:a + n + m] = r
-        segments[row, a:a + n + m] = layout.segment[i]
-        positions[row, a:a + n + m] = np.arange(n + m)
-        loss[row, a + n:a + n + m] = 1.0
-    return {"input_ids": ids, "segment_ids": segments, "positions": positions,
-            "loss_mask": loss}
+    return {"input_ids": ids.reshape(shape), "segment_ids": segments.reshape(shape),
+            "positions": positions.reshape(shape), "loss_mask": loss.reshape(shape)}
+
+
+def _response_index(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    flat, seq, _ = _token_index(layout, layout.start + layout.prompt_len, layout.response_len)
+    return flat, seq
 
 
 def place_response_values(layout: Layout, values: Sequence[Sequence[float]]) -> np.ndarray:
     """Per-response-token values (e.g. rollout log-probs) at their [rows, L] positions."""
-    out = np.zeros((layout.num_rows, layout.row_length), np.float32)
-    for (row, cols), v in zip(layout.response_slices(), values, strict=True):
-        out[row, cols] = v
-    return out
+    out = np.zeros(layout.num_rows * layout.row_length, np.float32)
+    count = _check_lengths(values, layout.response_len, "per-response-token values")
+    out[_response_index(layout)[0]] = np.fromiter(itertools.chain.from_iterable(values),
+                                                  np.float32, count=count)
+    return out.reshape(layout.num_rows, layout.row_length)
 
 
 def place_sequence_values(layout: Layout, values: np.ndarray) -> np.ndarray:
     """One value per sequence (e.g. its advantage) on each of its response tokens."""
-    return place_response_values(layout, [np.full(n, v, np.float32) for n, v in
-                                          zip(layout.response_len, values, strict=True)])
+    values = np.asarray(values, np.float32)
+    if values.shape != (layout.num_sequences,):
+        raise ValueError(f"{values.shape} values for {layout.num_sequences} sequences")
+    out = np.zeros(layout.num_rows * layout.row_length, np.float32)
+    flat, seq = _response_index(layout)
+    out[flat] = values[seq]
+    return out.reshape(layout.num_rows, layout.row_length)
 
 
 def response_values(layout: Layout, rows: np.ndarray) -> list[np.ndarray]:
     """The inverse of `place_response_values`: each sequence's response-token values."""
-    return [np.asarray(rows[row, cols]) for row, cols in layout.response_slices()]
+    flat, _ = _response_index(layout)
+    return np.split(np.asarray(rows).reshape(-1)[flat], np.cumsum(layout.response_len)[:-1])

@@ -104,6 +104,9 @@ def default_config() -> ConfigDict:
     c.trainer = ConfigDict({
         "seed": 42,
         "run_dir": "runs/default",
+        # JAX's persistent compilation cache: a rerun (or resume) of the same shapes loads
+        # its programs instead of compiling them again. "": off.
+        "compilation_cache_dir": "~/.cache/dapo_jax/jax",
         "max_steps": 0,  # 0: trainer.epochs passes over the training data
         "epochs": 1,
         "max_prompt_length": 512,
@@ -117,7 +120,7 @@ def default_config() -> ConfigDict:
         # token budget is this x that length; packed micro-batches per mini-batch vary with
         # the lengths (rounded up to 1, 2, 3, 4, 6, 8, 12, ...: few shapes).
         "micro_train_batch_size_per_gpu": 4,
-        # The same for the old/reference log-prob passes over the whole rollout batch.
+        # The same for the old/reference log-prob passes (run on each mini-batch's rows).
         "micro_forward_batch_size_per_gpu": 4,
         "update_epochs_per_batch": 1,
         "eval_interval": 5,  # steps; <= 0: never

@@ -291,8 +291,9 @@ def total_loss(
     mini-batch (`num_sequences_total`; default: this batch's), each sequence's per-token KL
     weighing 1 however long it is.
 
-    `batch` holds old_logprobs, advantages, loss_mask, optionally segment_ids (packed rows)
-    and, when used, ref_logprobs (KL) and rollout_logprobs (TIS)."""
+    `batch` holds old_logprobs, advantages, loss_mask, optionally segment_ids (packed rows),
+    ref_logprobs (KL) and rollout_logprobs (TIS weights when `tis_cap` is set; always the
+    `rollout_abs_diff` metric, mean |old - rollout| over the loss mask's tokens)."""
     mask = batch["loss_mask"]
     segments = batch.get("segment_ids")
     weights = None
@@ -318,4 +319,7 @@ def total_loss(
     metrics["entropy"] = masked_mean(entropy, mask)
     if tis_cap is not None:
         metrics["tis_weight"] = masked_mean(weights, mask)
+    if "rollout_logprobs" in batch:  # the trainer vs the sampler, on the tokens that train
+        metrics["rollout_abs_diff"] = masked_mean(
+            jnp.abs(batch["old_logprobs"] - batch["rollout_logprobs"]), mask)
     return loss, metrics

@@ -1,11 +1,10 @@
-"""Overlong handling (DAPO_FACTS section 3): reward shaping and loss-mask filtering."""
+"""Overlong handling (DAPO_FACTS section 3): reward shaping and loss-mask filtering.
+
+Like `advantages`, each function computes in its input's namespace (numpy on the host)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-Array = jax.Array
+from dapo_jax.train.advantages import Array, xp
 
 
 def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: int,
@@ -24,9 +23,10 @@ def soft_overlong_penalty(lengths: Array, max_generate_length: int, buffer_len: 
                          f"{max_generate_length}], got {buffer_len}")
     if penalty_factor < 0:
         raise ValueError(f"overlong_buffer.penalty_factor must be >= 0, got {penalty_factor}")
-    expected = max_generate_length - buffer_len
-    excess = lengths.astype(jnp.float32) - expected
-    return jnp.clip(-excess / buffer_len * penalty_factor, -penalty_factor, 0.0)
+    np_ = xp(lengths)
+    excess = lengths.astype(np_.float32) - np_.float32(max_generate_length - buffer_len)
+    f = np_.float32(penalty_factor)
+    return np_.clip(-excess / np_.float32(buffer_len) * f, -f, np_.float32(0))
 
 
 def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
@@ -39,4 +39,5 @@ def overlong_filter(loss_mask: Array, truncated: Array) -> Array:
     if truncated.shape != loss_mask.shape:
         raise ValueError(f"truncated must be per token like loss_mask {loss_mask.shape}, got "
                          f"{truncated.shape}")
-    return jnp.where(truncated, jnp.zeros_like(loss_mask), loss_mask)
+    np_ = xp(loss_mask)
+    return np_.where(truncated, np_.zeros_like(loss_mask), loss_mask)

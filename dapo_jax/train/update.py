@@ -171,24 +171,25 @@ class TrainFns:
     logprobs_jit: Any
     mesh: jax.sharding.Mesh | None = None
 
-    def _rows(self, rows: Any) -> Any:
-        """Host rows as global arrays split over the batch axes: every process passes the
-        same host values and places its own devices' shards (jit refuses numpy inputs with
-        a non-trivial sharding)."""
+    def put(self, rows: Any) -> Any:
+        """Host rows (any pytree of [N, ...] arrays) as global arrays split over the batch
+        axes, in one explicit transfer: every process passes the same host values and
+        places its own devices' shards (jit refuses numpy inputs with a non-trivial
+        sharding). Arrays already on the devices stay where they are."""
         if self.mesh is None:
-            return rows
+            return jax.device_put(rows)
         spec = jax.sharding.PartitionSpec(("data", "fsdp"))
         return jax.device_put(rows, jax.sharding.NamedSharding(self.mesh, spec))
 
     def update(self, params: Any, opt_state: Any, batch: Any
                ) -> tuple[Any, Any, dict[str, jax.Array]]:
         with mesh_context(self.mesh):
-            return self.update_jit(params, opt_state, self._rows(batch))
+            return self.update_jit(params, opt_state, self.put(batch))
 
     def logprobs(self, params: Any, input_ids: Any, segment_ids: Any, positions: Any
-                 ) -> tuple[jax.Array, jax.Array]:
+                 ) -> jax.Array:
         with mesh_context(self.mesh):
-            return self.logprobs_jit(params, *self._rows((input_ids, segment_ids, positions)))
+            return self.logprobs_jit(params, *self.put((input_ids, segment_ids, positions)))
 
     def lower_update(self, params: Any, opt_state: Any, batch: Any) -> Any:
         """`jax.jit(...).lower` of the update on (abstract) inputs, under the mesh."""
@@ -216,10 +217,10 @@ def make_train_fns(
     update(params, opt_state, batch) -> (params, opt_state, metrics): one optimiser step on a
     mini-batch in micro-batches of `micro_batch_rows` rows (over all devices; None: the whole
     mini-batch at once); params and opt_state are donated.
-    logprobs(params, input_ids, segment_ids, positions) -> (logp, entropy): forward only over
-    a whole rollout batch in micro-batches of `forward_micro_batch_rows` rows (the forward
-    pass keeps no activations for a backward, so its micro-batches are usually larger:
-    `trainer.micro_forward_batch_size_per_gpu`).
+    logprobs(params, input_ids, segment_ids, positions) -> logp [N, T]: forward only, in
+    micro-batches of `forward_micro_batch_rows` rows (the last one filled with empty rows;
+    the forward pass keeps no activations for a backward, so its micro-batches are usually
+    larger: `trainer.micro_forward_batch_size_per_gpu`). No entropy: nothing reads it.
     """
     policy_kwargs = loss_cfg.policy_kwargs()
 
@@ -262,11 +263,12 @@ def make_train_fns(
     def logprobs(params: nnx.State, input_ids: jax.Array, segment_ids: jax.Array,
                  positions: jax.Array):
         model = nnx.merge(graphdef, params)
-        fn = lambda rows: sequence_logprobs(model, *rows, temperature=loss_cfg.temperature)
-        micro = tuple(_split(x, forward_micro_batch_rows)
-                      for x in (input_ids, segment_ids, positions))
-        logp, entropy = jax.lax.map(fn, micro)
-        return _unsplit(logp), _unsplit(entropy)
+        fn = lambda rows: sequence_logprobs(model, *rows, temperature=loss_cfg.temperature)[0]
+        n = input_ids.shape[0]
+        micro_rows = min(forward_micro_batch_rows or n, n)
+        extra = -(-n // micro_rows) * micro_rows - n  # empty rows (segment 0) fill the last
+        rows = [jnp.pad(x, ((0, extra), (0, 0))) for x in (input_ids, segment_ids, positions)]
+        return _unsplit(jax.lax.map(fn, tuple(_split(x, micro_rows) for x in rows)))[:n]
 
     if mesh is None:
         return TrainFns(jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs))
@@ -279,7 +281,7 @@ def make_train_fns(
                          in_shardings=(param_sh, opt_sh, batch_sh),
                          out_shardings=(param_sh, opt_sh, replicated))
     logprobs_jit = jax.jit(logprobs, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh),
-                           out_shardings=(batch_sh, batch_sh))
+                           out_shardings=batch_sh)
     return TrainFns(update_jit, logprobs_jit, mesh)
 
 
