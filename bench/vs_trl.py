@@ -76,11 +76,11 @@ def write_work(steps: int, path: Path) -> None:
     from transformers import AutoTokenizer
 
     from dapo_jax.prompts import PromptSampler
-    from dapo_jax.train.rollout import load_prompt_set
+    from dapo_jax.train.loop import prompt_set
 
     cfg = main_config(steps, "unused")
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    train = load_prompt_set(cfg.data.train_data, tok, cfg, "train")
+    train = prompt_set(cfg, tok, "train")
     sampler = PromptSampler(len(train.examples), seed=cfg.trainer.seed)
     order = [i for _ in range(steps) for i in sampler.next_batch(PROMPTS_PER_STEP)]
     texts = [tok.apply_chat_template([{"role": r, "content": c} for r, c in
@@ -190,13 +190,12 @@ def held_out(model_dir: str) -> dict:
     from dapo_jax.generation import Generator, stop_token_ids
     from dapo_jax.models import load_pretrained
     from dapo_jax.rewards import RewardPool
-    from dapo_jax.train.loop import sampling_params
-    from dapo_jax.train.rollout import load_prompt_set
+    from dapo_jax.train.loop import prompt_set, sampling_params
 
     cfg = main_config(1, "unused")
     base = cfg.model.path
     tok = AutoTokenizer.from_pretrained(base)
-    val = load_prompt_set(cfg.data.val_data, tok, cfg, "eval")
+    val = prompt_set(cfg, tok, "eval")
     graphdef, params = nnx.split(load_pretrained(model_dir, dtype="float32"))
     g = cfg.generator
     gen = Generator(graphdef, params, stop_token_ids=stop_token_ids(base),

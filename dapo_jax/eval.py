@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dapo_jax.evaluation import evaluate
 from dapo_jax.generation import Generator, SamplingParams, stop_token_ids
-from dapo_jax.prompts import arithmetic_examples, encode_prompts, filter_by_length, load_examples
+from dapo_jax.prompts import load_prompt_set
 from dapo_jax.rewards import RewardPool
 
 
@@ -84,18 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     a = _args(argv)
     try:
         tokenizer_dir, is_checkpoint = _model_dirs(a.model)
-        if a.data == "builtin:arithmetic":
-            examples = arithmetic_examples(a.builtin_size, seed=a.seed, split="eval")
-        elif a.data.startswith("builtin:"):
-            raise ValueError(f"--data {a.data}: the built-in task is builtin:arithmetic")
-        else:
-            examples, _ = load_examples(a.data)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        ids = encode_prompts(tokenizer, examples)
-        examples, ids, dropped = filter_by_length(examples, ids, a.max_prompt_length,
-                                                  a.overlong_prompts, a.data)
+        prompts = load_prompt_set(a.data, tokenizer, split="eval", builtin_size=a.builtin_size,
+                                  seed=a.seed, max_prompt_length=a.max_prompt_length,
+                                  on_overlong=a.overlong_prompts)
+        examples, ids, dropped = prompts.examples, prompts.ids, prompts.dropped_overlong
     except (ValueError, FileNotFoundError) as e:
         a.error(str(e))
     if a.sidecar_url:

@@ -35,23 +35,28 @@ class Example:
 
 
 # ----------------------------------------------------------------------------- loading
+class DataError(ValueError):
+    """A data file the user has to fix: missing, unreadable, or a bad row (named)."""
+
+
 def _parse_row(row: dict[str, Any], where: str) -> Example:
     prompt = row.get("prompt")
     if isinstance(prompt, np.ndarray):  # parquet list columns arrive as arrays
         prompt = list(prompt)
     if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"{where}: 'prompt' must be a non-empty list of "
+        raise DataError(f"{where}: 'prompt' must be a non-empty list of "
                          f"{{role, content}} messages, got {type(prompt).__name__}")
     messages = []
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"{where}: prompt[{i}] must be {{role: system|user|assistant, "
+            raise DataError(f"{where}: prompt[{i}] must be {{role: system|user|assistant, "
                              f"content: str}}, got {m!r}")
         messages.append((m["role"], m["content"]))
     rm = row.get("reward_model")
-    if not isinstance(rm, dict) or "ground_truth" not in rm:
-        raise ValueError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
+    # A parquet struct column gives every row every field: a row without one holds None.
+    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
+        raise DataError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
     return Example(tuple(messages), str(rm["ground_truth"]), str(row.get("data_source", "")))
 
 
@@ -60,26 +65,33 @@ def load_examples(path: str | Path) -> tuple[list[Example], int]:
     Returns (examples, number of duplicates dropped). Bad rows are errors naming the row."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
+        raise DataError(f"dataset {path} does not exist")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        rows = [(f"{path}, row {i}", row) for i, row in enumerate(table.to_pylist())]
     elif path.suffix in (".jsonl", ".json"):
         rows = []
         with open(path) as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        rows.append((f"{path}, line {i}", json.loads(line)))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}, line {i}: malformed JSON: {e}") from None
+                        raise DataError(f"{path}, line {i}: malformed JSON: {e}") from None
     else:
-        raise ValueError(f"dataset {path}: expected a .parquet or .jsonl file")
+        raise DataError(f"dataset {path}: expected a .parquet or .jsonl file")
     seen: set[str] = set()
     examples = []
-    for i, row in enumerate(rows):
-        ex = _parse_row(row, f"{path}, row {i}")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        ex = _parse_row(row, where)
         if ex.key not in seen:
             seen.add(ex.key)
             examples.append(ex)
@@ -154,6 +166,34 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Example]) -> list[list[int
             for ex in examples]
 
 
+@dataclasses.dataclass
+class PromptSet:
+    """A data set's prompts, chat-rendered and tokenized (`ids[i]` is `examples[i]`'s)."""
+
+    examples: list[Example]
+    ids: list[list[int]]
+    dropped_overlong: int
+    duplicates: int
+
+
+def load_prompt_set(spec: str, tokenizer: Any, *, split: str, builtin_size: int, seed: int,
+                    max_prompt_length: int, on_overlong: str) -> PromptSet:
+    """The prompts of a .parquet / .jsonl file (duplicates dropped, counted) or of
+    `builtin:arithmetic` (`builtin_size` problems of its `split`), rendered with the
+    tokenizer's chat template; prompts over `max_prompt_length` tokens are dropped (counted)
+    or, with on_overlong="error", an error."""
+    if spec == "builtin:arithmetic":
+        examples, dups = arithmetic_examples(builtin_size, seed=seed, split=split), 0
+    elif spec.startswith("builtin:"):
+        raise DataError(f"{spec}: the built-in task is builtin:arithmetic")
+    else:
+        examples, dups = load_examples(spec)
+    ids = encode_prompts(tokenizer, examples)
+    examples, ids, dropped = filter_by_length(examples, ids, max_prompt_length, on_overlong,
+                                              spec)
+    return PromptSet(examples, ids, dropped, dups)
+
+
 def filter_by_length(examples: list[Example], ids: list[list[int]], max_prompt_length: int,
                      on_overlong: str, source: str) -> tuple[list[Example], list[list[int]], int]:
     """Drops prompts longer than `max_prompt_length` tokens (counted), or raises."""
@@ -163,10 +203,10 @@ def filter_by_length(examples: list[Example], ids: list[list[int]], max_prompt_l
     dropped = len(ids) - len(keep)
     if dropped and on_overlong == "error":
         first = next(i for i, x in enumerate(ids) if len(x) > max_prompt_length)
-        raise ValueError(f"{source}: prompt {first} has {len(ids[first])} tokens > "
+        raise DataError(f"{source}: prompt {first} has {len(ids[first])} tokens > "
                          f"max_prompt_length {max_prompt_length} ({dropped} such prompts)")
     if not keep:
-        raise ValueError(f"{source}: no prompt fits max_prompt_length {max_prompt_length}")
+        raise DataError(f"{source}: no prompt fits max_prompt_length {max_prompt_length}")
     return [examples[i] for i in keep], [ids[i] for i in keep], dropped
 
 

@@ -92,7 +92,7 @@ def test_eval_cli_errors_name_the_problem(tmp_path):
     bad.write_text('{"prompt": [{"role": "user", "content": "1+1"}], '
                    '"reward_model": {"ground_truth": "2"}}\n{"prompt": "oops"}\n')
     out = run_eval("--model", launching.ASSET, "--data", bad, "--out", tmp_path / "o")
-    assert out.returncode != 0 and "bad.jsonl, row 1" in out.stderr
+    assert out.returncode != 0 and "bad.jsonl, line 2" in out.stderr
     out = run_eval("--model", launching.ASSET, "--data", tmp_path / "missing.parquet",
                    "--out", tmp_path / "o")
     assert out.returncode != 0 and "missing.parquet does not exist" in out.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from dapo_jax.prompts import (
     ARITHMETIC_OPERANDS,
+    DataError,
     Example,
     PromptSampler,
     SamplerState,
@@ -118,14 +119,24 @@ def test_jsonl_and_parquet_load_and_deduplicate(tmp_path):
 
 
 def test_bad_rows_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rows = _rows()
     rows[2]["reward_model"] = {"style": "rule"}
-    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(ValueError, match=r"bad.jsonl, row 2: 'reward_model'"):
+    # JSONL rows are named by their line (blank lines count), parquet rows by index.
+    (tmp_path / "bad.jsonl").write_text("\n\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"bad.jsonl, line 5: 'reward_model'"):
         load_examples(tmp_path / "bad.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet, row 2: 'reward_model'"):
+        load_examples(tmp_path / "bad.parquet")
     (tmp_path / "broken.jsonl").write_text('{"prompt": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="line 2: malformed JSON"):
+    with pytest.raises(DataError, match="line 2: malformed JSON"):
         load_examples(tmp_path / "broken.jsonl")
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match="corrupt.parquet: not a readable parquet file"):
+        load_examples(tmp_path / "corrupt.parquet")
 
 
 def test_overlong_prompts_dropped_and_counted_or_an_error():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from dapo_jax.generation import Sample, SamplingParams
-from dapo_jax.prompts import Example
+from dapo_jax.prompts import Example, PromptSet
 from dapo_jax.rewards import RewardPool
-from dapo_jax.train.rollout import PromptSet, rollout
+from dapo_jax.train.rollout import rollout
 from dapo_jax.train.shaping import overlong_filter
 
 

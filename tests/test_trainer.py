@@ -288,3 +288,93 @@ def test_a_reward_function_that_always_raises_stops_the_run_with_its_traceback(t
            "responses" in out.stderr
     assert "ValueError: cannot parse" in out.stderr and 'reward_fixtures.py", line' in out.stderr
     assert "dapo_jax/train/loop.py" not in out.stderr  # the reward's traceback, not ours
+
+
+# ----------------------------------------------------------------------------- user errors
+QUICK = ["--config.trainer.eval_interval=0", "--config.trainer.eval_before_train=false",
+         "--config.trainer.hf_save_interval=0"]
+
+
+def test_bad_data_row_is_one_line(tmp_path):
+    """A bad row of a training file stops the trainer with one line naming the file and the
+    line, before any compute; no traceback."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": [{"role": "user", "content": "1+1"}], '
+                    '"reward_model": {"ground_truth": "2"}}\n\n{"prompt": "oops"}\n')
+    out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={tmp_path / 'run'}",
+                                     f"--config.data.train_data={data}", *QUICK],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: {data}, line 3: 'prompt' must be a non-empty list of {{role, content}} "
+        "messages, got str"], out.stderr
+
+
+def test_full_disk_at_checkpoint_is_short_and_the_last_one_resumes(tmp_path):
+    """The run directory on an 8 MiB tmpfs: checkpoint 1 (float32 weights and AdamW moments,
+    ~5 MiB) fits, checkpoint 2 does not. The trainer stops with one line naming checkpoint 2,
+    the space needed and free, and checkpoint 1 as intact (no wall of orbax tracebacks);
+    copied to a roomier disk, the run resumes from step 1 and finishes."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    run_dir = small / "run"
+    try:
+        out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={run_dir}", *QUICK,
+                                         "--config.trainer.max_steps=3",
+                                         "--config.trainer.ckpt_interval=1",
+                                         "--config.trainer.max_ckpts_to_keep=3"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2, out.stderr[-3000:]
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert lines[0].startswith(f"error: checkpoint 2 does not fit in {run_dir}/checkpoints:")
+        assert "MiB is free" in lines[0] and f"{run_dir}/checkpoints/1, is intact" in lines[0]
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={copy}", *QUICK,
+                                     "--config.trainer.max_steps=2",
+                                     "--config.trainer.ckpt_interval=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {copy}/checkpoints/1 (step 1)" in out.stdout
+    assert [r["step"] for r in read_metrics(copy)] == [1, 2]
+
+
+def test_sidecar_engine_error_stops_the_run_within_30_s(tmp_path):
+    """A real JAX sidecar whose engine raises on every request (HTTP 500): the trainer stops
+    within 30 s of the first request, with the engine's message, instead of retrying for
+    generator.sidecar_startup_timeout_s."""
+    from tests import sidecar
+
+    model = str(REPO / "dapo_jax" / "assets" / "arith_base")
+    exports, stamp = tmp_path / "exports", tmp_path / "first_request"
+    exports.mkdir()
+    port = sidecar.free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "broken_sidecar.py"), "--engine", "jax",
+         "--model", model, "--port", str(port), "--export-root", str(exports),
+         "--stop-token-ids", "0,2"], cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+             "BROKEN_SIDECAR_STAMP": str(stamp)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        sidecar.wait_healthy(proc, url)
+        out = subprocess.run(
+            CLI_BASE + QUICK + [f"--config.trainer.run_dir={tmp_path / 'run'}",
+                                "--config.generator.backend=sidecar",
+                                f"--config.generator.sidecar_urls=('{url}',)"],
+            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+            text=True, timeout=900)
+        ended = time.time()
+    finally:
+        sidecar.stop(proc)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "HTTP 500" in out.stderr and "engine exploded" in out.stderr, out.stderr[-3000:]
+    assert ended - float(stamp.read_text()) < 30

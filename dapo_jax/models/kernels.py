@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,15 +99,23 @@ def _segment_starts(segment_ids_BT: jax.Array) -> jax.Array:
     return jax.lax.cummax(jnp.where(first, jnp.arange(T, dtype=jnp.int32), 0), axis=1)
 
 
-def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-             segment_ids_BT: jax.Array, *, op: str) -> jax.Array:
+@functools.cache
+def _tokamax_attention() -> tuple[Any, Any]:
+    """tokamax's attention ops (api, base), imported once. tokamax reads its options from
+    absl flags and, outside `absl.app.run` (tests, notebooks, the compile tool's library
+    use), would parse sys.argv for them: the flags are marked parsed here, once, with their
+    defaults, never while a function is being traced."""
     from absl import flags
     from tokamax._src.ops.attention import api, base
 
     if not flags.FLAGS.is_parsed():
-        # tokamax reads its options from absl flags and, outside `absl.app.run`, would parse
-        # sys.argv for them (a test runner's or notebook's arguments): take the defaults.
         flags.FLAGS.mark_as_parsed()
+    return api, base
+
+
+def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+             segment_ids_BT: jax.Array, *, op: str) -> jax.Array:
+    api, base = _tokamax_attention()
     mask = base.Mask(k_start=_segment_starts(segment_ids_BT)[:, None, :], is_causal=True)
     ops = ("mosaic_gpu", "triton") if op == "mosaic_gpu" else (op,)
     for i, name in enumerate(ops):

@@ -17,17 +17,20 @@ def main(argv: list[str]) -> None:
 
     exit_with_parent()
     apply_trainer_memory_fraction(_CONFIG.value)  # before JAX creates its GPU client
+    from dapo_jax.prompts import DataError
     from dapo_jax.rewards import RewardError
     from dapo_jax.rollout_client import RolloutError
+    from dapo_jax.train.checkpointing import CheckpointError
     from dapo_jax.train.config import ConfigError
     from dapo_jax.train.dynamic_sampling import DynamicSamplingError
     from dapo_jax.train.loop import RunDirInUse, run
 
     try:
         run(_CONFIG.value)
-    except (ConfigError, RunDirInUse, DynamicSamplingError, RolloutError, RewardError) as e:
-        # The user's to fix (a key, the run directory, the data), or a sidecar's failure
-        # with its own message and traceback tail: no trainer traceback.
+    except (ConfigError, DataError, RunDirInUse, DynamicSamplingError, RolloutError,
+            RewardError, CheckpointError) as e:
+        # The user's to fix (a key, the run directory, the data, a full disk), or a
+        # sidecar's failure with its own message and traceback tail: no trainer traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,7 +10,9 @@ step), so the resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,34 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dapo_jax.models import Precision, Qwen, read_config
+
+# Room kept beyond the arrays' bytes: orbax's metadata, the JSON host state, small files.
+HEADROOM_BYTES = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the run stops; the last complete one is intact)."""
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether ENOSPC is somewhere in the exception, its causes or (exception groups) its
+    parts: orbax raises from its writer threads, wrapped."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or \
+                "No space left on device" in str(x):
+            return True
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return False
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class Checkpointer:
@@ -30,10 +60,36 @@ class Checkpointer:
                                                  enable_async_checkpointing=False))
 
     def save(self, step: int, params: Any, opt_state: Any, host: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            host=ocp.args.JsonSave(host)))
-        self.manager.wait_until_finished()
+        """Writes checkpoint `step`. When the filesystem cannot hold it (checked before
+        writing: this process's shards of the arrays plus headroom; or a write failing with
+        ENOSPC), raises `CheckpointError` naming the checkpoint, the path, the space needed
+        and free, and the last complete checkpoint, which is left intact."""
+        arrays = jax.tree.leaves((params, opt_state))
+        needed = HEADROOM_BYTES + sum(
+            shard.data.nbytes for x in arrays for shard in x.addressable_shards
+            if shard.replica_id == 0)
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise self._full(step, needed, free)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state), host=ocp.args.JsonSave(host)))
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if _no_space(e):
+                raise self._full(step, needed, shutil.disk_usage(self.directory).free) from None
+            raise
+
+    def _full(self, step: int, needed: int, free: int) -> CheckpointError:
+        self.manager.reload()  # what is complete on disk now
+        last = self.manager.latest_step()
+        intact = f"the last complete checkpoint, {self.directory / str(last)}, is intact " \
+                 "(the run resumes from it)" if last is not None else "no earlier checkpoint"
+        return CheckpointError(
+            f"checkpoint {step} does not fit in {self.directory}: it needs about "
+            f"{_gib(needed)}, {_gib(free)} is free; {intact}. Free space or set "
+            "trainer.run_dir / trainer.max_ckpts_to_keep")
 
     def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Restores into the structure, dtypes and shardings of the given (live) trees."""

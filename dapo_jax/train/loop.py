@@ -27,7 +27,7 @@ from dapo_jax import evaluation, multihost
 from dapo_jax.generation import SamplingParams, stop_token_ids
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.checkpoint import save_hf
-from dapo_jax.prompts import PromptSampler, SamplerState
+from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState, load_prompt_set
 from dapo_jax.rewards import RewardPool
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
@@ -37,9 +37,7 @@ from dapo_jax.train.metrics_log import MetricsLog, route_library_logs
 from dapo_jax.train.rollout import (
     Engine,
     InProcessEngine,
-    PromptSet,
     SidecarEngine,
-    load_prompt_set,
     reward_metrics,
     rollout,
     versioned,
@@ -87,6 +85,16 @@ class Run:
         self.ckpt.close()
         if self.lock is not None:
             self.lock.close()  # releases the flock
+
+
+def prompt_set(cfg: ConfigDict, tokenizer: Any, split: str) -> PromptSet:
+    """The run's training (split "train") or held-out ("eval") prompts."""
+    d = cfg.data
+    return load_prompt_set(
+        d.train_data if split == "train" else d.val_data, tokenizer, split=split,
+        builtin_size=d.builtin_train_size if split == "train" else d.builtin_val_size,
+        seed=cfg.trainer.seed, max_prompt_length=cfg.trainer.max_prompt_length,
+        on_overlong=d.overlong_prompts)
 
 
 def sampling_params(sp: ConfigDict) -> SamplingParams:
@@ -145,9 +153,8 @@ def setup(cfg: ConfigDict) -> Run:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_set = load_prompt_set(cfg.data.train_data, tokenizer, cfg, "train")
-    val_set = load_prompt_set(cfg.data.val_data, tokenizer, cfg, "eval") if \
-        cfg.data.val_data else None
+    train_set = prompt_set(cfg, tokenizer, "train")
+    val_set = prompt_set(cfg, tokenizer, "eval") if cfg.data.val_data else None
     max_steps = config_lib.total_steps(cfg, len(train_set.examples))
 
     m = cfg.model

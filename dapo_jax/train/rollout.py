@@ -10,7 +10,6 @@ Engines:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -19,40 +18,12 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from dapo_jax import multihost
 from dapo_jax.generation import Generator, Sample, SamplingParams
 from dapo_jax.placement import TOKEN_ENV
-from dapo_jax.prompts import (
-    Example,
-    arithmetic_examples,
-    encode_prompts,
-    filter_by_length,
-    load_examples,
-)
+from dapo_jax.prompts import PromptSet
 from dapo_jax.rewards import RewardPool
-
-
-# ----------------------------------------------------------------------------- prompts
-@dataclasses.dataclass
-class PromptSet:
-    examples: list[Example]
-    ids: list[list[int]]
-    dropped_overlong: int
-    duplicates: int
-
-
-def load_prompt_set(spec: str, tokenizer: Any, cfg: ConfigDict, split: str) -> PromptSet:
-    if spec == "builtin:arithmetic":
-        size = cfg.data.builtin_train_size if split == "train" else cfg.data.builtin_val_size
-        examples, dups = arithmetic_examples(size, seed=cfg.trainer.seed, split=split), 0
-    else:
-        examples, dups = load_examples(spec)
-    ids = encode_prompts(tokenizer, examples)
-    examples, ids, dropped = filter_by_length(examples, ids, cfg.trainer.max_prompt_length,
-                                              cfg.data.overlong_prompts, spec)
-    return PromptSet(examples, ids, dropped, dups)
 
 
 # ----------------------------------------------------------------------------- engines

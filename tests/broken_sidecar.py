@@ -1,0 +1,25 @@
+"""A real rollout sidecar (`python -m rollout.server` arguments) whose JAX engine raises on
+every generate request, as a deterministic engine bug does: the trainer must stop at once
+with the engine's message instead of retrying. The time of the first request is written to
+$BROKEN_SIDECAR_STAMP."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rollout import engines, server
+
+
+def _broken_generate(self, *args, **kwargs):
+    stamp = os.environ.get("BROKEN_SIDECAR_STAMP")
+    if stamp and not os.path.exists(stamp):
+        with open(stamp, "w") as f:
+            f.write(repr(time.time()))
+    raise RuntimeError("engine exploded: broken on purpose for the test")
+
+
+engines.JaxEngine.generate = _broken_generate
+
+if __name__ == "__main__":
+    server.main()
