@@ -199,7 +199,9 @@ def test_packed_equals_padded(loss, reduction):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=2.4e-7)
         assert m.keys() == m_pad.keys()
         for k in m_pad:
-            np.testing.assert_allclose(m[k], m_pad[k], rtol=1e-5, atol=1e-7, err_msg=k)
+            # approx_kl and the ratio are means of differences of log-probs of size ~6,
+            # whose float32 rounding differs with the split over devices (~7e-7).
+            np.testing.assert_allclose(m[k], m_pad[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_compiles_once_per_bucket_across_length_mixes():
