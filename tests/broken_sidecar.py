@@ -1,4 +1,5 @@
-"""A real rollout sidecar (`python -m rollout.server` arguments) whose JAX engine raises on
+"""A real rollout sidecar (`python -m tests.broken_sidecar`, rollout.server's arguments:
+`tests.sidecar.start(..., module="tests.broken_sidecar")`) whose JAX engine raises on
 every generate request, as a deterministic engine bug does: the trainer must stop at once
 with the engine's message instead of retrying. The time of the first request is written to
 $BROKEN_SIDECAR_STAMP."""

@@ -32,15 +32,18 @@ def vllm_python() -> str | None:
 def start(engine: str, model: str, export_root: Path, *, port: int | None = None,
           python: str = sys.executable, token: str | None = None,
           log: Path | None = None, stop_ids: str = STOP_IDS,
-          extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+          extra_args: Sequence[str] = (), module: str = "rollout.server",
+          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m <module>` (the sidecar, or a test's variant taking its arguments) on a
+    loopback port, with `env` added to the environment."""
     port = port or free_port()
-    cmd = [python, "-m", "rollout.server", "--engine", engine, "--model", model,
+    cmd = [python, "-m", module, "--engine", engine, "--model", model,
            "--port", str(port), "--export-root", str(export_root),
            "--stop-token-ids", stop_ids]
     if token:
         cmd += ["--token", token]
     cmd += list(extra_args)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
     # Own session: stop() kills the whole group (vLLM spawns engine and worker processes).
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

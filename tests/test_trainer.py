@@ -116,6 +116,17 @@ def test_every_config_key_is_consumed():
 DETERMINISTIC = lambda row: {k: v for k, v in row.items()
                              if not k.startswith(("timing/", "throughput/"))}
 CLI_BASE = [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py"]
+
+
+def train(run_dir, *flags, timeout=600):
+    """The main job on `run_dir` with `flags`, to completion (stdout, stderr captured)."""
+    return subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={run_dir}", *flags],
+                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def through_sidecar(url):
+    return ["--config.generator.backend=sidecar", f"--config.generator.sidecar_urls=('{url}',)"]
 CLI = CLI_BASE + [
        "--config.trainer.max_steps=4", "--config.trainer.ckpt_interval=1",
        "--config.trainer.eval_interval=2", "--config.data.builtin_val_size=32"]
@@ -203,12 +214,7 @@ def test_sidecar_backend_and_resume_from_path(tmp_path):
     short = ["--config.trainer.max_steps=2", "--config.trainer.ckpt_interval=1",
              "--config.trainer.eval_interval=0", "--config.trainer.eval_before_train=false"]
     with sidecar.running("jax", model, exports, stop_ids="0,2") as (url, _):
-        out = subprocess.run(
-            CLI_BASE + short + [f"--config.trainer.run_dir={first}",
-                                "--config.generator.backend=sidecar",
-                                f"--config.generator.sidecar_urls=('{url}',)"],
-            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-            text=True, timeout=600)
+        out = train(first, *short, *through_sidecar(url))
         assert out.returncode == 0, out.stderr[-3000:]
         health = json.loads(__import__("urllib.request").request.urlopen(url + "/health").read())
         assert health["weight_version"] == 2  # pushed after each of the two steps
@@ -301,9 +307,7 @@ def test_bad_data_row_is_one_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": [{"role": "user", "content": "1+1"}], '
                     '"reward_model": {"ground_truth": "2"}}\n\n{"prompt": "oops"}\n')
-    out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={tmp_path / 'run'}",
-                                     f"--config.data.train_data={data}", *QUICK],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = train(tmp_path / "run", f"--config.data.train_data={data}", *QUICK, timeout=300)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [
         f"error: {data}, line 3: 'prompt' must be a non-empty list of {{role, content}} "
@@ -323,11 +327,8 @@ def test_full_disk_at_checkpoint_is_short_and_the_last_one_resumes(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     run_dir = small / "run"
     try:
-        out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={run_dir}", *QUICK,
-                                         "--config.trainer.max_steps=3",
-                                         "--config.trainer.ckpt_interval=1",
-                                         "--config.trainer.max_ckpts_to_keep=3"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        out = train(run_dir, *QUICK, "--config.trainer.max_steps=3",
+                    "--config.trainer.ckpt_interval=1", "--config.trainer.max_ckpts_to_keep=3")
         assert out.returncode == 2, out.stderr[-3000:]
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -337,10 +338,7 @@ def test_full_disk_at_checkpoint_is_short_and_the_last_one_resumes(tmp_path):
         subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={copy}", *QUICK,
-                                     "--config.trainer.max_steps=2",
-                                     "--config.trainer.ckpt_interval=1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = train(copy, *QUICK, "--config.trainer.max_steps=2", "--config.trainer.ckpt_interval=1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {copy}/checkpoints/1 (step 1)" in out.stdout
     assert [r["step"] for r in read_metrics(copy)] == [1, 2]
@@ -355,26 +353,10 @@ def test_sidecar_engine_error_stops_the_run_within_30_s(tmp_path):
     model = str(REPO / "dapo_jax" / "assets" / "arith_base")
     exports, stamp = tmp_path / "exports", tmp_path / "first_request"
     exports.mkdir()
-    port = sidecar.free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "broken_sidecar.py"), "--engine", "jax",
-         "--model", model, "--port", str(port), "--export-root", str(exports),
-         "--stop-token-ids", "0,2"], cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-             "BROKEN_SIDECAR_STAMP": str(stamp)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        sidecar.wait_healthy(proc, url)
-        out = subprocess.run(
-            CLI_BASE + QUICK + [f"--config.trainer.run_dir={tmp_path / 'run'}",
-                                "--config.generator.backend=sidecar",
-                                f"--config.generator.sidecar_urls=('{url}',)"],
-            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-            text=True, timeout=900)
+    with sidecar.running("jax", model, exports, stop_ids="0,2", module="tests.broken_sidecar",
+                         env={"BROKEN_SIDECAR_STAMP": str(stamp)}) as (url, _):
+        out = train(tmp_path / "run", *QUICK, *through_sidecar(url), timeout=900)
         ended = time.time()
-    finally:
-        sidecar.stop(proc)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "HTTP 500" in out.stderr and "engine exploded" in out.stderr, out.stderr[-3000:]
     assert ended - float(stamp.read_text()) < 30

@@ -48,12 +48,16 @@ class Layout:
         return len(self.row)
 
 
+def lengths(ragged: Sequence[Sequence[int]]) -> np.ndarray:
+    """The length of each of a ragged batch's sequences, [N] int64."""
+    return np.fromiter(map(len, ragged), np.int64, count=len(ragged))
+
+
 def _lengths(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
              ) -> tuple[np.ndarray, np.ndarray]:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    return (np.fromiter(map(len, prompts), np.int64, count=len(prompts)),
-            np.fromiter(map(len, responses), np.int64, count=len(responses)))
+    return lengths(prompts), lengths(responses)
 
 
 def padded_layout(prompt_len: np.ndarray, response_len: np.ndarray, max_prompt_length: int,
@@ -150,15 +154,15 @@ def _token_index(layout: Layout, first: np.ndarray, count: np.ndarray
     return layout.row[seq] * layout.row_length + first[seq] + offset, seq, offset
 
 
-def _check_lengths(values: Sequence[Sequence[float]], lengths: np.ndarray, what: str) -> int:
+def _check_lengths(values: Sequence[Sequence[float]], expected: np.ndarray, what: str) -> int:
     """The ragged per-sequence values match the layout's lengths; their total count."""
-    got = np.fromiter(map(len, values), np.int64, count=len(values))
-    if len(got) != len(lengths):
-        raise ValueError(f"{what}: {len(got)} sequences, the layout has {len(lengths)}")
-    bad = np.flatnonzero(got != lengths)
+    got = lengths(values)
+    if len(got) != len(expected):
+        raise ValueError(f"{what}: {len(got)} sequences, the layout has {len(expected)}")
+    bad = np.flatnonzero(got != expected)
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what}: sequence {i} has {got[i]}, the layout {lengths[i]}")
+        raise ValueError(f"{what}: sequence {i} has {got[i]}, the layout {expected[i]}")
     return int(got.sum())
 
 

@@ -22,6 +22,7 @@ from dapo_jax.train import advantages as adv_lib
 from dapo_jax.train.batch import (
     Layout,
     build_rows,
+    lengths,
     make_layout,
     place_response_values,
     place_sequence_values,
@@ -68,11 +69,11 @@ def shaped_advantages(batch: dict[str, np.ndarray], s: StepSettings
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(shaped rewards, one advantage per response): correctness scores plus the soft
     overlong penalty, then group-relative advantages over each prompt's responses."""
-    lengths = _lengths(batch["response_ids"])
     rewards = batch["score"].astype(np.float32)
     if s.overlong_buffer_len > 0:
         rewards = rewards + soft_overlong_penalty(
-            lengths, s.max_generate_length, s.overlong_buffer_len, s.overlong_penalty_factor)
+            lengths(batch["response_ids"]), s.max_generate_length, s.overlong_buffer_len,
+            s.overlong_penalty_factor)
     # Dynamic sampling's groups (replace's copies join their source); else G rows each.
     group_ids = batch.get("group_id", np.arange(len(rewards)) // s.group_size)
     estimator = adv_lib.ADVANTAGE_ESTIMATORS[s.advantage_estimator]
@@ -164,27 +165,24 @@ def train_step(batch: dict[str, np.ndarray], *, params: Any, opt_state: Any, ref
             raise FloatingPointError(f"update produced non-finite {k}={v}; stopping before "
                                      "anything is written")
     mean = lambda k: float(np.mean([m[k] for m in step_metrics]))
-    lengths = _lengths(batch["response_ids"])
-    prompt_tokens = int(_lengths(batch["prompt_ids"]).sum())
+    # The layouts hold every sequence's lengths, in batch order.
+    response_len = np.concatenate([x.response_len for x in layouts])
+    real_tokens = sum(int((x.prompt_len + x.response_len).sum()) for x in layouts)
     out: dict[str, float] = {
         "reward/kept_accuracy": float(batch["acc"].mean()),
         "reward/avg_shaped_reward": float(rewards.mean()),
-        "generate/avg_response_length": float(lengths.mean()),
-        "generate/max_response_length": float(lengths.max()),
+        "generate/avg_response_length": float(response_len.mean()),
+        "generate/max_response_length": float(response_len.max()),
         "generate/truncated_frac": float(batch["truncated"].mean()),
         # Trainer vs sampler log-probs, mean |old - rollout| over the trained tokens.
         "rollout/logprob_abs_diff": mean("rollout_abs_diff"),
         "policy/lr": float(step_metrics[-1]["lr"]),
         # Real (prompt + response) tokens over the tokens the update computed on.
-        "batch/token_efficiency": (prompt_tokens + float(lengths.sum())) /
-                                  sum(x.num_rows * x.row_length for x in layouts),
+        "batch/token_efficiency": real_tokens / sum(x.num_rows * x.row_length
+                                                    for x in layouts),
     }
     for key in ("pg_loss", "loss", "grad_norm", "entropy", "approx_kl", "clip_frac_high",
                 "clip_frac_low", "dual_clip_frac", "ratio", "kl_loss", "tis_weight"):
         if key in step_metrics[-1]:
             out[f"policy/{key}"] = mean(key)
     return params, opt_state, out
-
-
-def _lengths(ragged: np.ndarray) -> np.ndarray:
-    return np.fromiter(map(len, ragged), np.int64, count=len(ragged))
