@@ -21,7 +21,8 @@ BASE = {"generator.backend": "sidecar", "generator.sidecar_engine": "jax",
 
 def launch(tmp_path, **over):
     cmd = launching.launch_cmd("configs/arith_tiny.py", {
-        **BASE, "trainer.run_dir": tmp_path / "run", **over})
+        **BASE, "trainer.run_dir": tmp_path / "run",
+        "trainer.compilation_cache_dir": tmp_path / "jax_cache", **over})
     return subprocess.Popen(cmd, cwd=launching.REPO, env=launching.env(devices=1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -69,6 +70,7 @@ def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
     assert "sidecar 0 died with code -9; restart 1 of 2" in err
     rows = launching.read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert any((tmp_path / "jax_cache").iterdir())  # one CPU device: the cache is on
     manifest = launching.manifest(run_dir)
     assert manifest["sidecars"][0]["pid"] != first
     # The restarted sidecar came up on the base weights; the trainer pushed the current

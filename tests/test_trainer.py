@@ -94,6 +94,20 @@ def test_unknown_keys_are_errors(tmp_path):
             assert out.returncode == 2 and out.stderr.strip() == line, (module, out.stderr)
 
 
+def test_compilation_cache_is_off_on_several_cpu_devices(tmp_path, capsys):
+    """On 8 CPU devices the cache stays off (XLA:CPU programs with collectives loaded from
+    it deadlock: it aborted this suite), and says so; on one device it is on (test_launch)."""
+    import jax
+
+    from dapo_jax.train import loop
+
+    before = jax.config.jax_compilation_cache_dir
+    assert not loop.use_compilation_cache(str(tmp_path / "cache"))
+    assert jax.config.jax_compilation_cache_dir == before
+    assert "not used on 8 CPU devices" in capsys.readouterr().err
+    assert not loop.use_compilation_cache("")
+
+
 def test_every_config_key_is_consumed():
     """Each leaf of the default config is read somewhere outside config.py (no dead keys)."""
     sources = "".join(p.read_text() for p in (REPO / "dapo_jax").rglob("*.py")

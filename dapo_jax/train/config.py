@@ -105,7 +105,8 @@ def default_config() -> ConfigDict:
         "seed": 42,
         "run_dir": "runs/default",
         # JAX's persistent compilation cache: a rerun (or resume) of the same shapes loads
-        # its programs instead of compiling them again. "": off.
+        # its programs instead of compiling them again. "": off. Not used on >1 CPU device
+        # (XLA:CPU programs with collectives loaded from it deadlock: loop.use_compilation_cache).
         "compilation_cache_dir": "~/.cache/dapo_jax/jax",
         "max_steps": 0,  # 0: trainer.epochs passes over the training data
         "epochs": 1,

@@ -126,6 +126,26 @@ def optimizer_config(cfg: ConfigDict, max_steps: int) -> OptimizerConfig:
         b1=opt.adam_betas[0], b2=opt.adam_betas[1])
 
 
+def use_compilation_cache(cache_dir: str) -> bool:
+    """Turns on JAX's persistent compilation cache in `cache_dir` ("" : off), except on more
+    than one CPU device: there XLA:CPU (jaxlib 0.10.2) programs loaded from the cache
+    deadlock in their collectives (one device reaches an all-gather while the others wait
+    in an all-reduce; the rendezvous aborts the process after 40 s), while the same
+    programs compiled fresh run. Returns whether the cache is on."""
+    if not cache_dir:
+        return False
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        if multihost.is_primary():
+            print(f"trainer.compilation_cache_dir is not used on {jax.device_count()} CPU "
+                  "devices: XLA:CPU programs with collectives loaded from the cache "
+                  "deadlock", file=sys.stderr)
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
+    # Small programs too: the first step compiles a dozen of 0.2-3 s each on CPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    return True
+
+
 def setup(cfg: ConfigDict) -> Run:
     """Validates the config, loads data and model, builds the jitted functions, the engine,
     the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
@@ -137,11 +157,7 @@ def setup(cfg: ConfigDict) -> Run:
     route_library_logs(run_dir / "logs" / (
         "trainer.log" if process == 0 else f"trainer_{process}.log"))
     multihost.initialize(config_lib.distributed_config(cfg))
-    if t.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          str(Path(t.compilation_cache_dir).expanduser()))
-        # Small programs too: the first step compiles a dozen of 0.2-3 s each on CPU.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    use_compilation_cache(t.compilation_cache_dir)
     sizes = config_lib.validate(cfg, jax.device_count())
     primary = multihost.is_primary()
     lock = lock_run_dir(run_dir) if primary else None
