@@ -4,6 +4,7 @@ process group survives."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,25 @@ def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
     log = open(manifest["sidecars"][0]["log"]).read().split("==>")[-1]
     assert "loaded weights version" in log
     launching.wait_groups_gone(launching.child_groups(run_dir) + [first], 5)
+
+
+def test_async_through_a_jax_sidecar_stays_in_its_bound(tmp_path):
+    """trainer.fully_async with the sidecar on its own device: the worker pushes each
+    export between its requests; every trained group is within the staleness bound."""
+    proc = launch(tmp_path, **{"trainer.placement.colocate_all": False,
+                               "trainer.placement.policy_num_gpus_per_node": 1,
+                               "trainer.fully_async.enabled": True,
+                               "trainer.fully_async.max_staleness_steps": 1,
+                               "trainer.algorithm.use_tis": True, "trainer.max_steps": 4})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rows = launching.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["async/staleness_max"] <= 1 and r["async/stale_groups_dropped"] == 0
+               for r in rows)
+    groups = [json.loads(line) for line in open(tmp_path / "run" / "trained_groups.jsonl")]
+    assert all(min(g["weight_version"]) >= g["step"] - 2 for g in groups)
+    assert "use_tis" not in err  # no warning: the correction is on
 
 
 @pytest.mark.slow

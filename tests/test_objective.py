@@ -209,6 +209,35 @@ def test_tis_weights_are_capped_and_constant():
     assert float(jnp.sum(jax.grad(lambda o: jnp.sum(tis_weights(o, rollout, 2.0)))(old))) == 0
 
 
+def test_decoupled_ppo_with_capped_behaviour_weight_matches_float64():
+    """The asynchronous objective: proximal old log-probs, behaviour (rollout) log-probs
+    weighting each token by min(pi_prox / pi_behav, cap), token-mean over the mask."""
+    rng = np.random.default_rng(3)
+    shape = (4, 9)
+    logp, old = rng.normal(-1.5, 0.3, shape), rng.normal(-1.5, 0.3, shape)
+    behav = old + rng.normal(0, 0.8, shape)  # a few steps older weights
+    adv = rng.normal(0, 1, shape)
+    mask = rng.random(shape) < 0.8
+    cap, lo, hi = 2.0, 0.2, 0.28
+    r = np.exp(logp - old)
+    w = np.minimum(np.exp(old - behav), cap)
+    per_token = -w * np.minimum(r * adv, np.clip(r, 1 - lo, 1 + hi) * adv)
+    want = (per_token * mask).sum() / mask.sum()
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss, metrics = objective.total_loss(
+        f32(logp), jnp.zeros(shape, jnp.float32),
+        {"old_logprobs": f32(old), "rollout_logprobs": f32(behav), "advantages": f32(adv),
+         "loss_mask": jnp.asarray(mask, jnp.float32)},
+        loss_kwargs={"eps_clip_low": lo, "eps_clip_high": hi},
+        denominator=jnp.float32(mask.sum()), tis_cap=cap)
+    chex.assert_shape(loss, ())
+    chex.assert_type(loss, jnp.float32)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["tis_weight"]), (w * mask).sum() / mask.sum(),
+                               rtol=1e-5)
+    assert (w == cap).any() and (w < 1).any()  # the cap and the down-weighting both occur
+
+
 # ----------------------------------------------------------------------------- advantages
 def ref_grpo(rewards, groups, norm_by_std):
     out = np.zeros(len(rewards))

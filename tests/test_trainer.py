@@ -54,12 +54,35 @@ def read_metrics(run_dir):
      "trainer.micro_forward_batch_size_per_gpu: a rollout batch of 32 prompts x 8 samples = "
      "256 sequences does not split"),
     ("generator.gpu_memory_utilization", 1.2, "generator.gpu_memory_utilization"),
+    ("trainer.fully_async.max_staleness_steps", -1,
+     "trainer.fully_async.max_staleness_steps: must be >= 0"),
+    ("trainer.fully_async.enabled", True, "trainer.placement.colocate_all: "
+     "trainer.fully_async needs the engines on devices the trainer does not use"),
 ])
 def test_invalid_config_is_a_clear_error(tmp_path, key, value, match):
     # Padded rows: the micro-batch sizes must divide the batches (packed rows round up).
     c = tiny(tmp_path, **{key: value, "trainer.use_sample_packing": False})
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"trainer.placement.policy_num_gpus_per_node": 8},
+     "trainer.placement.policy_num_gpus_per_node: 8 of the 8 devices leaves none"),
+    ({"trainer.placement.policy_num_gpus_per_node": 5,
+      "generator.inference_engine_tensor_parallel_size": 2},
+     "generator.inference_engine_tensor_parallel_size: 2 does not divide the 3 devices"),
+    ({"trainer.placement.policy_num_gpus_per_node": 4, "mesh.num_processes": 2,
+      "mesh.coordinator_address": "localhost:1234"},
+     "trainer.placement.colocate_all: a generation mesh of its own"),
+])
+def test_generation_mesh_that_does_not_fit_is_a_clear_error(tmp_path, overrides, match):
+    c = tiny(tmp_path, **{"trainer.placement.colocate_all": False, **overrides})
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.trainer_devices(c, 8)
+    assert config_lib.trainer_devices(tiny(tmp_path, **{
+        "trainer.placement.colocate_all": False,
+        "trainer.placement.policy_num_gpus_per_node": 4}), 8) == 4
 
 
 def test_memory_split_over_one_is_refused(tmp_path):

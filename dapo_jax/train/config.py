@@ -140,6 +140,12 @@ def default_config() -> ConfigDict:
         # before JAX starts; JAX never hands memory back). Colocated with sidecars, it and
         # generator.gpu_memory_utilization must sum to at most 1.
         "xla_memory_fraction": 0.5,
+        # Generation runs ahead of the trainer in its own thread (README "Asynchronous
+        # training"): a group scheduled at step i is trained at a step j with
+        # j - i <= max_staleness_steps (SkyRL's names and default; 0: the synchronous loop's
+        # batches exactly). Needs engines on devices the trainer does not use
+        # (placement.colocate_all=false).
+        "fully_async": ConfigDict({"enabled": False, "max_staleness_steps": 4}),
         "placement": ConfigDict({
             # true: sidecars share the trainer's GPUs (engine i on GPUs i*tp .. (i+1)*tp - 1);
             # false: the trainer takes the first policy_num_gpus_per_node GPUs and the
@@ -411,6 +417,17 @@ def _validate_generator(cfg: ConfigDict) -> None:
         _fail("trainer.xla_memory_fraction", f"must be in (0, 1], got {t.xla_memory_fraction}")
     if t.placement.policy_num_gpus_per_node < 1:
         _fail("trainer.placement.policy_num_gpus_per_node", "must be >= 1")
+    fa = t.fully_async
+    if fa.max_staleness_steps < 0:
+        _fail("trainer.fully_async.max_staleness_steps", f"must be >= 0, got "
+              f"{fa.max_staleness_steps}")
+    if fa.enabled and t.placement.colocate_all:
+        _fail("trainer.placement.colocate_all", "trainer.fully_async needs the engines on "
+              "devices the trainer does not use, or generation and training cannot overlap: "
+              "set trainer.placement.colocate_all=false")
+    if fa.enabled and cfg.mesh.num_processes > 1:
+        _fail("trainer.fully_async.enabled", "asynchronous training runs in one trainer "
+              f"process for now; mesh.num_processes is {cfg.mesh.num_processes}")
     if g.backend == "sidecar" and t.placement.colocate_all:
         total = t.xla_memory_fraction + g.gpu_memory_utilization
         if total > 1:
@@ -426,6 +443,29 @@ def _validate_generator(cfg: ConfigDict) -> None:
                   f"{engine_gpus} GPUs but the trainer has "
                   f"trainer.placement.policy_num_gpus_per_node="
                   f"{t.placement.policy_num_gpus_per_node}")
+
+
+def trainer_devices(cfg: ConfigDict, num_devices: int) -> int:
+    """How many of this process's `num_devices` JAX devices the trainer's mesh takes: all,
+    unless the in-process engine has its own generation mesh (backend jax, placement not
+    colocated), which gets the rest in tensor-parallel groups of
+    generator.inference_engine_tensor_parallel_size."""
+    t, g = cfg.trainer, cfg.generator
+    if g.backend != "jax" or t.placement.colocate_all:
+        return num_devices
+    trainer = t.placement.policy_num_gpus_per_node
+    if cfg.mesh.num_processes > 1:
+        _fail("trainer.placement.colocate_all", "a generation mesh of its own (backend jax, "
+              "colocate_all=false) runs in one process for now")
+    if trainer >= num_devices:
+        _fail("trainer.placement.policy_num_gpus_per_node", f"{trainer} of the {num_devices} "
+              "devices leaves none for the generation mesh (colocate_all=false)")
+    tp = g.inference_engine_tensor_parallel_size
+    if (num_devices - trainer) % tp:
+        _fail("generator.inference_engine_tensor_parallel_size", f"{tp} does not divide the "
+              f"{num_devices - trainer} devices of the generation mesh ({num_devices} devices, "
+              f"{trainer} for the trainer)")
+    return trainer
 
 
 def sidecars_required(cfg: ConfigDict) -> None:

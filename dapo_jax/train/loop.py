@@ -36,10 +36,12 @@ from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
 from dapo_jax.train.metrics_log import MetricsLog, route_library_logs
 from dapo_jax.train.rollout import (
     Engine,
+    GenerationBatch,
     InProcessEngine,
+    RolloutWorker,
     SidecarEngine,
+    WorkerSettings,
     reward_metrics,
-    rollout,
     versioned,
 )
 from dapo_jax.train.step import StepSettings, train_step
@@ -72,15 +74,19 @@ class Run:
     engine: Engine
     rewards: RewardPool
     ckpt: Checkpointer
-    sampler: PromptSampler
+    worker: RolloutWorker
     settings: StepSettings
-    train_sampling: SamplingParams
     eval_sampling: SamplingParams
+    staleness_bound: int  # trainer.fully_async.max_staleness_steps, 0 when synchronous
     start_step: int = 0
     version: int = 0
+    # Where the untrained generation batches start (checkpointed): the prompt order's
+    # position after the last batch the trainer took, and the next batch's number.
+    position: tuple[SamplerState, int] = (SamplerState(), 0)
     lock: Any = None  # the run directory's lock file, held while the run lives
 
     def close(self) -> None:
+        self.worker.close()
         self.rewards.close()
         self.ckpt.close()
         if self.lock is not None:
@@ -158,12 +164,17 @@ def setup(cfg: ConfigDict) -> Run:
         "trainer.log" if process == 0 else f"trainer_{process}.log"))
     multihost.initialize(config_lib.distributed_config(cfg))
     use_compilation_cache(t.compilation_cache_dir)
-    sizes = config_lib.validate(cfg, jax.device_count())
+    devices = jax.devices()
+    trainer_count = config_lib.trainer_devices(cfg, len(devices))
+    sizes = config_lib.validate(cfg, trainer_count)
     primary = multihost.is_primary()
     lock = lock_run_dir(run_dir) if primary else None
     if primary:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    mesh = make_mesh(cfg.mesh.shape)
+    mesh = make_mesh(cfg.mesh.shape, devices[:trainer_count])
+    # The in-process engine's own mesh (colocate_all=false): the devices after the trainer's.
+    gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
+                         devices[trainer_count:]) if trainer_count < len(devices) else mesh
 
     from transformers import AutoTokenizer
 
@@ -192,80 +203,120 @@ def setup(cfg: ConfigDict) -> Run:
             graphdef, params, g.model_dtype, stop_token_ids=stop_token_ids(m.path),
             max_model_len=t.max_prompt_length + max(g.sampling_params.max_generate_length,
                                                     g.eval_sampling_params.max_generate_length),
-            pad_token_id=pad_id, mesh=mesh, max_num_seqs=g.max_num_seqs)
+            pad_token_id=pad_id, mesh=gen_mesh, own_mesh=gen_mesh is not mesh,
+            max_num_seqs=g.max_num_seqs)
     else:
         engine = SidecarEngine(list(g.sidecar_urls), g.sidecar_token,
                                Path(g.export_dir or run_dir / "exports"), g.model_dtype,
                                retry_window_s=g.sidecar_startup_timeout_s)
+    resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)
+    start_step = version = 0
+    position = (SamplerState(), 0)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
+    if resume is not None:
+        source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
+        params, opt_state, host = source.restore(resume[1], params, opt_state)
+        start_step, version = host["step"], host["weight_version"]
+        position = (SamplerState(**host["sampler"]), host.get("generation_batches", 0))
+        print(f"resumed from {resume[0]}/{resume[1]} (step {start_step})")
+        # A fresh run needs no sync: engines start on the base weights as version 0.
+        engine.load(engine.prepare(model, params, start_step, version), version)
+    fa = t.fully_async
+    bound = fa.max_staleness_steps if fa.enabled else 0
+    if bound > 0 and not t.algorithm.use_tis and primary:
+        print("trainer.fully_async with max_staleness_steps > 0 and trainer.algorithm.use_tis="
+              "false: the loss does not weight tokens by pi_prox / pi_behav (set use_tis=true "
+              "for decoupled PPO's capped behaviour weight, objective.tis_weights)",
+              file=sys.stderr)
+    rewards = RewardPool(cfg.reward.fn, workers=cfg.reward.num_workers,
+                         timeout_s=cfg.reward.timeout_s,
+                         max_failure_frac=cfg.reward.max_failure_frac)
+    worker = RolloutWorker(
+        engine, train_set, PromptSampler(len(train_set.examples), seed=t.seed,
+                                         state=dataclasses.replace(position[0])),
+        tokenizer, rewards, WorkerSettings(
+            batch_size=t.train_batch_size, group_size=g.n_samples_per_prompt,
+            sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound),
+        version=version, number=position[1])
     run = Run(
         cfg=cfg, run_dir=run_dir, primary=primary, tokenizer=tokenizer, train_set=train_set,
         val_set=val_set, max_steps=max_steps, model=model, params=params, opt_state=opt_state,
-        ref_params=ref_params, fns=fns, engine=engine,
-        rewards=RewardPool(cfg.reward.fn, workers=cfg.reward.num_workers,
-                           timeout_s=cfg.reward.timeout_s,
-                           max_failure_frac=cfg.reward.max_failure_frac),
-        ckpt=Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep),
-        sampler=PromptSampler(len(train_set.examples), seed=t.seed),
+        ref_params=ref_params, fns=fns, engine=engine, rewards=rewards,
+        ckpt=ckpt, worker=worker,
         settings=StepSettings.from_config(cfg, sizes=sizes, pad_id=pad_id),
-        train_sampling=sampling_params(g.sampling_params),
         eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed),
+        staleness_bound=bound, start_step=start_step, version=version, position=position,
         lock=lock)
-    resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)
-    if resume is not None:
-        source = run.ckpt if resume[0] == run.ckpt.directory else \
-            Checkpointer(resume[0], keep=10**6)
-        run.params, run.opt_state, host = source.restore(resume[1], run.params, run.opt_state)
-        run.start_step, run.version = host["step"], host["weight_version"]
-        run.sampler.state = SamplerState(**host["sampler"])
-        print(f"resumed from {resume[0]}/{resume[1]} (step {run.start_step})")
-        # A fresh run needs no sync: engines start on the base weights as version 0.
-        engine.sync(model, run.params, run.start_step, run.version)
     return run
 
 
 def evaluate_policy(run: Run, step: int) -> dict[str, float]:
     """Held-out evaluation (`dapo_jax.evaluation`, as `python -m dapo_jax.eval`):
-    eval_n_samples_per_prompt responses to every validation prompt; the summary and every
-    sample go to <run_dir>/eval/step_<step>_{summary.json,samples.jsonl}."""
+    eval_n_samples_per_prompt responses to every validation prompt, with the trainer's
+    current weights (the rollout worker waits meanwhile); the summary and every sample go to
+    <run_dir>/eval/step_<step>_{summary.json,samples.jsonl}."""
     if run.val_set is None:
         return {}
-    result = evaluation.evaluate(
-        versioned(run.engine, run.version), run.val_set.ids, run.val_set.examples,
-        run.eval_sampling, run.cfg.generator.eval_n_samples_per_prompt, run.tokenizer,
-        run.rewards)
+    with run.worker.serving(run.version) as engine:
+        result = evaluation.evaluate(
+            versioned(engine, run.version), run.val_set.ids, run.val_set.examples,
+            run.eval_sampling, run.cfg.generator.eval_n_samples_per_prompt, run.tokenizer,
+            run.rewards)
     if run.primary:
         result.write(run.run_dir / "eval", name=f"step_{step}_")
     failures = sum(s["status"] != "ok" for s in result.samples)
     return {**result.metrics(), "eval/all/reward_failures": float(failures)}
 
 
+def staleness(step: int, version: int) -> int:
+    """SkyRL's staleness of a group generated with weights `version` and trained at `step`:
+    it was scheduled at step i = version + 1 (the step those weights were training for), so
+    staleness = step - i = step - 1 - version (0 in the synchronous loop)."""
+    return step - 1 - version
+
+
 def draw_batch(run: Run, step: int, timings: dict[str, float]
-               ) -> tuple[dict[str, np.ndarray], DynamicSamplingState, list[Any]]:
-    """Generation batches until dynamic sampling keeps `train_batch_size` prompt groups
-    (one batch when it is off). Seeds depend on (seed, step, batch), so a resumed run draws
-    an interrupted step's batches again exactly."""
+               ) -> tuple[dict[str, np.ndarray], DynamicSamplingState, list[Any],
+                          dict[str, float]]:
+    """Generation batches from the rollout worker until dynamic sampling keeps
+    `train_batch_size` prompt groups (one batch when it is off). A batch staler than the
+    bound (none, by the worker's construction) is dropped and counted, never trained. The
+    batches' seeds depend on (seed, batch number), so a resumed run draws the batches that
+    were not trained again exactly. Returns the batch, the dynamic-sampling counters, the
+    batches taken (for reward metrics) and the async metrics."""
     t, alg = run.cfg.trainer, run.cfg.trainer.algorithm
     n = run.settings.group_size
     state = DynamicSamplingState()
     drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
+    waited, dropped = 0.0, 0
     bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
     while True:
-        sp = dataclasses.replace(run.train_sampling,
-                                 seed=t.seed * 100_003 + step * 1009 + state.batches_drawn)
-        gen, stats = rollout(run.engine, run.train_set, run.sampler.next_batch(
-            t.train_batch_size), sp, n, run.tokenizer, run.rewards, run.version, timings)
-        drawn.append((gen, stats))
+        got: GenerationBatch
+        got, wait = run.worker.next()
+        waited += wait
+        run.position = (got.after, got.number + 1)
+        for k, v in got.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        if staleness(step, got.version) > run.staleness_bound:
+            dropped += len(got.data["score"]) // n
+            continue
+        drawn.append((got.data, got.stats))
         # The filter looks at correctness: raw scores, before overlong punishment.
         state, batch = accumulate(
-            state, gen, gen["score"], kind=alg.dynamic_sampling.type or None, group_size=n,
-            train_batch_size=t.train_batch_size,
+            state, got.data, got.data["score"], kind=alg.dynamic_sampling.type or None,
+            group_size=n, train_batch_size=t.train_batch_size,
             max_sample_batches=alg.dynamic_sampling.max_sample_batches,
             min_replace_ratio=alg.dynamic_sampling.min_replace_ratio,
             rng=np.random.default_rng([t.seed, step]))
         bar.update(1)
         if batch is not None:
             bar.close()
-            return batch, state, drawn
+            stale = staleness(step, batch["weight_version"])
+            return batch, state, drawn, {
+                "async/staleness_mean": float(stale.mean()),
+                "async/staleness_max": float(stale.max()),
+                "async/stale_groups_dropped": float(dropped),
+                "async/trainer_idle_s": waited}
 
 
 def run(cfg: ConfigDict) -> dict[str, float]:
@@ -287,14 +338,18 @@ def run(cfg: ConfigDict) -> dict[str, float]:
         for step in range(r.start_step + 1, r.max_steps + 1):
             step_start = time.perf_counter()
             timings: dict[str, float] = {}
-            batch, ds_state, drawn = draw_batch(r, step, timings)
+            batch, ds_state, drawn, async_metrics = draw_batch(r, step, timings)
             r.params, r.opt_state, metrics = train_step(
                 batch, params=r.params, opt_state=r.opt_state, ref_params=r.ref_params,
                 fns=r.fns, settings=r.settings, timings=timings)
             r.version += 1
             start = time.perf_counter()
-            r.engine.sync(r.model, r.params, step, r.version)
+            # The engine takes these weights before its next batch (the worker's thread, or
+            # inline at the next step's first batch).
+            r.worker.publish(r.engine.prepare(r.model, r.params, step, r.version), r.version)
             timings["sync"] = time.perf_counter() - start
+            metrics.update(async_metrics)
+            metrics["async/generator_idle_s"] = r.worker.take_idle()
             metrics.update(ds_state.metrics())
             metrics.update(reward_metrics(drawn, r.settings.group_size))
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
@@ -302,7 +357,8 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             if t.ckpt_interval > 0 and (step % t.ckpt_interval == 0 or last):
                 r.ckpt.save(step, r.params, r.opt_state, {
                     "step": step, "weight_version": r.version,
-                    "sampler": dataclasses.asdict(r.sampler.state)})
+                    "sampler": dataclasses.asdict(r.position[0]),
+                    "generation_batches": r.position[1]})
             if t.hf_save_interval > 0 and (step % t.hf_save_interval == 0 or last):
                 nnx.update(r.model, r.params)
                 save_hf(r.model, r.run_dir / "hf" / f"step_{step}", base_model=cfg.model.path,
@@ -315,6 +371,12 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                 metrics["generate/avg_response_length"] * len(batch["score"]) /
                 metrics["timing/step"])
             log.log(step, metrics, echo=tqdm.write)
+            if r.primary:  # which prompts this step trained, with which weights
+                n = r.settings.group_size
+                with open(r.run_dir / "trained_groups.jsonl", "a") as f:
+                    f.write(json.dumps({
+                        "step": step, "prompt_index": batch["prompt_index"][::n].tolist(),
+                        "weight_version": batch["weight_version"][::n].tolist()}) + "\n")
             if "eval/all/accuracy" in metrics:
                 evals[step] = metrics["eval/all/accuracy"]
             bar.update(1)

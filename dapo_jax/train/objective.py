@@ -194,7 +194,17 @@ def kl_penalty(logprobs: Array, ref_logprobs: Array, estimator: str = "k3") -> A
 
 def tis_weights(old_logprobs: Array, rollout_logprobs: Array, cap: float) -> Array:
     """Truncated importance sampling for rollout/trainer mismatch (no gradient):
-    w = min(exp(logp_old - logp_rollout), cap)."""
+    w = min(exp(logp_old - logp_rollout), cap).
+
+    It is also the off-policy correction of asynchronous training (`trainer.fully_async`):
+    the old log-probs are recomputed with the trainer's weights at the step (the proximal
+    policy pi_prox of decoupled PPO, Hilton et al. 2021, as AReaL uses it, arXiv
+    2505.24298), the rollout log-probs are the behaviour policy pi_behav that generated the
+    tokens, possibly some steps older. The per-token loss is then
+        -min(exp(logp_old - logp_rollout), cap) * min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+        r = exp(logp - logp_old),
+    decoupled PPO with its behaviour weight pi_prox / pi_behav truncated at `cap` (TIS, Yao
+    et al. 2025); the trust region is around pi_prox, not around the stale pi_behav."""
     if cap <= 0:
         raise ValueError(f"tis cap must be > 0, got {cap}")
     log_w = jnp.clip(old_logprobs - rollout_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)

@@ -1,17 +1,29 @@
 """Prompts -> rollouts -> rewards: the generation engines the trainer talks to, and one
 rollout of a batch of prompts (generate n responses each, refuse stale weights, score).
 
-Engines:
-- `InProcessEngine`: the JAX generation engine in this process; weight sync hands it the new
-  parameters cast to the rollout dtype (`generator.model_dtype`).
-- `SidecarEngine`: rollout sidecars over HTTP (`rollout/`); weight sync writes an orbax
-  export in the rollout dtype and pushes it to every sidecar.
+Engines (weight sync is two halves: `prepare` on the trainer's thread, before the next
+update donates the parameters; `load` on the generating thread, between requests):
+- `InProcessEngine`: the JAX generation engine in this process, on the trainer's mesh or on
+  its own generation mesh (devices the trainer does not use); `prepare` casts the new
+  parameters to the rollout dtype (`generator.model_dtype`) and moves them device to device
+  onto the generation mesh's shardings, `load` swaps them in.
+- `SidecarEngine`: rollout sidecars over HTTP (`rollout/`); `prepare` writes an orbax export
+  in the rollout dtype, `load` pushes it to every sidecar.
+
+The rollout worker (`RolloutWorker`) is the producer of generation batches: inline on the
+trainer's thread (synchronous DAPO) or in its own thread running ahead of the trainer
+(`trainer.fully_async`).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +34,7 @@ from flax import nnx
 from dapo_jax import multihost
 from dapo_jax.generation import Generator, Sample, SamplingParams
 from dapo_jax.placement import TOKEN_ENV
-from dapo_jax.prompts import PromptSet
+from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState
 from dapo_jax.rewards import RewardPool
 
 
@@ -31,7 +43,12 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]: ...
 
-    def sync(self, model: Any, params: Any, step: int, version: int) -> None: ...
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+        """The trainer's thread: the new weights in the form `load` takes (the parameters
+        are donated by the next update, so nothing may read them later)."""
+
+    def load(self, weights: Any, version: int) -> None:
+        """The generating thread, between requests: serve `weights` as `version`."""
 
 
 @jax.jit(static_argnames="dtype")
@@ -40,23 +57,35 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 
 class InProcessEngine:
-    """The JAX generation engine in this process, serving the weights in `dtype`."""
+    """The JAX generation engine in this process, serving the weights in `dtype`. With a
+    `mesh` other than the trainer's (a generation sub-mesh), the weights are copied device
+    to device onto it, each leaf keeping its partition spec."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: Any, dtype: str, **generator_kw: Any):
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, dtype: str, *,
+                 mesh: jax.sharding.Mesh | None, own_mesh: bool, **generator_kw: Any):
         self.dtype = dtype
-        self.generator = Generator(graphdef, self._cast(params), **generator_kw)
+        self.mesh = mesh
+        self.own_mesh = own_mesh
+        self.generator = Generator(graphdef, self.prepare(None, params, 0, 0), mesh=mesh,
+                                   **generator_kw)
 
-    def _cast(self, params: Any) -> Any:
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+        del model, step, version
+        if self.own_mesh:  # device to device, no host round trip
+            params = jax.device_put(params, jax.tree.map(
+                lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params))
+        # On the trainer's mesh, in the trainer's dtype, these are the trainer's own arrays:
+        # the next update donates them, and they are loaded before it (the synchronous loop
+        # generates between updates; an asynchronous one needs its own mesh).
         same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
         return params if same else cast_params(params, dtype=self.dtype)
+
+    def load(self, weights: Any, version: int) -> None:
+        self.generator.set_params(weights, version)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]:
         return self.generator.generate(prompts, sampling, n, keys)
-
-    def sync(self, model: Any, params: Any, step: int, version: int) -> None:
-        del model, step
-        self.generator.set_params(self._cast(params), version)
 
 
 class SidecarEngine:
@@ -82,15 +111,18 @@ class SidecarEngine:
                  keys: list[int]) -> list[list[Sample]]:
         return multihost.from_primary(lambda: self.client.generate(prompts, sampling, n, keys))
 
-    def sync(self, model: Any, params: Any, step: int, version: int) -> None:
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
         from dapo_jax.weight_export import export_weights
 
         nnx.update(model, params)
         path = export_weights(model, self.export_dir, step=step, version=version,
                               dtype=self.dtype)
         multihost.barrier(f"export_{step}")  # process 0 has renamed it into place
+        return path
+
+    def load(self, weights: Any, version: int) -> None:
         if multihost.is_primary():
-            self.client.update_weights(str(path), version)
+            self.client.update_weights(str(weights), version)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -153,3 +185,157 @@ def reward_metrics(drawn: list[tuple[dict[str, np.ndarray], dict[str, float]]],
     for key in ("reward/timeouts", "reward/errors"):
         out[key] = float(sum(stats[key] for _, stats in drawn))
     return out
+
+
+# ----------------------------------------------------------------------------- worker
+def batch_seed(seed: int, number: int) -> int:
+    """The sampling seed of the run's generation batch `number` (0, 1, ... over the whole
+    run): a pure function of the batch's place, so a resumed run draws the batches that were
+    not trained again with the same prompts and seeds."""
+    return seed * 100_003 + number * 1009
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationBatch:
+    number: int  # the run's generation batches, from 0
+    version: int  # the weight version every response of it was generated with
+    data: dict[str, np.ndarray]  # `rollout`'s rows, plus weight_version per row
+    stats: dict[str, float]  # the reward pool's failure counts
+    after: SamplerState  # the prompt order's position after this batch's prompts
+    timings: dict[str, float]  # its generate and reward seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    batch_size: int  # prompts per generation batch (trainer.train_batch_size)
+    group_size: int  # responses per prompt
+    sampling: SamplingParams  # the seed is batch_seed(seed, number)
+    seed: int
+    ahead: int  # trainer.fully_async.max_staleness_steps when async, else 0 (inline)
+
+
+class RolloutWorker:
+    """The producer of generation batches: draws `batch_size` prompts, generates
+    `group_size` responses each with the newest weights published to it, scores them.
+
+    `ahead` = 0: inline. `next()` generates on the caller's thread, with the weights the
+    trainer published after its last update: the synchronous loop.
+    `ahead` = k > 0: in its own thread, keeping up to k finished batches queued for the
+    trainer. A batch starts with the newest weights published, so a batch scheduled while
+    the trainer is at step i (weights i - 1) is trained at a step j with j - i <= k
+    (SkyRL's staleness, `max_staleness_steps`): the trainer takes at least one batch a step,
+    and the batch had at most k - 1 queued before it, so it is taken within k - 1 steps if
+    the trainer is still drawing step i's batches and within k if it is updating.
+
+    One user of the engine at a time (`engine_lock`): the worker, or the trainer's held-out
+    evaluation (`serving`). An error in the worker's thread is raised by the trainer's next
+    `next()`."""
+
+    def __init__(self, engine: Engine, prompt_set: PromptSet, sampler: PromptSampler,
+                 tokenizer: Any, rewards: RewardPool, settings: WorkerSettings, *,
+                 version: int, number: int):
+        self.engine, self.prompt_set, self.sampler = engine, prompt_set, sampler
+        self.tokenizer, self.rewards, self.s = tokenizer, rewards, settings
+        self.version = version  # what the engine serves
+        self.number = number  # the next batch's number
+        self.engine_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[GenerationBatch] = collections.deque()
+        self._published: tuple[Any, int] | None = None  # newest weights, not loaded yet
+        self._error: BaseException | None = None
+        self._closed = False
+        self._idle = 0.0  # seconds the engine waited between generation batches
+        self._last_end = time.perf_counter()
+        self._thread: threading.Thread | None = None
+        if settings.ahead > 0:
+            self._thread = threading.Thread(target=self._run, name="rollout-worker",
+                                            daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ trainer's side
+    def publish(self, weights: Any, version: int) -> None:
+        """Newer weights (`Engine.prepare`'s), taken up before the next batch starts."""
+        with self._cond:
+            self._published = (weights, version)
+
+    def next(self) -> tuple[GenerationBatch, float]:
+        """The oldest finished batch, and the seconds the caller waited for it."""
+        start = time.perf_counter()
+        if self._thread is None:
+            return self._produce(), time.perf_counter() - start
+        with self._cond:
+            while not self._queue and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            batch = self._queue.popleft()
+            self._cond.notify_all()
+        return batch, time.perf_counter() - start
+
+    def take_idle(self) -> float:
+        """Seconds the engine sat between generation batches since the last call."""
+        with self._cond:
+            idle, self._idle = self._idle, 0.0
+        return idle
+
+    @contextlib.contextmanager
+    def serving(self, version: int) -> Iterator[Engine]:
+        """The engine, holding the newest published weights (`version`), for the caller
+        alone while the block runs (the worker's thread waits)."""
+        with self.engine_lock:
+            self._load_newest()
+            if self.version != version:
+                raise RuntimeError(f"the engine serves weight version {self.version}, the "
+                                   f"trainer is at {version}")
+            yield self.engine
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)  # a batch in flight finishes first
+
+    # ------------------------------------------------------------------ producer
+    def _load_newest(self) -> None:
+        with self._cond:
+            published, self._published = self._published, None
+        if published is not None:
+            self.engine.load(*published)
+            self.version = published[1]
+
+    def _produce(self) -> GenerationBatch:
+        with self.engine_lock:
+            self._load_newest()
+            start = time.perf_counter()
+            with self._cond:
+                self._idle += start - self._last_end
+            number, s = self.number, self.s
+            indices = self.sampler.next_batch(s.batch_size)
+            sampling = dataclasses.replace(s.sampling, seed=batch_seed(s.seed, number))
+            timings: dict[str, float] = {}
+            data, stats = rollout(self.engine, self.prompt_set, indices, sampling,
+                                  s.group_size, self.tokenizer, self.rewards, self.version,
+                                  timings)
+            data["weight_version"] = np.full(len(data["score"]), self.version, np.int64)
+            self.number += 1
+            self._last_end = time.perf_counter()
+            return GenerationBatch(number, self.version, data, stats,
+                                   dataclasses.replace(self.sampler.state), timings)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and len(self._queue) >= self.s.ahead:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                batch = self._produce()
+                with self._cond:
+                    self._queue.append(batch)
+                    self._cond.notify_all()
+        except BaseException as e:  # the trainer raises it from next()
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
