@@ -86,7 +86,10 @@ def summary(rows: list[dict]) -> dict[str, float]:
     step = med("timing/step")
     return {"step": step, "trainer_idle": med("async/trainer_idle_s"),
             "generator_idle": med("async/generator_idle_s"),
-            "staleness_max": max(r["async/staleness_max"] for r in rows)}
+            "update": med("timing/logprobs") + med("timing/update"), "sync": med("timing/sync"),
+            "batches": statistics.mean(r["dynamic_sampling/batches_drawn"] for r in body),
+            "staleness_max": max(r["async/staleness_max"] for r in rows),
+            "regenerated": sum(r["async/stale_groups_regenerated"] for r in rows)}
 
 
 def main() -> None:
@@ -105,11 +108,13 @@ def main() -> None:
     gen = sync["trainer_idle"]  # the synchronous trainer waits for the whole generation
     train = sync["step"] - gen
     bound = (gen + train) / max(gen, train)
-    print("| mode | s/step | trainer idle | engine idle | staleness max |")
-    print("|---|---|---|---|---|")
+    print("| mode | s/step | trainer idle | engine idle | log-probs + updates s | export s | "
+          "batches/step | staleness max | stale groups regenerated |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, s in (("sync", sync), (f"async (staleness {a.staleness})", asyn)):
         print(f"| {name} | {s['step']:.3f} | {s['trainer_idle'] / s['step']:.0%} | "
-              f"{s['generator_idle'] / s['step']:.0%} | {s['staleness_max']:.0f} |")
+              f"{s['generator_idle'] / s['step']:.0%} | {s['update']:.3f} | {s['sync']:.3f} | "
+              f"{s['batches']:.2f} | {s['staleness_max']:.0f} | {s['regenerated']:.0f} |")
     ratio = sync["step"] / asyn["step"]
     print(f"gen {gen:.3f} s, train {train:.3f} s (sync phases): bound "
           f"(gen + train) / max(gen, train) = {bound:.2f}x")

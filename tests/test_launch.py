@@ -93,8 +93,7 @@ def test_async_through_a_jax_sidecar_stays_in_its_bound(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     rows = launching.read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["async/staleness_max"] <= 1 and r["async/stale_groups_dropped"] == 0
-               for r in rows)
+    assert all(r["async/staleness_max"] <= 1 for r in rows)
     groups = [json.loads(line) for line in open(tmp_path / "run" / "trained_groups.jsonl")]
     assert all(min(g["weight_version"]) >= g["step"] - 2 for g in groups)
     assert "use_tis" not in err  # no warning: the correction is on

@@ -56,6 +56,26 @@ from dapo_jax.train.update import (
 
 
 @dataclasses.dataclass
+class Position:
+    """Where the untrained generation batches start (checkpointed): the prompt order's
+    position after the last new batch the trainer took, the next new batch's number, and
+    the batches handed back to be generated again (number -> prompts) not trained yet."""
+
+    sampler: SamplerState
+    number: int
+    redo: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def to_host(self) -> dict[str, Any]:
+        return {"sampler": dataclasses.asdict(self.sampler), "generation_batches": self.number,
+                "regenerate": [[k, list(v)] for k, v in sorted(self.redo.items())]}
+
+    @classmethod
+    def from_host(cls, host: dict[str, Any]) -> Position:
+        return cls(SamplerState(**host["sampler"]), host.get("generation_batches", 0),
+                   {int(k): tuple(v) for k, v in host.get("regenerate", [])})
+
+
+@dataclasses.dataclass
 class Run:
     """The pieces of a run, built by `setup`."""
 
@@ -80,9 +100,7 @@ class Run:
     staleness_bound: int  # trainer.fully_async.max_staleness_steps, 0 when synchronous
     start_step: int = 0
     version: int = 0
-    # Where the untrained generation batches start (checkpointed): the prompt order's
-    # position after the last batch the trainer took, and the next batch's number.
-    position: tuple[SamplerState, int] = (SamplerState(), 0)
+    position: Position = dataclasses.field(default_factory=lambda: Position(SamplerState(), 0))
     lock: Any = None  # the run directory's lock file, held while the run lives
 
     def close(self) -> None:
@@ -211,13 +229,13 @@ def setup(cfg: ConfigDict) -> Run:
                                retry_window_s=g.sidecar_startup_timeout_s)
     resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)
     start_step = version = 0
-    position = (SamplerState(), 0)
+    position = Position(SamplerState(), 0)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
     if resume is not None:
         source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
         params, opt_state, host = source.restore(resume[1], params, opt_state)
         start_step, version = host["step"], host["weight_version"]
-        position = (SamplerState(**host["sampler"]), host.get("generation_batches", 0))
+        position = Position.from_host(host)
         print(f"resumed from {resume[0]}/{resume[1]} (step {start_step})")
         # A fresh run needs no sync: engines start on the base weights as version 0.
         engine.load(engine.prepare(model, params, start_step, version), version)
@@ -233,11 +251,12 @@ def setup(cfg: ConfigDict) -> Run:
                          max_failure_frac=cfg.reward.max_failure_frac)
     worker = RolloutWorker(
         engine, train_set, PromptSampler(len(train_set.examples), seed=t.seed,
-                                         state=dataclasses.replace(position[0])),
+                                         state=dataclasses.replace(position.sampler)),
         tokenizer, rewards, WorkerSettings(
             batch_size=t.train_batch_size, group_size=g.n_samples_per_prompt,
             sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound),
-        version=version, number=position[1])
+        version=version, number=position.number,
+        redo=tuple((v, k) for k, v in sorted(position.redo.items())))
     run = Run(
         cfg=cfg, run_dir=run_dir, primary=primary, tokenizer=tokenizer, train_set=train_set,
         val_set=val_set, max_steps=max_steps, model=model, params=params, opt_state=opt_state,
@@ -280,7 +299,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
                           dict[str, float]]:
     """Generation batches from the rollout worker until dynamic sampling keeps
     `train_batch_size` prompt groups (one batch when it is off). A batch staler than the
-    bound (none, by the worker's construction) is dropped and counted, never trained. The
+    bound is never trained: it goes back to the worker to be generated again (counted). The
     batches' seeds depend on (seed, batch number), so a resumed run draws the batches that
     were not trained again exactly. Returns the batch, the dynamic-sampling counters, the
     batches taken (for reward metrics) and the async metrics."""
@@ -288,17 +307,24 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
     n = run.settings.group_size
     state = DynamicSamplingState()
     drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
-    waited, dropped = 0.0, 0
+    waited, regenerated, taken = 0.0, 0, 0
+    pos = run.position
     bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
     while True:
         got: GenerationBatch
         got, wait = run.worker.next()
         waited += wait
-        run.position = (got.after, got.number + 1)
+        taken += 1
+        if got.number in pos.redo:
+            del pos.redo[got.number]
+        else:  # new batches come in number order
+            pos.sampler, pos.number = got.after, got.number + 1
         for k, v in got.timings.items():
             timings[k] = timings.get(k, 0.0) + v
         if staleness(step, got.version) > run.staleness_bound:
-            dropped += len(got.data["score"]) // n
+            regenerated += len(got.indices)
+            pos.redo[got.number] = got.indices
+            run.worker.regenerate(got.indices, got.number)
             continue
         drawn.append((got.data, got.stats))
         # The filter looks at correctness: raw scores, before overlong punishment.
@@ -311,11 +337,12 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
         bar.update(1)
         if batch is not None:
             bar.close()
+            run.worker.step_done(taken)
             stale = staleness(step, batch["weight_version"])
             return batch, state, drawn, {
                 "async/staleness_mean": float(stale.mean()),
                 "async/staleness_max": float(stale.max()),
-                "async/stale_groups_dropped": float(dropped),
+                "async/stale_groups_regenerated": float(regenerated),
                 "async/trainer_idle_s": waited}
 
 
@@ -356,9 +383,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             last = step == r.max_steps
             if t.ckpt_interval > 0 and (step % t.ckpt_interval == 0 or last):
                 r.ckpt.save(step, r.params, r.opt_state, {
-                    "step": step, "weight_version": r.version,
-                    "sampler": dataclasses.asdict(r.position[0]),
-                    "generation_batches": r.position[1]})
+                    "step": step, "weight_version": r.version, **r.position.to_host()})
             if t.hf_save_interval > 0 and (step % t.hf_save_interval == 0 or last):
                 nnx.update(r.model, r.params)
                 save_hf(r.model, r.run_dir / "hf" / f"step_{step}", base_model=cfg.model.path,

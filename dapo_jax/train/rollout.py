@@ -198,6 +198,7 @@ def batch_seed(seed: int, number: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class GenerationBatch:
     number: int  # the run's generation batches, from 0
+    indices: tuple[int, ...]  # its prompts (dataset positions)
     version: int  # the weight version every response of it was generated with
     data: dict[str, np.ndarray]  # `rollout`'s rows, plus weight_version per row
     stats: dict[str, float]  # the reward pool's failure counts
@@ -220,12 +221,17 @@ class RolloutWorker:
 
     `ahead` = 0: inline. `next()` generates on the caller's thread, with the weights the
     trainer published after its last update: the synchronous loop.
-    `ahead` = k > 0: in its own thread, keeping up to k finished batches queued for the
-    trainer. A batch starts with the newest weights published, so a batch scheduled while
-    the trainer is at step i (weights i - 1) is trained at a step j with j - i <= k
-    (SkyRL's staleness, `max_staleness_steps`): the trainer takes at least one batch a step,
-    and the batch had at most k - 1 queued before it, so it is taken within k - 1 steps if
-    the trainer is still drawing step i's batches and within k if it is updating.
+    `ahead` = k > 0: in its own thread, keeping up to k * b finished batches queued for the
+    trainer, b the batches a step has taken on average over the last steps, rounded up
+    (dynamic sampling draws more than one a step). A batch starts with the newest weights
+    published, so a batch scheduled while the trainer is at step i (weights i - 1) is
+    trained at a step j with j - i <= k (SkyRL's staleness, `max_staleness_steps`) whenever
+    the steps take their b batches: it had at most k * b - 1 queued before it, taken within
+    k - 1 steps if the trainer is still drawing step i's batches and within k if it is
+    updating. (With one batch a step, b = 1, that is a guarantee; a step that takes fewer
+    than b can leave a batch one step too stale: the trainer hands it back with
+    `regenerate`, and the worker generates the same prompts, with the same seed, again with
+    the newest weights before drawing new ones.)
 
     One user of the engine at a time (`engine_lock`): the worker, or the trainer's held-out
     evaluation (`serving`). An error in the worker's thread is raised by the trainer's next
@@ -233,7 +239,8 @@ class RolloutWorker:
 
     def __init__(self, engine: Engine, prompt_set: PromptSet, sampler: PromptSampler,
                  tokenizer: Any, rewards: RewardPool, settings: WorkerSettings, *,
-                 version: int, number: int):
+                 version: int, number: int,
+                 redo: tuple[tuple[tuple[int, ...], int], ...] = ()):
         self.engine, self.prompt_set, self.sampler = engine, prompt_set, sampler
         self.tokenizer, self.rewards, self.s = tokenizer, rewards, settings
         self.version = version  # what the engine serves
@@ -245,6 +252,9 @@ class RolloutWorker:
         self._error: BaseException | None = None
         self._closed = False
         self._idle = 0.0  # seconds the engine waited between generation batches
+        self._per_step: collections.deque[int] = collections.deque([1], maxlen=8)
+        # Batches to generate again (prompts, number) before drawing new prompts.
+        self._redo: collections.deque[tuple[tuple[int, ...], int]] = collections.deque(redo)
         self._last_end = time.perf_counter()
         self._thread: threading.Thread | None = None
         if settings.ahead > 0:
@@ -271,6 +281,20 @@ class RolloutWorker:
             batch = self._queue.popleft()
             self._cond.notify_all()
         return batch, time.perf_counter() - start
+
+    def regenerate(self, indices: tuple[int, ...], number: int) -> None:
+        """Generate batch `number`'s prompts again (it came back too stale to train)."""
+        with self._cond:
+            self._redo.append((tuple(indices), number))
+
+    def step_done(self, batches: int) -> None:
+        """The trainer's step took `batches` generation batches (sizes the queue)."""
+        with self._cond:
+            self._per_step.append(batches)
+            self._cond.notify_all()
+
+    def _capacity(self) -> int:
+        return self.s.ahead * -(-sum(self._per_step) // len(self._per_step))
 
     def take_idle(self) -> float:
         """Seconds the engine sat between generation batches since the last call."""
@@ -310,24 +334,29 @@ class RolloutWorker:
             start = time.perf_counter()
             with self._cond:
                 self._idle += start - self._last_end
-            number, s = self.number, self.s
-            indices = self.sampler.next_batch(s.batch_size)
+            s = self.s
+            with self._cond:
+                redo = self._redo.popleft() if self._redo else None
+            if redo is not None:
+                indices, number = list(redo[0]), redo[1]
+            else:
+                indices, number = self.sampler.next_batch(s.batch_size), self.number
+                self.number += 1
             sampling = dataclasses.replace(s.sampling, seed=batch_seed(s.seed, number))
             timings: dict[str, float] = {}
             data, stats = rollout(self.engine, self.prompt_set, indices, sampling,
                                   s.group_size, self.tokenizer, self.rewards, self.version,
                                   timings)
             data["weight_version"] = np.full(len(data["score"]), self.version, np.int64)
-            self.number += 1
             self._last_end = time.perf_counter()
-            return GenerationBatch(number, self.version, data, stats,
+            return GenerationBatch(number, tuple(indices), self.version, data, stats,
                                    dataclasses.replace(self.sampler.state), timings)
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and len(self._queue) >= self.s.ahead:
+                    while not self._closed and len(self._queue) >= self._capacity():
                         self._cond.wait()
                     if self._closed:
                         return
