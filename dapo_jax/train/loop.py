@@ -307,14 +307,13 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
     n = run.settings.group_size
     state = DynamicSamplingState()
     drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
-    waited, regenerated, taken = 0.0, 0, 0
+    waited, regenerated = 0.0, 0
     pos = run.position
     bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
     while True:
         got: GenerationBatch
         got, wait = run.worker.next()
         waited += wait
-        taken += 1
         if got.number in pos.redo:
             del pos.redo[got.number]
         else:  # new batches come in number order
@@ -337,7 +336,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
         bar.update(1)
         if batch is not None:
             bar.close()
-            run.worker.step_done(taken)
+            run.worker.step_done(len(drawn))  # the batches this step used
             stale = staleness(step, batch["weight_version"])
             return batch, state, drawn, {
                 "async/staleness_mean": float(stale.mean()),
