@@ -7,8 +7,8 @@ max_staleness_steps=1 and TIS on.
     python bench/async.py [--steps 14] [--staleness 1] [--set key=value ...]
 
 Prints, per mode, the median of steps 3 .. steps-1 (the first steps compile, the last
-saves): s/step, the trainer's idle fraction (async/trainer_idle_s / step: waiting for
-generation batches) and the engine's (async/generator_idle_s / step); then the ratio and the
+saves): s/step, the trainer's idle fraction (timing/trainer_idle / step: waiting for
+generation batches) and the engine's (timing/generator_idle / step); then the ratio and the
 bound (gen + train) / max(gen, train) from the synchronous run's phases (gen: the trainer's
 wait for generation; train: the rest of its step).
 """
@@ -84,8 +84,8 @@ def summary(rows: list[dict]) -> dict[str, float]:
     body = rows[2:-1]
     med = lambda k: statistics.median(r[k] for r in body)
     step = med("timing/step")
-    return {"step": step, "trainer_idle": med("async/trainer_idle_s"),
-            "generator_idle": med("async/generator_idle_s"),
+    return {"step": step, "trainer_idle": med("timing/trainer_idle"),
+            "generator_idle": med("timing/generator_idle"),
             "update": med("timing/logprobs") + med("timing/update"), "sync": med("timing/sync"),
             "batches": statistics.mean(r["dynamic_sampling/batches_drawn"] for r in body),
             "staleness_max": max(r["async/staleness_max"] for r in rows),

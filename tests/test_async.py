@@ -25,7 +25,7 @@ SHORT = {"trainer.eval_before_train": False, "trainer.eval_interval": 0,
          "trainer.hf_save_interval": 0, "data.builtin_val_size": 16,
          "data.builtin_train_size": 256}
 # Differ between two runs of the same batches: wall-clock times.
-TIMES = ("timing/", "async/trainer_idle_s", "async/generator_idle_s", "throughput/")
+TIMES = ("timing/", "throughput/")
 
 
 def trained_groups(run_dir: Path) -> dict[int, dict]:

@@ -342,7 +342,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
                 "async/staleness_mean": float(stale.mean()),
                 "async/staleness_max": float(stale.max()),
                 "async/stale_groups_regenerated": float(regenerated),
-                "async/trainer_idle_s": waited}
+                "timing/trainer_idle": waited}
 
 
 def run(cfg: ConfigDict) -> dict[str, float]:
@@ -375,7 +375,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             r.worker.publish(r.engine.prepare(r.model, r.params, step, r.version), r.version)
             timings["sync"] = time.perf_counter() - start
             metrics.update(async_metrics)
-            metrics["async/generator_idle_s"] = r.worker.take_idle()
+            metrics["timing/generator_idle"] = r.worker.take_idle()
             metrics.update(ds_state.metrics())
             metrics.update(reward_metrics(drawn, r.settings.group_size))
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
@@ -404,6 +404,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             if "eval/all/accuracy" in metrics:
                 evals[step] = metrics["eval/all/accuracy"]
             bar.update(1)
+        r.worker.flush(r.version)
     finally:
         bar.close()
         log.close()

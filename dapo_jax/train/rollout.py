@@ -313,6 +313,12 @@ class RolloutWorker:
                                    f"trainer is at {version}")
             yield self.engine
 
+    def flush(self, version: int) -> None:
+        """The engine takes up the newest published weights (`version`) now, not at its next
+        batch: the engines end a run on its last weights."""
+        with self.serving(version):
+            pass
+
     def close(self, timeout_s: float = 60.0) -> None:
         with self._cond:
             self._closed = True
