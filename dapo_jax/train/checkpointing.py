@@ -111,18 +111,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def resolve_resume(mode: str, run_ckpt_dir: Path, resume_path: str) -> tuple[Path, int] | None:
+def resolve_resume(mode: str, run_ckpt: Checkpointer, resume_path: str) -> tuple[Path, int] | None:
     """(checkpoint directory, step) to resume from, or None to start fresh.
 
-    `latest`: the newest complete checkpoint of this run, if any; `from_path`: a step
-    directory (`.../checkpoints/<step>`) of any run; `none`: start fresh."""
+    `latest`: the newest complete checkpoint of this run (`run_ckpt`, already created, so
+    every process of a multi-process job sees the same directory: deciding before it exists
+    raced with process 0 creating it), if any; `from_path`: a step directory
+    (`.../checkpoints/<step>`) of any run; `none`: start fresh."""
     if mode == "none":
         return None
     if mode == "latest":
-        if not run_ckpt_dir.exists():
-            return None
-        step = ocp.CheckpointManager(run_ckpt_dir).latest_step()
-        return None if step is None else (run_ckpt_dir, step)
+        step = run_ckpt.manager.latest_step()
+        return None if step is None else (run_ckpt.directory, step)
     path = Path(resume_path).resolve()
     if not path.name.isdigit():
         raise ValueError(f"trainer.resume_path {resume_path!r} must be a step directory "

@@ -227,10 +227,10 @@ def setup(cfg: ConfigDict) -> Run:
         engine = SidecarEngine(list(g.sidecar_urls), g.sidecar_token,
                                Path(g.export_dir or run_dir / "exports"), g.model_dtype,
                                retry_window_s=g.sidecar_startup_timeout_s)
-    resume = resolve_resume(t.resume_mode, run_dir / "checkpoints", t.resume_path)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
+    resume = resolve_resume(t.resume_mode, ckpt, t.resume_path)
     start_step = version = 0
     position = Position(SamplerState(), 0)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
     if resume is not None:
         source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
         params, opt_state, host = source.restore(resume[1], params, opt_state)
