@@ -57,10 +57,10 @@ def test_staleness_0_is_the_synchronous_loop(tmp_path):
         assert b["async/staleness_max"] == 0
 
 
-# Staleness 1 on the split mesh, the main job's data, held-out eval at steps 0 and 30;
+# Staleness 1 on the split mesh, the main job's data, held-out eval at steps 0 and 20;
 # dynamic sampling off, so each step trains one generation batch and the uninterrupted run's
 # prompts are the sampler's order.
-ASYNC_RUN = {"trainer.eval_before_train": True, "trainer.eval_interval": 30,
+ASYNC_RUN = {"trainer.eval_before_train": True, "trainer.eval_interval": 20,
              "trainer.hf_save_interval": 0, "data.builtin_val_size": 128, **SPLIT,
              "trainer.fully_async.enabled": True, "trainer.fully_async.max_staleness_steps": 1,
              "trainer.algorithm.use_tis": True, "trainer.ckpt_interval": 1,
@@ -82,8 +82,8 @@ def test_staleness_1_learns_stays_in_bound_and_a_kill_9_resume_trains_every_prom
     """Killed at step 3 with batches queued and in flight, the resumed run trains every
     prompt of the sampler's order once, in order; every trained group is within the bound;
     held-out accuracy rises by the learning test's margin (test_trainer: 0.10 is 3.7 sd of
-    two evaluations' resampling noise) in 30 steps."""
-    run_dir, steps = tmp_path / "run", 30
+    two evaluations' resampling noise) in 20 steps."""
+    run_dir, steps = tmp_path / "run", 20
     proc = _train(run_dir, steps)
     launching.wait_for(lambda: (run_dir / "trained_groups.jsonl").exists() and
                        max(trained_groups(run_dir)) >= 3, 600, proc, "step 3")
