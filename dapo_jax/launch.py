@@ -251,6 +251,9 @@ def main(argv: list[str]) -> None:
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Started from a script's background job, a process inherits SIGINT ignored (and Python
+    # then leaves it so): a `kill -INT` or the terminal's Ctrl-C must still stop the run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 1
     try:
         code = launch.run()

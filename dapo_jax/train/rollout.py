@@ -172,18 +172,17 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
     }, stats
 
 
-def reward_metrics(drawn: list[tuple[dict[str, np.ndarray], dict[str, float]]],
-                   n: int) -> dict[str, float]:
+def reward_metrics(drawn: list[GenerationBatch], n: int) -> dict[str, float]:
     """Reward metrics over EVERY response generated this step. (The batch dynamic sampling
     keeps holds only groups with mixed outcomes, so its accuracy drifts towards the middle
     whatever the policy does; it is reported separately as reward/kept_accuracy.)"""
-    acc = np.concatenate([batch["acc"] for batch, _ in drawn])
-    score = np.concatenate([batch["score"] for batch, _ in drawn])
+    acc = np.concatenate([b.data["acc"] for b in drawn])
+    score = np.concatenate([b.data["score"] for b in drawn])
     # pass@n: the prompt's group holds a correct response.
     out = {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
            f"reward/avg_pass_at_{n}": float(acc.reshape(-1, n).any(axis=1).mean())}
     for key in ("reward/timeouts", "reward/errors"):
-        out[key] = float(sum(stats[key] for _, stats in drawn))
+        out[key] = float(sum(b.stats[key] for b in drawn))
     return out
 
 
