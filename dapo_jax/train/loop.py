@@ -98,9 +98,9 @@ class Run:
     settings: StepSettings
     eval_sampling: SamplingParams
     staleness_bound: int  # trainer.fully_async.max_staleness_steps, 0 when synchronous
+    position: Position  # where the untrained generation batches start (checkpointed)
     start_step: int = 0
     version: int = 0
-    position: Position = dataclasses.field(default_factory=lambda: Position(SamplerState(), 0))
     lock: Any = None  # the run directory's lock file, held while the run lives
 
     def close(self) -> None:

@@ -306,17 +306,14 @@ class RolloutWorker:
         """The engine, holding the newest published weights (`version`), for the caller
         alone while the block runs (the worker's thread waits)."""
         with self.engine_lock:
-            self._load_newest()
-            if self.version != version:
-                raise RuntimeError(f"the engine serves weight version {self.version}, the "
-                                   f"trainer is at {version}")
+            self._take_up(version)
             yield self.engine
 
     def flush(self, version: int) -> None:
         """The engine takes up the newest published weights (`version`) now, not at its next
         batch: the engines end a run on its last weights."""
-        with self.serving(version):
-            pass
+        with self.engine_lock:
+            self._take_up(version)
 
     def close(self, timeout_s: float = 60.0) -> None:
         with self._cond:
@@ -326,6 +323,13 @@ class RolloutWorker:
             self._thread.join(timeout_s)  # a batch in flight finishes first
 
     # ------------------------------------------------------------------ producer
+    def _take_up(self, version: int) -> None:
+        """Loads the newest published weights, which must be `version` (engine_lock held)."""
+        self._load_newest()
+        if self.version != version:
+            raise RuntimeError(f"the engine serves weight version {self.version}, the "
+                               f"trainer is at {version}")
+
     def _load_newest(self) -> None:
         with self._cond:
             published, self._published = self._published, None
