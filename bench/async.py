@@ -1,6 +1,7 @@
 """Synchronous vs asynchronous DAPO on this machine: the main job (configs/arith_tiny.py)
 with a JAX sidecar generating on one core (`taskset -c 1`) and the trainer on the other
-(`taskset -c 0`), both modes pinned the same way and placed the same way
+(`taskset -c 0`), the trainer's reward-pool workers moved to the engine's core (scoring
+belongs to the rollout side), both modes pinned the same way and placed the same way
 (trainer.placement.colocate_all=false). Async is trainer.fully_async with
 max_staleness_steps=1 and TIS on.
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -71,13 +73,37 @@ def run_mode(name: str, steps: int, staleness: int | None, extra: list[str],
         trainer = ["taskset", "-c", "0", sys.executable, "-m", "dapo_jax.train", "--config",
                    "configs/arith_tiny.py", *[f"--config.{k}={v}" for k, v in overrides.items()],
                    f"--config.generator.sidecar_urls={(spec.url,)!r}"]
-        out = subprocess.run(trainer, env=env, cwd=ROOT, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{name}: trainer failed:\n{out.stderr[-3000:]}")
+        proc = subprocess.Popen(trainer, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        pinner = threading.Thread(target=pin_children, args=(proc, 1), daemon=True)
+        pinner.start()
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{name}: trainer failed:\n{err[-3000:]}")
     finally:
         sidecar.kill()
         sidecar.wait()
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def pin_children(proc: subprocess.Popen, cpu: int) -> None:
+    """Moves the trainer's child processes (the reward pool's workers: scoring is the
+    rollout side's work, as on a cluster's host CPUs) to the engine's core while `proc`
+    runs; they inherit the trainer's `taskset -c 0` otherwise."""
+    pinned: set[int] = set()
+    while proc.poll() is None:
+        for children in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+            try:
+                pids = {int(x) for x in children.read_text().split()}
+            except OSError:
+                continue
+            for pid in pids - pinned:
+                try:
+                    os.sched_setaffinity(pid, {cpu})
+                    pinned.add(pid)
+                except OSError:
+                    pass
+        time.sleep(0.5)
 
 
 def summary(rows: list[dict]) -> dict[str, float]:
