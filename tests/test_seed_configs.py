@@ -94,7 +94,9 @@ def test_seed_configs_are_validated_as_shipped():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", SEEDS)
-def test_seed_config_trains_through_the_launcher_and_resumes(tmp_path, config):
+def test_seed_config_trains_through_the_launcher(tmp_path, config):
+    """2 steps through the launcher with the config's own precision, loss, mesh and engine;
+    RESUME_SEED then resumes to step 3."""
     engine = "vllm" if config == VLLM_SEED else "jax"
     if engine == "vllm" and sidecar.vllm_python() is None:
         if os.environ.get("CI"):
