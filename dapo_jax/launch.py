@@ -238,6 +238,16 @@ def main(argv: list[str]) -> None:
                              f"processes: the config has generator.backend="
                              f"{cfg.generator.backend!r} and --num_processes=1; run "
                              "`python -m dapo_jax.train` for one in-process trainer")
+    if _NUM_PROCESSES.value > 1 and cfg.generator.backend == "jax" and \
+            not cfg.trainer.placement.colocate_all:
+        # Each process's devices would be its share of the trainer's GPUs and of the
+        # generation meshes'; the trainer reads policy_num_gpus_per_node per process.
+        raise app.UsageError("--num_processes with generation meshes in the trainer "
+                             "processes (generator.backend=jax, trainer.placement."
+                             "colocate_all=false): start one `python -m dapo_jax.train` per "
+                             "host with mesh.coordinator_address / num_processes / process_id "
+                             "(policy_num_gpus_per_node then counts each process's trainer "
+                             "devices)")
     if _NUM_PROCESSES.value > 1 and cfg.mesh.coordinator_address:
         raise app.UsageError("--num_processes starts its own coordinator: leave "
                              "mesh.coordinator_address unset")

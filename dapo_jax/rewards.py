@@ -171,6 +171,11 @@ def _score_one(name: str, response: str, ground_truth: str, timeout_s: float) ->
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def failure_counts(results: Sequence[RewardResult]) -> dict[str, float]:
+    return {"reward/timeouts": float(sum(r.status == "timeout" for r in results)),
+            "reward/errors": float(sum(r.status == "error" for r in results))}
+
+
 class RewardPool:
     """Scores batches in `workers` spawned processes (never forked from a process running
     JAX). If a worker hangs where the alarm cannot reach (inside C code), the batch deadline
@@ -190,28 +195,26 @@ class RewardPool:
     def score(self, responses: Sequence[str], ground_truths: Sequence[str]
               ) -> tuple[list[RewardResult], dict[str, float]]:
         """Every response's result, and timeout/error counts. With several JAX processes each
-        scores its contiguous share and all of them get every result."""
+        scores its contiguous share and all of them get every result (a collective: the
+        trainer's thread only)."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} answers")
         from dapo_jax.multihost import split_work  # here: pool workers need no JAX
 
-        results = split_work(lambda part: self._score_here(responses[part], ground_truths[part]),
+        results = split_work(lambda part: self.score_here(responses[part], ground_truths[part]),
                              len(responses))
-        stats = {"reward/timeouts": float(sum(r.status == "timeout" for r in results)),
-                 "reward/errors": float(sum(r.status == "error" for r in results))}
-        self._check_failures(results)
-        return results, stats
+        self.check([r for r in results if r.status != "ok"], len(results))
+        return results, failure_counts(results)
 
-    def _check_failures(self, results: list[RewardResult]) -> None:
-        """Failures (errors and timeouts) above `max_failure_frac` of the batch stop with the
-        first one's traceback: a reward that always fails makes every group uniform and
-        every advantage 0, a run that trains on nothing. Below it, each distinct failure is
-        logged once, with its traceback."""
-        failed = [r for r in results if r.status != "ok"]
-        if failed and len(failed) > self.max_failure_frac * len(results):
+    def check(self, failed: Sequence[RewardResult], total: int) -> None:
+        """`failed` (errors and timeouts) of a batch of `total` responses: above
+        `max_failure_frac` of it, stop with the first one's traceback (a reward that always
+        fails makes every group uniform and every advantage 0, a run that trains on
+        nothing). Below it, each distinct failure is logged once, with its traceback."""
+        if failed and len(failed) > self.max_failure_frac * total:
             first = failed[0]
             raise RewardError(
-                f"reward function {self.name} failed on {len(failed)} of {len(results)} "
+                f"reward function {self.name} failed on {len(failed)} of {total} "
                 f"responses (more than reward.max_failure_frac={self.max_failure_frac}); the "
                 f"first failure: {first.status}\n"
                 f"{first.traceback or f'timed out after {self.timeout_s} s'}".rstrip())
@@ -220,11 +223,13 @@ class RewardPool:
             if key not in self._logged:
                 self._logged.add(key)
                 log.warning("reward function %s failed (%d of %d this batch; logged once): "
-                            "%s\n%s", self.name, len(failed), len(results), key,
+                            "%s\n%s", self.name, len(failed), total, key,
                             r.traceback.rstrip())
 
-    def _score_here(self, responses: Sequence[str], ground_truths: Sequence[str]
-                    ) -> list[RewardResult]:
+    def score_here(self, responses: Sequence[str], ground_truths: Sequence[str]
+                   ) -> list[RewardResult]:
+        """The results of these responses, scored by this process alone (no exchange with
+        other processes, no failure check: `check` the whole batch's results)."""
         pending = [self._pool.apply_async(_score_one, (self.name, r, g, self.timeout_s))
                    for r, g in zip(responses, ground_truths, strict=True)]
         rounds = -(-len(pending) // self.workers)

@@ -141,11 +141,13 @@ class _Engine:
 
 
 class _Rewards:
-    def score(self, texts, truths):
+    def score_here(self, texts, truths):
         from dapo_jax.rewards import RewardResult
 
-        return [RewardResult(1.0, True)] * len(texts), {"reward/timeouts": 0.0,
-                                                       "reward/errors": 0.0}
+        return [RewardResult(1.0, True)] * len(texts)
+
+    def check(self, failed, total):
+        assert not failed
 
 
 class _Tokenizer:
@@ -165,7 +167,8 @@ def test_a_batch_handed_back_is_generated_again_first_with_its_seed_and_new_weig
                         [[i] for i in range(10)], 0, 0)
     worker = RolloutWorker(
         _Engine(), prompts, PromptSampler(10, seed=0), _Tokenizer(), _Rewards(),
-        WorkerSettings(batch_size=3, group_size=2, sampling=SamplingParams(), seed=5, ahead=0),
+        WorkerSettings(batch_size=3, group_size=2, sampling=SamplingParams(), seed=5, ahead=0,
+                       split="collective"),
         version=0, number=0)
     first, _ = worker.next()
     second, _ = worker.next()
@@ -180,3 +183,48 @@ def test_a_batch_handed_back_is_generated_again_first_with_its_seed_and_new_weig
     assert third.number == 2 and set(third.indices).isdisjoint(first.indices + second.indices)
     pos = loop.Position(third.after, 3, {1: second.indices})
     assert loop.Position.from_host(json.loads(json.dumps(pos.to_host()))) == pos
+
+
+class _SlowEngine(_Engine):
+    def generate(self, prompts, sampling, n, keys):
+        import time
+
+        time.sleep(0.02)
+        return super().generate(prompts, sampling, n, keys)
+
+
+def test_the_batches_a_worker_produces_do_not_depend_on_its_speed():
+    """Every process of a multi-process trainer runs its own worker thread and the trainer
+    gathers their parts of each batch: which batch comes next must follow from the
+    trainer's calls alone (scheduled on its thread), not from how far each worker got when
+    a batch was handed back."""
+    from dapo_jax.generation import SamplingParams
+    from dapo_jax.prompts import Example, PromptSet
+    from dapo_jax.train.rollout import RolloutWorker, WorkerSettings
+
+    prompts = PromptSet([Example((("user", str(i)),), str(i)) for i in range(40)],
+                        [[i] for i in range(40)], 0, 0)
+
+    def trace(engine) -> list[tuple[int, tuple[int, ...]]]:
+        worker = RolloutWorker(
+            engine, prompts, PromptSampler(40, seed=0), _Tokenizer(), _Rewards(),
+            WorkerSettings(batch_size=4, group_size=2, sampling=SamplingParams(), seed=5,
+                           ahead=2, split="share"), version=0, number=0)
+        seen = []
+        try:
+            for step in range(6):
+                got, _ = worker.next()
+                seen.append((got.number, got.indices))
+                if step in (1, 2):  # handed back while the worker is some way ahead
+                    worker.regenerate(got.indices, got.number)
+                got, _ = worker.next()
+                seen.append((got.number, got.indices))
+                worker.step_done(2 if step % 2 else 1)
+        finally:
+            worker.close()
+        return seen
+
+    fast, slow = trace(_Engine()), trace(_SlowEngine())
+    assert fast == slow
+    numbers = [n for n, _ in fast]
+    assert numbers.count(2) == 2 and numbers.count(4) == 2  # each handed-back batch again

@@ -136,6 +136,12 @@ def test_launcher_refuses_what_it_cannot_run(tmp_path):
                          timeout=120)
     assert out.returncode != 0 and "generator.backend='jax'" in out.stderr
     out = subprocess.run(launching.launch_cmd("configs/arith_tiny.py", {
+        "trainer.placement.colocate_all": False,
+        "trainer.placement.policy_num_gpus_per_node": 2}) + ["--num_processes=2"],
+        cwd=launching.REPO, env=launching.env(devices=1), capture_output=True, text=True,
+        timeout=120)
+    assert out.returncode != 0 and "start one `python -m dapo_jax.train` per host" in out.stderr
+    out = subprocess.run(launching.launch_cmd("configs/arith_tiny.py", {
         **BASE, "trainer.xla_memory_fraction": 0.9}), cwd=launching.REPO,
         env=launching.env(devices=1), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

@@ -37,7 +37,7 @@ def test_every_finish_reason_but_stop_is_filtered_and_keys_are_dataset_positions
     prompt_set = PromptSet(examples, [[1, 2]] * 4, 0, 0)  # four copies of one prompt
     engine = ScriptedEngine(["stop", "length", "abort", "stop"])
     batch, _ = rollout(engine, prompt_set, [2, 0], SamplingParams(), 2, Tok(),
-                       RewardPool("arithmetic", workers=1), 0, {})
+                       RewardPool("arithmetic", workers=1), 0, {}, split="collective")
     assert engine.keys == [[2, 0]]  # the prompts' positions in the dataset, not their tokens
     # SkyRL's overlong filtering: "length" and "abort" (any reason but "stop") are masked.
     np.testing.assert_array_equal(batch["truncated"], [False, True, True, False])

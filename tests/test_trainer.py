@@ -72,9 +72,6 @@ def test_invalid_config_is_a_clear_error(tmp_path, key, value, match):
     ({"trainer.placement.policy_num_gpus_per_node": 5,
       "generator.inference_engine_tensor_parallel_size": 2},
      "generator.inference_engine_tensor_parallel_size: 2 does not divide the 3 devices"),
-    ({"trainer.placement.policy_num_gpus_per_node": 4, "mesh.num_processes": 2,
-      "mesh.coordinator_address": "localhost:1234"},
-     "trainer.placement.colocate_all: a generation mesh of its own"),
 ])
 def test_generation_mesh_that_does_not_fit_is_a_clear_error(tmp_path, overrides, match):
     c = tiny(tmp_path, **{"trainer.placement.colocate_all": False, **overrides})

@@ -425,9 +425,6 @@ def _validate_generator(cfg: ConfigDict) -> None:
         _fail("trainer.placement.colocate_all", "trainer.fully_async needs the engines on "
               "devices the trainer does not use, or generation and training cannot overlap: "
               "set trainer.placement.colocate_all=false")
-    if fa.enabled and cfg.mesh.num_processes > 1:
-        _fail("trainer.fully_async.enabled", "asynchronous training runs in one trainer "
-              f"process for now; mesh.num_processes is {cfg.mesh.num_processes}")
     if g.backend == "sidecar" and t.placement.colocate_all:
         total = t.xla_memory_fraction + g.gpu_memory_utilization
         if total > 1:
@@ -454,9 +451,6 @@ def trainer_devices(cfg: ConfigDict, num_devices: int) -> int:
     if g.backend != "jax" or t.placement.colocate_all:
         return num_devices
     trainer = t.placement.policy_num_gpus_per_node
-    if cfg.mesh.num_processes > 1:
-        _fail("trainer.placement.colocate_all", "a generation mesh of its own (backend jax, "
-              "colocate_all=false) runs in one process for now")
     if trainer >= num_devices:
         _fail("trainer.placement.policy_num_gpus_per_node", f"{trainer} of the {num_devices} "
               "devices leaves none for the generation mesh (colocate_all=false)")

@@ -42,7 +42,6 @@ from dapo_jax.train.rollout import (
     SidecarEngine,
     WorkerSettings,
     reward_metrics,
-    versioned,
 )
 from dapo_jax.train.step import StepSettings, train_step
 from dapo_jax.train.update import (
@@ -170,6 +169,16 @@ def use_compilation_cache(cache_dir: str) -> bool:
     return True
 
 
+def split_devices(per_process: int) -> tuple[list[jax.Device], list[jax.Device]]:
+    """The trainer's devices (the first `per_process` of every process's, one global mesh)
+    and this process's others (its engine's own generation mesh; none when colocated)."""
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    trainer = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+    return trainer, by_process[jax.process_index()][per_process:]
+
+
 def setup(cfg: ConfigDict) -> Run:
     """Validates the config, loads data and model, builds the jitted functions, the engine,
     the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
@@ -182,17 +191,18 @@ def setup(cfg: ConfigDict) -> Run:
         "trainer.log" if process == 0 else f"trainer_{process}.log"))
     multihost.initialize(config_lib.distributed_config(cfg))
     use_compilation_cache(t.compilation_cache_dir)
-    devices = jax.devices()
-    trainer_count = config_lib.trainer_devices(cfg, len(devices))
-    sizes = config_lib.validate(cfg, trainer_count)
+    per_process = config_lib.trainer_devices(cfg, jax.local_device_count())
+    sizes = config_lib.validate(cfg, per_process * jax.process_count())
     primary = multihost.is_primary()
     lock = lock_run_dir(run_dir) if primary else None
     if primary:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    mesh = make_mesh(cfg.mesh.shape, devices[:trainer_count])
-    # The in-process engine's own mesh (colocate_all=false): the devices after the trainer's.
+    trainer_devices, own_devices = split_devices(per_process)
+    mesh = make_mesh(cfg.mesh.shape, trainer_devices)
+    # The in-process engine's own mesh (colocate_all=false): this process's devices after
+    # the trainer's.
     gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
-                         devices[trainer_count:]) if trainer_count < len(devices) else mesh
+                         own_devices) if own_devices else mesh
 
     from transformers import AutoTokenizer
 
@@ -254,7 +264,9 @@ def setup(cfg: ConfigDict) -> Run:
                                          state=dataclasses.replace(position.sampler)),
         tokenizer, rewards, WorkerSettings(
             batch_size=t.train_batch_size, group_size=g.n_samples_per_prompt,
-            sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound),
+            sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound,
+            split="primary" if g.backend == "sidecar" else
+            "share" if gen_mesh is not mesh else "collective"),
         version=version, number=position.number,
         redo=tuple((v, k) for k, v in sorted(position.redo.items())))
     run = Run(
@@ -276,9 +288,9 @@ def evaluate_policy(run: Run, step: int) -> dict[str, float]:
     <run_dir>/eval/step_<step>_{summary.json,samples.jsonl}."""
     if run.val_set is None:
         return {}
-    with run.worker.serving(run.version) as engine:
+    with run.worker.serving(run.version) as generate:
         result = evaluation.evaluate(
-            versioned(engine, run.version), run.val_set.ids, run.val_set.examples,
+            generate, run.val_set.ids, run.val_set.examples,
             run.eval_sampling, run.cfg.generator.eval_n_samples_per_prompt, run.tokenizer,
             run.rewards)
     if run.primary:

@@ -13,6 +13,10 @@ update donates the parameters; `load` on the generating thread, between requests
 The rollout worker (`RolloutWorker`) is the producer of generation batches: inline on the
 trainer's thread (synchronous DAPO) or in its own thread running ahead of the trainer
 (`trainer.fully_async`).
+
+With several JAX processes (`SPLITS`) each process's worker produces its part of every
+batch with no exchange between processes (collectives from two threads of a process would
+interleave differently on each), and the trainer's thread gathers the parts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -35,7 +40,7 @@ from dapo_jax import multihost
 from dapo_jax.generation import Generator, Sample, SamplingParams
 from dapo_jax.placement import TOKEN_ENV
 from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState
-from dapo_jax.rewards import RewardPool
+from dapo_jax.rewards import RewardPool, RewardResult, failure_counts
 
 
 # ----------------------------------------------------------------------------- engines
@@ -51,9 +56,11 @@ class Engine(Protocol):
         """The generating thread, between requests: serve `weights` as `version`."""
 
 
-@jax.jit(static_argnames="dtype")
-def cast_params(params: Any, dtype: str) -> Any:
+def _cast(params: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+cast_params = jax.jit(_cast, static_argnames="dtype")
 
 
 class InProcessEngine:
@@ -66,19 +73,36 @@ class InProcessEngine:
         self.dtype = dtype
         self.mesh = mesh
         self.own_mesh = own_mesh
+        self._gather: Any = None
         self.generator = Generator(graphdef, self.prepare(None, params, 0, 0), mesh=mesh,
                                    **generator_kw)
 
     def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
         del model, step, version
         if self.own_mesh:  # device to device, no host round trip
-            params = jax.device_put(params, jax.tree.map(
-                lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params))
+            target = jax.tree.map(
+                lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params)
+            if jax.process_count() > 1:
+                params = self._local_copy(params)
+            params = jax.device_put(params, target)
         # On the trainer's mesh, in the trainer's dtype, these are the trainer's own arrays:
         # the next update donates them, and they are loaded before it (the synchronous loop
         # generates between updates; an asynchronous one needs its own mesh).
         same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
         return params if same else cast_params(params, dtype=self.dtype)
+
+    def _local_copy(self, params: Any) -> Any:
+        """A whole copy of the trainer's parameters (sharded over every process) on one of
+        this process's devices, in the rollout dtype: the generation mesh holds this
+        process's devices only, and an array moves between processes only inside a
+        collective. One all-gather on the trainer's mesh (the trainer's thread), then this
+        process's replica is used as is."""
+        if self._gather is None:  # built once: the trainer's mesh does not change
+            mesh = jax.tree.leaves(params)[0].sharding.mesh
+            self._gather = jax.jit(functools.partial(_cast, dtype=self.dtype),
+                                   out_shardings=jax.sharding.NamedSharding(
+                                       mesh, jax.sharding.PartitionSpec()))
+        return jax.tree.map(lambda x: x.addressable_data(0), self._gather(params))
 
     def load(self, weights: Any, version: int) -> None:
         self.generator.set_params(weights, version)
@@ -93,10 +117,10 @@ class SidecarEngine:
     A sidecar that does not answer is retried for `retry_window_s` (a launcher restarts a
     dead one within its start-up timeout).
 
-    With several JAX processes, process 0 is the only client: it sends every prompt (spread
-    over the sidecars as with one process) and shares the samples with the others; every
-    process writes its shards of the export (a filesystem all hosts and sidecars see), then
-    process 0 pushes it."""
+    With several JAX processes, process 0 is the only client (split "primary"): it sends
+    every prompt (spread over the sidecars as with one process) and the worker shares the
+    samples with the others; every process writes its shards of the export (a filesystem
+    all hosts and sidecars see), then process 0 pushes it."""
 
     def __init__(self, urls: list[str], token: str, export_dir: Path, dtype: str,
                  retry_window_s: float):
@@ -109,7 +133,7 @@ class SidecarEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]:
-        return multihost.from_primary(lambda: self.client.generate(prompts, sampling, n, keys))
+        return self.client.generate(prompts, sampling, n, keys)
 
     def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
         from dapo_jax.weight_export import export_weights
@@ -126,6 +150,24 @@ class SidecarEngine:
 
 
 # ----------------------------------------------------------------------------- rollouts
+# How the processes of a multi-process trainer share a batch of prompts (one process: each
+# is the whole batch on that process):
+# - "collective": the engine is on the trainer's mesh, over every process: all of them
+#   generate the whole batch together (inline only, on the trainer's thread), each scores
+#   its share of the prompts;
+# - "share": each process's engine has a generation mesh of its own devices: it generates
+#   and scores its contiguous share of the prompts;
+# - "primary": sidecars, with process 0 their only client: it generates and scores all.
+SPLITS = ("collective", "share", "primary")
+
+
+def part_of(split: str, n: int) -> slice:
+    """This process's prompts (of n) under `split`."""
+    if split == "primary":
+        return slice(0, n) if multihost.is_primary() else slice(0, 0)
+    return multihost.share(n)
+
+
 def versioned(engine: Engine, version: int) -> Any:
     """`engine.generate` that refuses samples generated with another weight version than
     `version` (stale or unknown weights are an error, never a silent rollout)."""
@@ -141,21 +183,47 @@ def versioned(engine: Engine, version: int) -> Any:
     return generate
 
 
+def gathered(generate: Any, split: str) -> Any:
+    """`generate` whose result is every prompt's samples on every process, each process
+    generating its part under `split` (a collective: the trainer's thread only)."""
+    if split == "collective" or jax.process_count() == 1:
+        return generate
+
+    def run(prompts: list[list[int]], sampling: SamplingParams, n: int,
+            keys: list[int]) -> list[list[Sample]]:
+        part = part_of(split, len(prompts))
+        mine = generate(prompts[part], sampling, n, keys[part]) if part.stop > part.start \
+            else []
+        if split == "primary":
+            return multihost.from_primary(lambda: mine)
+        return [g for groups in multihost.allgather_objects(mine) for g in groups]
+
+    return run
+
+
 def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling: SamplingParams,
             n: int, tokenizer: Any, rewards: RewardPool, version: int,
-            timings: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Generates n responses per prompt and scores them: one row per response, groups
-    contiguous, and the reward pool's failure counts. Refuses samples generated with another
-    weight version than `version`."""
+            timings: dict[str, float], *, split: str
+            ) -> tuple[dict[str, np.ndarray], list[RewardResult]]:
+    """This process's part (`part_of(split, ...)`) of the rollout of `indices`: n responses
+    per prompt, scored here, one row per response, groups contiguous; and the rows' reward
+    failures (the caller checks the whole batch's). Refuses samples generated with another
+    weight version than `version`. No exchange with other processes, except that the
+    "collective" split generates the whole batch on the trainer's mesh."""
+    part = part_of(split, len(indices))
+    mine = indices[part]
+    ask = indices if split == "collective" else mine
     start = time.perf_counter()
-    groups = versioned(engine, version)([prompt_set.ids[i] for i in indices], sampling, n,
-                                        [int(i) for i in indices])
+    groups = versioned(engine, version)([prompt_set.ids[i] for i in ask], sampling, n,
+                                        [int(i) for i in ask]) if ask else []
+    if split == "collective":
+        groups = groups[part]
     timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
     samples = [s for g in groups for s in g]
-    rows = np.repeat(np.asarray(indices), n)
+    rows = np.repeat(np.asarray(mine, np.int64), n)
     start = time.perf_counter()
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-    results, stats = rewards.score(texts, [prompt_set.examples[i].ground_truth for i in rows])
+    results = rewards.score_here(texts, [prompt_set.examples[i].ground_truth for i in rows])
     timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
     obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # ragged rows, kept as lists
     return {
@@ -169,7 +237,8 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
         # Did not end with a stop token: "length", or an engine's "abort" (SkyRL's rule for
         # overlong filtering: every finish reason but "stop").
         "truncated": np.array([s.finish_reason != "stop" for s in samples], bool),
-    }, stats
+        "weight_version": np.array([s.weight_version for s in samples], np.int64),
+    }, [r for r in results if r.status != "ok"]
 
 
 def reward_metrics(drawn: list[GenerationBatch], n: int) -> dict[str, float]:
@@ -179,11 +248,9 @@ def reward_metrics(drawn: list[GenerationBatch], n: int) -> dict[str, float]:
     acc = np.concatenate([b.data["acc"] for b in drawn])
     score = np.concatenate([b.data["score"] for b in drawn])
     # pass@n: the prompt's group holds a correct response.
-    out = {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
-           f"reward/avg_pass_at_{n}": float(acc.reshape(-1, n).any(axis=1).mean())}
-    for key in ("reward/timeouts", "reward/errors"):
-        out[key] = float(sum(b.stats[key] for b in drawn))
-    return out
+    return {"reward/avg_raw_reward": float(score.mean()), "reward/accuracy": float(acc.mean()),
+            f"reward/avg_pass_at_{n}": float(acc.reshape(-1, n).any(axis=1).mean()),
+            **failure_counts([f for b in drawn for f in b.failures])}
 
 
 # ----------------------------------------------------------------------------- worker
@@ -198,11 +265,23 @@ def batch_seed(seed: int, number: int) -> int:
 class GenerationBatch:
     number: int  # the run's generation batches, from 0
     indices: tuple[int, ...]  # its prompts (dataset positions)
-    version: int  # the weight version every response of it was generated with
-    data: dict[str, np.ndarray]  # `rollout`'s rows, plus weight_version per row
-    stats: dict[str, float]  # the reward pool's failure counts
+    version: int  # the oldest weight version its responses were generated with
+    data: dict[str, np.ndarray]  # `rollout`'s rows (weight_version per row)
+    failures: tuple[RewardResult, ...]  # its responses' reward failures
     after: SamplerState  # the prompt order's position after this batch's prompts
-    timings: dict[str, float]  # its generate and reward seconds
+    timings: dict[str, float]  # its generate and reward seconds (the slowest process's)
+
+    @classmethod
+    def merge(cls, parts: list[GenerationBatch]) -> GenerationBatch:
+        """One batch from the processes' parts of it (in process order)."""
+        first = parts[0]
+        if any(p.number != first.number for p in parts):
+            raise RuntimeError(f"the processes produced different generation batches: "
+                               f"{[p.number for p in parts]}")
+        return cls(first.number, first.indices, min(p.version for p in parts),
+                   {k: np.concatenate([p.data[k] for p in parts]) for k in first.data},
+                   tuple(f for p in parts for f in p.failures), first.after,
+                   {k: max(p.timings.get(k, 0.0) for p in parts) for k in first.timings})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +291,26 @@ class WorkerSettings:
     sampling: SamplingParams  # the seed is batch_seed(seed, number)
     seed: int
     ahead: int  # trainer.fully_async.max_staleness_steps when async, else 0 (inline)
+    split: str  # one of SPLITS: this process's part of each batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A scheduled generation batch."""
+
+    indices: tuple[int, ...]
+    number: int
+    after: SamplerState
 
 
 class RolloutWorker:
-    """The producer of generation batches: draws `batch_size` prompts, generates
-    `group_size` responses each with the newest weights published to it, scores them.
+    """The producer of generation batches: `batch_size` prompts, `group_size` responses
+    each with the newest weights published to it, scored.
+
+    Which batches, in which order, is decided on the trainer's thread only (`_schedule`:
+    batches handed back to be generated again first, then new prompts), so every process
+    of a multi-process trainer produces the same sequence, each its part of every batch
+    (`split`), and `next()` gathers the parts.
 
     `ahead` = 0: inline. `next()` generates on the caller's thread, with the weights the
     trainer published after its last update: the synchronous loop.
@@ -230,33 +324,38 @@ class RolloutWorker:
     updating. (With one batch a step, b = 1, that is a guarantee; a step that takes fewer
     than b can leave a batch one step too stale: the trainer hands it back with
     `regenerate`, and the worker generates the same prompts, with the same seed, again with
-    the newest weights before drawing new ones.)
+    the newest weights.)
 
     One user of the engine at a time (`engine_lock`): the worker, or the trainer's held-out
     evaluation (`serving`). An error in the worker's thread is raised by the trainer's next
-    `next()`."""
+    `next()`; so are reward failures over the pool's bound (`RewardPool.check`)."""
 
     def __init__(self, engine: Engine, prompt_set: PromptSet, sampler: PromptSampler,
                  tokenizer: Any, rewards: RewardPool, settings: WorkerSettings, *,
                  version: int, number: int,
                  redo: tuple[tuple[tuple[int, ...], int], ...] = ()):
+        if settings.split not in SPLITS:
+            raise ValueError(f"split {settings.split!r} is not one of {SPLITS}")
         self.engine, self.prompt_set, self.sampler = engine, prompt_set, sampler
         self.tokenizer, self.rewards, self.s = tokenizer, rewards, settings
         self.version = version  # what the engine serves
-        self.number = number  # the next batch's number
+        self.number = number  # the next new batch's number
         self.engine_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._queue: collections.deque[GenerationBatch] = collections.deque()
+        self._todo: collections.deque[_Job] = collections.deque()  # scheduled, not started
+        self._outstanding = 0  # scheduled and not yet returned by next()
+        self._queue: collections.deque[GenerationBatch] = collections.deque()  # finished
         self._published: tuple[Any, int] | None = None  # newest weights, not loaded yet
         self._error: BaseException | None = None
         self._closed = False
         self._idle = 0.0  # seconds the engine waited between generation batches
         self._per_step: collections.deque[int] = collections.deque([1], maxlen=8)
-        # Batches to generate again (prompts, number) before drawing new prompts.
+        # Batches to generate again (prompts, number), scheduled before new prompts.
         self._redo: collections.deque[tuple[tuple[int, ...], int]] = collections.deque(redo)
         self._last_end = time.perf_counter()
         self._thread: threading.Thread | None = None
         if settings.ahead > 0:
+            self._schedule()
             self._thread = threading.Thread(target=self._run, name="rollout-worker",
                                             daemon=True)
             self._thread.start()
@@ -268,32 +367,42 @@ class RolloutWorker:
             self._published = (weights, version)
 
     def next(self) -> tuple[GenerationBatch, float]:
-        """The oldest finished batch, and the seconds the caller waited for it."""
+        """The oldest finished batch (every process's parts of it), and the seconds the
+        caller waited for it."""
         start = time.perf_counter()
         if self._thread is None:
-            return self._produce(), time.perf_counter() - start
-        with self._cond:
-            while not self._queue and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-            batch = self._queue.popleft()
-            self._cond.notify_all()
-        return batch, time.perf_counter() - start
+            self._schedule()
+            mine = self._produce(self._todo.popleft())
+            self._outstanding -= 1
+        else:
+            with self._cond:
+                while not self._queue and self._error is None:
+                    self._cond.wait()
+                if self._error is not None:
+                    raise self._error
+                mine = self._queue.popleft()
+                self._outstanding -= 1
+                self._cond.notify_all()
+            self._schedule()
+        waited = time.perf_counter() - start
+        batch = self._gather(mine)
+        self.rewards.check(batch.failures, len(batch.data["score"]))
+        return batch, waited
 
     def regenerate(self, indices: tuple[int, ...], number: int) -> None:
         """Generate batch `number`'s prompts again (it came back too stale to train)."""
         with self._cond:
             self._redo.append((tuple(indices), number))
+        if self._thread is not None:
+            self._schedule()
 
     def step_done(self, batches: int) -> None:
         """The trainer's step took `batches` generation batches (sizes the queue)."""
         with self._cond:
             self._per_step.append(batches)
             self._cond.notify_all()
-
-    def _capacity(self) -> int:
-        return self.s.ahead * -(-sum(self._per_step) // len(self._per_step))
+        if self._thread is not None:
+            self._schedule()
 
     def take_idle(self) -> float:
         """Seconds the engine sat between generation batches since the last call."""
@@ -302,12 +411,13 @@ class RolloutWorker:
         return idle
 
     @contextlib.contextmanager
-    def serving(self, version: int) -> Iterator[Engine]:
-        """The engine, holding the newest published weights (`version`), for the caller
-        alone while the block runs (the worker's thread waits)."""
+    def serving(self, version: int) -> Iterator[Any]:
+        """A generate function (every prompt's samples on every process) on the engine,
+        holding the newest published weights (`version`), for the caller alone while the
+        block runs (the worker's thread waits)."""
         with self.engine_lock:
             self._take_up(version)
-            yield self.engine
+            yield gathered(versioned(self.engine, version), self.s.split)
 
     def flush(self, version: int) -> None:
         """The engine takes up the newest published weights (`version`) now, not at its next
@@ -321,6 +431,34 @@ class RolloutWorker:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)  # a batch in flight finishes first
+
+    def _capacity(self) -> int:
+        return self.s.ahead * -(-sum(self._per_step) // len(self._per_step))
+
+    def _schedule(self) -> None:
+        """The trainer's thread: schedules batches (handed back ones first, then new
+        prompts) until `capacity` + 1 are outstanding (the queue's worth and one in
+        flight), one when inline. Only trainer-thread events move these counts, so every
+        process schedules the same batches in the same order."""
+        with self._cond:
+            want = self._capacity() + 1 if self.s.ahead > 0 else 1
+            while self._outstanding < want:
+                if self._redo:
+                    indices, number = self._redo.popleft()
+                else:
+                    indices = tuple(self.sampler.next_batch(self.s.batch_size))
+                    number, self.number = self.number, self.number + 1
+                self._todo.append(_Job(indices, number, dataclasses.replace(self.sampler.state)))
+                self._outstanding += 1
+            self._cond.notify_all()
+
+    def _gather(self, mine: GenerationBatch) -> GenerationBatch:
+        """Every process's part of this batch (the trainer's thread: a collective)."""
+        if jax.process_count() == 1:
+            return mine
+        if self.s.split == "primary":
+            return multihost.from_primary(lambda: mine)
+        return GenerationBatch.merge(multihost.allgather_objects(mine))
 
     # ------------------------------------------------------------------ producer
     def _take_up(self, version: int) -> None:
@@ -337,39 +475,34 @@ class RolloutWorker:
             self.engine.load(*published)
             self.version = published[1]
 
-    def _produce(self) -> GenerationBatch:
+    def _produce(self, job: _Job) -> GenerationBatch:
+        """This process's part of the scheduled batch, with the newest published weights."""
         with self.engine_lock:
             self._load_newest()
             start = time.perf_counter()
             with self._cond:
                 self._idle += start - self._last_end
-            s = self.s
-            with self._cond:
-                redo = self._redo.popleft() if self._redo else None
-            if redo is not None:
-                indices, number = list(redo[0]), redo[1]
-            else:
-                indices, number = self.sampler.next_batch(s.batch_size), self.number
-                self.number += 1
-            sampling = dataclasses.replace(s.sampling, seed=batch_seed(s.seed, number))
+            sampling = dataclasses.replace(self.s.sampling,
+                                           seed=batch_seed(self.s.seed, job.number))
             timings: dict[str, float] = {}
-            data, stats = rollout(self.engine, self.prompt_set, indices, sampling,
-                                  s.group_size, self.tokenizer, self.rewards, self.version,
-                                  timings)
-            data["weight_version"] = np.full(len(data["score"]), self.version, np.int64)
+            data, failures = rollout(self.engine, self.prompt_set, list(job.indices), sampling,
+                                     self.s.group_size, self.tokenizer, self.rewards,
+                                     self.version, timings, split=self.s.split)
             self._last_end = time.perf_counter()
-            return GenerationBatch(number, tuple(indices), self.version, data, stats,
-                                   dataclasses.replace(self.sampler.state), timings)
+            return GenerationBatch(job.number, job.indices, self.version, data,
+                                   tuple(failures), job.after, timings)
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and len(self._queue) >= self._capacity():
+                    while not self._closed and (
+                            not self._todo or len(self._queue) >= self._capacity()):
                         self._cond.wait()
                     if self._closed:
                         return
-                batch = self._produce()
+                    job = self._todo.popleft()
+                batch = self._produce(job)
                 with self._cond:
                     self._queue.append(batch)
                     self._cond.notify_all()
