@@ -237,9 +237,10 @@ def test_two_processes_generating_on_meshes_of_their_own_train_as_one(tmp_path, 
 
 @pytest.mark.slow
 def test_a_dead_process_ends_the_job_with_a_clear_error(tmp_path):
-    """Two trainer processes started by hand (the SLURM/TPU way) with a JAX sidecar: the
-    sidecar path (process 0 the only client, exports written by both) runs a step; then
-    process 1 is killed and process 0 must exit on its own, saying why, within bounded
+    """Two trainer processes started by hand (the SLURM/TPU way) with a JAX sidecar,
+    asynchronous at staleness 1: the sidecar path (process 0's worker thread the only
+    client, the trainer threads sharing its batches, exports written by both) runs a step;
+    then process 1 is killed and process 0 must exit on its own, saying why, within bounded
     time."""
     heartbeat = 10
     run_dir = tmp_path / "run"
@@ -252,7 +253,10 @@ def test_a_dead_process_ends_the_job_with_a_clear_error(tmp_path):
                      "trainer.eval_interval": 0, "generator.backend": "sidecar",
                      "generator.sidecar_urls": f"('{url}',)",
                      "mesh.coordinator_address": f"127.0.0.1:{port}",
-                     "mesh.num_processes": 2, "mesh.heartbeat_timeout_s": heartbeat}
+                     "mesh.num_processes": 2, "mesh.heartbeat_timeout_s": heartbeat,
+                     "trainer.placement.colocate_all": False,
+                     "trainer.fully_async.enabled": True,
+                     "trainer.fully_async.max_staleness_steps": 1}
         procs = []
         for i in range(2):
             log = open(tmp_path / f"process_{i}.log", "wb")
