@@ -116,6 +116,10 @@ SHORT = {"trainer.ckpt_interval": 1, "trainer.eval_interval": 3,
 # Float-noise metrics (differences of two log-probs of the same tokens, ~1e-7) are compared
 # with this absolute floor; everything else to 1e-4 relative.
 ATOL = 1e-6
+# Weights after 3 updates, to float noise: the reference runs in this test process, which
+# compiles without LLVM's optimisations (conftest), the others in subprocesses with them
+# (measured: 1 of 49,152 entries 2.9e-6 apart).
+WEIGHT_ATOL = 1e-5
 
 
 def _flags(overrides: dict[str, object]) -> list[str]:
@@ -168,7 +172,7 @@ def test_two_processes_train_as_one_and_resume(tmp_path, one_process):
                     for d in (two, one_process))
     assert ours.keys() == theirs.keys()
     for name in ours:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
     # Written once: one config, one metrics line per step, one eval summary per eval.
     assert (two / "eval" / "step_3_summary.json").exists()
     assert not (two / "logs" / "process_1.out").read_text().count("step 1:")
@@ -217,7 +221,7 @@ def test_two_processes_generating_on_meshes_of_their_own_train_as_one(tmp_path, 
             ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
                             for d in (run_dir, one_process))
             for name in ours:
-                np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
     assert "(step 3)" in (tmp_path / "process_0.log").read_text()  # resumed
     rows = {r["step"]: r for r in read_metrics(run_dir)}
     assert sorted(rows) == [1, 2, 3, 4, 5]

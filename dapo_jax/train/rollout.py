@@ -168,6 +168,15 @@ def part_of(split: str, n: int) -> slice:
     return multihost.share(n)
 
 
+def scored_rows(split: str, prompts: int, n: int) -> slice:
+    """The rows of `rollout`'s part that this process scores: all of them, except under
+    "collective" (every row on every process), where it is its share's."""
+    if split != "collective":
+        return slice(None)
+    part = part_of(split, prompts)
+    return slice(part.start * n, part.stop * n)
+
+
 def versioned(engine: Engine, version: int) -> Any:
     """`engine.generate` that refuses samples generated with another weight version than
     `version` (stale or unknown weights are an error, never a silent rollout)."""
@@ -209,21 +218,26 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
     per prompt, scored here, one row per response, groups contiguous; and the rows' reward
     failures (the caller checks the whole batch's). Refuses samples generated with another
     weight version than `version`. No exchange with other processes, except that the
-    "collective" split generates the whole batch on the trainer's mesh."""
+    "collective" split generates the whole batch on the trainer's mesh: every process then
+    holds every row, and scores only its share's (the others' score NaN until
+    `RolloutWorker.next` gathers them)."""
     part = part_of(split, len(indices))
-    mine = indices[part]
-    ask = indices if split == "collective" else mine
+    ask = indices if split == "collective" else indices[part]
     start = time.perf_counter()
     groups = versioned(engine, version)([prompt_set.ids[i] for i in ask], sampling, n,
                                         [int(i) for i in ask]) if ask else []
-    if split == "collective":
-        groups = groups[part]
     timings["generate"] = timings.get("generate", 0.0) + time.perf_counter() - start
     samples = [s for g in groups for s in g]
-    rows = np.repeat(np.asarray(mine, np.int64), n)
+    rows = np.repeat(np.asarray(ask, np.int64), n)
     start = time.perf_counter()
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-    results = rewards.score_here(texts, [prompt_set.examples[i].ground_truth for i in rows])
+    mine = scored_rows(split, len(indices), n)
+    results = rewards.score_here(texts[mine],
+                                 [prompt_set.examples[i].ground_truth for i in rows[mine]])
+    score = np.full(len(rows), np.nan, np.float32)
+    acc = np.zeros(len(rows), bool)
+    score[mine] = [r.score for r in results]
+    acc[mine] = [r.acc for r in results]
     timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - start
     obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # ragged rows, kept as lists
     return {
@@ -232,8 +246,8 @@ def rollout(engine: Engine, prompt_set: PromptSet, indices: list[int], sampling:
         "response_ids": obj([s.token_ids for s in samples]),
         "rollout_logprobs": obj([s.logprobs for s in samples]),
         "text": obj(texts),
-        "score": np.array([r.score for r in results], np.float32),
-        "acc": np.array([r.acc for r in results], bool),
+        "score": score,
+        "acc": acc,
         # Did not end with a stop token: "length", or an engine's "abort" (SkyRL's rule for
         # overlong filtering: every finish reason but "stop").
         "truncated": np.array([s.finish_reason != "stop" for s in samples], bool),
@@ -458,6 +472,14 @@ class RolloutWorker:
             return mine
         if self.s.split == "primary":
             return multihost.from_primary(lambda: mine)
+        if self.s.split == "collective":  # every process has every row: only scores move
+            rows = scored_rows("collective", len(mine.indices), self.s.group_size)
+            parts = multihost.allgather_objects(
+                (mine.data["score"][rows], mine.data["acc"][rows], mine.failures))
+            return dataclasses.replace(mine, failures=tuple(f for p in parts for f in p[2]),
+                                       data={**mine.data,
+                                             "score": np.concatenate([p[0] for p in parts]),
+                                             "acc": np.concatenate([p[1] for p in parts])})
         return GenerationBatch.merge(multihost.allgather_objects(mine))
 
     # ------------------------------------------------------------------ producer
