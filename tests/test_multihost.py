@@ -28,7 +28,6 @@ from dapo_jax.launch import trainer_flags
 from dapo_jax.models import load_pretrained
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
-from dapo_jax.train import loop
 from tests import sidecar
 from tests.launching import env, read_metrics, wait_for
 
@@ -116,9 +115,8 @@ SHORT = {"trainer.ckpt_interval": 1, "trainer.eval_interval": 3,
 # Float-noise metrics (differences of two log-probs of the same tokens, ~1e-7) are compared
 # with this absolute floor; everything else to 1e-4 relative.
 ATOL = 1e-6
-# Weights after 3 updates, to float noise: the reference runs in this test process, which
-# compiles without LLVM's optimisations (conftest), the others in subprocesses with them
-# (measured: 1 of 49,152 entries 2.9e-6 apart).
+# Weights after 3 updates, to float noise (different meshes reduce in different orders;
+# measured: 1 of 49,152 entries 2.9e-6 apart).
 WEIGHT_ATOL = 1e-5
 
 
@@ -138,11 +136,15 @@ def _compare(reference: list[dict], other: list[dict], skip: tuple[str, ...] = (
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
-    """arith_tiny for 3 steps in 1 process x 8 devices (this test process), synchronous and
-    colocated: the run the multi-process ones must reproduce."""
+    """arith_tiny for 3 steps in 1 process x 8 devices, synchronous and colocated: the run
+    the multi-process ones must reproduce. (A process of its own: this one compiles without
+    LLVM's optimisations, conftest, which would make the steps twice as slow.)"""
     run_dir = tmp_path_factory.mktemp("one")
-    loop.run(config_lib.apply_overrides(arith_tiny.get_config(), {
-        **SHORT, "trainer.max_steps": 3, "trainer.run_dir": str(run_dir)}))
+    out = subprocess.run(
+        [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
+         *_flags({**SHORT, "trainer.max_steps": 3, "trainer.run_dir": run_dir})],
+        cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 
 
