@@ -200,12 +200,11 @@ def gathered(generate: Any, split: str) -> Any:
 
     def run(prompts: list[list[int]], sampling: SamplingParams, n: int,
             keys: list[int]) -> list[list[Sample]]:
-        part = part_of(split, len(prompts))
-        mine = generate(prompts[part], sampling, n, keys[part]) if part.stop > part.start \
-            else []
         if split == "primary":
-            return multihost.from_primary(lambda: mine)
-        return [g for groups in multihost.allgather_objects(mine) for g in groups]
+            return multihost.from_primary(lambda: generate(prompts, sampling, n, keys)
+                                          if multihost.is_primary() else None)
+        return multihost.split_work(
+            lambda part: generate(prompts[part], sampling, n, keys[part]), len(prompts))
 
     return run
 
