@@ -96,7 +96,7 @@ def main() -> None:
         mini_batch_size=a.sequences, update_epochs=1, advantage_estimator="grpo",
         grpo_norm_by_std=True, overlong_buffer_len=0, overlong_penalty_factor=1.0,
         apply_overlong_filtering=True, use_kl_loss=False, use_tis=False, pad_id=0,
-        packing=False, micro_batch_rows=a.micro_rows)
+        packing=False, micro_batch_rows=a.micro_rows, shards=1)
     res = {}
     for name, packing in (("padded", False), ("packed", True)):
         res[name] = measure(cfg, batch, dataclasses.replace(base, packing=packing), a.steps)

@@ -107,6 +107,18 @@ def test_forward_rows_hold_update_layouts_padded_to_larger_micro_batches():
     assert bucketed_rows(300, 32, at_most=40) == 320
 
 
+def test_a_mini_batch_smaller_than_a_micro_batch_is_not_padded_to_one():
+    """128 short sequences in 80 packed rows on 8 devices at 64 rows per device: one
+    micro-batch of 80 rows (10 per device), not 512; the rows per device are bucketed and
+    always split over the devices; more than a micro-batch's rows are whole micro-batches."""
+    assert bucketed_rows(80, 512, at_most=128, shards=8) == 80
+    assert bucketed_rows(81, 512, at_most=128, shards=8) == 96  # 11 per device -> 12
+    assert bucketed_rows(5, 512, at_most=128, shards=8) == 8
+    assert bucketed_rows(9, 512, at_most=9, shards=1) == 9  # never more rows than sequences
+    assert bucketed_rows(512, 512, at_most=1024, shards=8) == 512
+    assert bucketed_rows(513, 512, at_most=1024, shards=8) == 1024
+
+
 def test_attention_never_crosses_a_segment():
     """Each sequence's hidden states in a packed row equal those of the sequence alone."""
     model = init_model(CFG, seed=0)
@@ -139,13 +151,14 @@ def rollout_batch(seed: int, n: int = 16, max_response: int = R):
             "truncated": rng.random(n) < 0.2}
 
 
-def settings(packing: bool, micro_rows: int, n: int = 16, **kw) -> StepSettings:
+def settings(packing: bool, micro_rows: int, n: int = 16, shards: int = 1, **kw
+             ) -> StepSettings:
     return StepSettings(group_size=4, max_prompt_length=P, max_generate_length=R,
                         mini_batch_size=n, update_epochs=1, advantage_estimator="grpo",
                         grpo_norm_by_std=True, overlong_buffer_len=4,
                         overlong_penalty_factor=1.0, apply_overlong_filtering=True,
                         use_kl_loss=True, use_tis=True, pad_id=0, packing=packing,
-                        micro_batch_rows=micro_rows, **kw)
+                        micro_batch_rows=micro_rows, shards=shards, **kw)
 
 
 def sgd_step(loss_cfg: LossConfig, s: StepSettings, batch, mesh=None):
@@ -190,8 +203,9 @@ def test_packed_equals_padded(loss, reduction):
                      use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
     batch = rollout_batch(seed=3)
     g_pad, m_pad = sgd_step(cfg, settings(packing=False, micro_rows=16), batch)
-    for micro_rows, mesh in ((2, None), (8, make_mesh((2, 2, 2)))):
-        g, m = sgd_step(cfg, settings(packing=True, micro_rows=micro_rows), batch, mesh)
+    for micro_rows, mesh, shards in ((2, None, 1), (8, make_mesh((2, 2, 2)), 4)):
+        g, m = sgd_step(cfg, settings(packing=True, micro_rows=micro_rows, shards=shards),
+                        batch, mesh)
         for a, b in zip(g_pad, g, strict=True):
             # Gradients are read off as w_before - w_after; for the norm scales (w = 1.0)
             # that difference is only resolved to float32's step at 1.0, 1.2e-7.
@@ -244,7 +258,8 @@ def test_step_moves_rows_once_and_fetches_metrics_once(monkeypatch):
     cfg = LossConfig(use_kl_loss=True, kl_loss_coef=0.1, tis_cap=2.0)
     fns = make_train_fns(graphdef, params, opt, cfg, micro_batch_rows=8,
                          forward_micro_batch_rows=8, mesh=mesh)
-    s = dataclasses.replace(settings(packing=True, micro_rows=8, n=8), update_epochs=2)
+    s = dataclasses.replace(settings(packing=True, micro_rows=8, n=8, shards=4),
+                            update_epochs=2)
     batch = rollout_batch(seed=5, n=16)
     step = lambda p, o: train_step(batch, params=p, opt_state=o, ref_params=ref_params,
                                    fns=fns, settings=s, timings={})

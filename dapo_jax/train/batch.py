@@ -121,10 +121,19 @@ def bucket_count(n: int) -> int:
     return -(-n // step) * step
 
 
-def bucketed_rows(rows: int, micro_batch_rows: int, at_most: int) -> int:
+def bucketed_rows(rows: int, micro_batch_rows: int, at_most: int, shards: int = 1) -> int:
     """`rows` rounded up to whole micro-batches, their number to a `bucket_count` (but never
     more micro-batches than `at_most` rows, one sequence each, would need, nor fewer than
-    `rows` need: rows may already be padded to whole micro-batches of another size)."""
+    `rows` need: rows may already be padded to whole micro-batches of another size).
+
+    Rows that fit in one micro-batch make one smaller micro-batch instead: the rows of each
+    of the `shards` data-parallel devices rounded up by `bucket_count` (a mini-batch of 128
+    short sequences on 8 devices at 64 rows per device fills 80 rows, not 512: the
+    micro-batch size is an upper bound, as SkyRL's micro_train_batch_size_per_gpu is)."""
+    if rows <= micro_batch_rows:
+        per_shard = -(-max(rows, 1) // shards)
+        cap = max(per_shard, -(-at_most // shards))
+        return min(bucket_count(per_shard), cap) * shards
     needed = -(-rows // micro_batch_rows)
     cap = max(needed, -(-at_most // micro_batch_rows))
     return min(bucket_count(needed), cap) * micro_batch_rows
@@ -132,16 +141,17 @@ def bucketed_rows(rows: int, micro_batch_rows: int, at_most: int) -> int:
 
 def make_layout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
                 max_prompt_length: int, max_response_length: int, packed: bool,
-                micro_batch_rows: int) -> Layout:
+                micro_batch_rows: int, shards: int = 1) -> Layout:
     """The rows of one mini-batch. Packed: as few rows as hold the sequences, in a number of
-    micro-batches of `micro_batch_rows` rows rounded up by `bucket_count`. Padded: one row per
-    sequence (the count must split into micro-batches; the config checks that)."""
+    micro-batches of `micro_batch_rows` rows rounded up by `bucket_count`, or one smaller
+    micro-batch split over `shards` devices (`bucketed_rows`). Padded: one row per sequence
+    (the count must split into micro-batches; the config checks that)."""
     prompt_len, response_len = _lengths(prompts, responses)
     if not packed:
         return padded_layout(prompt_len, response_len, max_prompt_length, max_response_length)
     layout = packed_layout(prompt_len, response_len, max_prompt_length + max_response_length)
     return dataclasses.replace(layout, num_rows=bucketed_rows(
-        layout.num_rows, micro_batch_rows, at_most=len(prompt_len)))
+        layout.num_rows, micro_batch_rows, at_most=len(prompt_len), shards=shards))
 
 
 def _token_index(layout: Layout, first: np.ndarray, count: np.ndarray

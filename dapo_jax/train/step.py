@@ -48,6 +48,7 @@ class StepSettings:
     pad_id: int
     packing: bool  # trainer.use_sample_packing
     micro_batch_rows: int  # rows of one update micro-batch, all devices
+    shards: int  # data-parallel devices the rows split over
 
     @classmethod
     def from_config(cls, cfg: ConfigDict, *, sizes: dict[str, int], pad_id: int
@@ -62,7 +63,7 @@ class StepSettings:
             overlong_penalty_factor=alg.overlong_buffer.penalty_factor,
             apply_overlong_filtering=g.apply_overlong_filtering, use_kl_loss=alg.use_kl_loss,
             use_tis=alg.use_tis, pad_id=pad_id, packing=t.use_sample_packing,
-            micro_batch_rows=sizes["micro_rows"])
+            micro_batch_rows=sizes["micro_rows"], shards=max(sizes["dp"], 1))
 
 
 def shaped_advantages(batch: dict[str, np.ndarray], s: StepSettings
@@ -96,7 +97,8 @@ def mini_batch_rows(batch: dict[str, np.ndarray], advantages: np.ndarray, s: Ste
     layouts = [make_layout(batch["prompt_ids"][p], batch["response_ids"][p],
                            max_prompt_length=s.max_prompt_length,
                            max_response_length=s.max_generate_length, packed=s.packing,
-                           micro_batch_rows=s.micro_batch_rows) for p in parts]
+                           micro_batch_rows=s.micro_batch_rows, shards=s.shards)
+               for p in parts]
     num_rows = max(layout.num_rows for layout in layouts)
     layouts = [dataclasses.replace(layout, num_rows=num_rows) for layout in layouts]
     out = []

@@ -144,11 +144,11 @@ def sequence_logprobs(model: Qwen, input_ids: jax.Array, segment_ids: jax.Array,
 
 
 def _split(x: jax.Array, micro_rows: int | None) -> jax.Array:
-    """[N, ...] -> [M, N/M, ...] with N/M = micro_rows (None: one micro-batch); row i goes
-    to micro-batch i % M so each micro-batch keeps the batch sharding of the rows (the sum
-    over micro-batches does not care which rows)."""
+    """[N, ...] -> [M, N/M, ...] with N/M = micro_rows (None, or N < micro_rows: one
+    micro-batch); row i goes to micro-batch i % M so each micro-batch keeps the batch
+    sharding of the rows (the sum over micro-batches does not care which rows)."""
     n = x.shape[0]
-    micro_rows = micro_rows or n
+    micro_rows = min(micro_rows or n, n)
     if n % micro_rows:
         raise ValueError(f"batch of {n} rows does not split into micro-batches of "
                          f"{micro_rows} rows")
