@@ -41,3 +41,17 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 def rl_batch() -> tuple[np.ndarray, np.ndarray]:
     """8 rows of left-padded prompts + right-padded responses, T=16, vocab 512."""
     return hf_models.rl_batch(batch=8, length=16, vocab=512, seed=0)
+
+
+# The end-to-end files, heaviest first (seconds on 2 busy cores, the suite's --durations):
+# `--dist loadfile` hands out whole files in collection order, so a heavy file collected
+# last (test_seed_configs, alphabetically) ran alone on one worker for its last ten minutes
+# while the other sat idle. Longest first keeps both busy to the end.
+HEAVY_FIRST = ("test_seed_configs.py", "test_trainer.py", "test_multihost.py",
+               "test_async.py", "test_launch.py", "test_benchmarks.py", "test_compile.py",
+               "test_rollout_sidecar.py", "test_packing.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order

@@ -109,10 +109,12 @@ def test_forward_rows_hold_update_layouts_padded_to_larger_micro_batches():
 
 def test_a_mini_batch_smaller_than_a_micro_batch_is_not_padded_to_one():
     """128 short sequences in 80 packed rows on 8 devices at 64 rows per device: one
-    micro-batch of 80 rows (10 per device), not 512; the rows per device are bucketed and
-    always split over the devices; more than a micro-batch's rows are whole micro-batches."""
-    assert bucketed_rows(80, 512, at_most=128, shards=8) == 80
-    assert bucketed_rows(81, 512, at_most=128, shards=8) == 96  # 11 per device -> 12
+    micro-batch of 128 rows (16 per device: a power of two, so that 9-16 rows per device
+    are one shape), not 512; the rows always split over the devices; more than a
+    micro-batch's rows are whole micro-batches."""
+    assert bucketed_rows(80, 512, at_most=128, shards=8) == 128
+    assert bucketed_rows(96, 512, at_most=128, shards=8) == 128
+    assert bucketed_rows(136, 512, at_most=256, shards=8) == 256  # 17 per device -> 32
     assert bucketed_rows(5, 512, at_most=128, shards=8) == 8
     assert bucketed_rows(9, 512, at_most=9, shards=1) == 9  # never more rows than sequences
     assert bucketed_rows(512, 512, at_most=1024, shards=8) == 512

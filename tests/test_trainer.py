@@ -174,8 +174,25 @@ def _start(run_dir):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """An uninterrupted run; a second trainer started on its run directory while it runs
+    refuses at once (the directory is locked for the trainer's lifetime) with one line
+    naming the holder's pid, and the first finishes unharmed; a run killed with -9 at step 2
+    and resumed reproduces the uninterrupted one's metrics."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert _start(full).wait(timeout=600) == 0
+    first = _start(full)
+    try:
+        lock = full / ".lock"
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), 600,
+                 first, "the run directory's lock")
+        second = train(full, *CLI[len(CLI_BASE):], timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: {full} is in use by another trainer (pid {first.pid}); stop it or set "
+            "trainer.run_dir to another directory")
+        assert first.wait(timeout=600) == 0
+    finally:
+        first.kill()
+    assert [r["step"] for r in read_metrics(full)] == [0, 1, 2, 3, 4]  # one line per step
     proc = _start(killed)
     deadline = time.monotonic() + 600
     # Kill as soon as step 2 is logged: the process is then already saving or generating.
@@ -286,32 +303,6 @@ def test_main_job_runs_on_six_devices(tmp_path):
     assert "generation batches" not in out.stderr and "steps:" not in out.stderr
     assert f"held-out accuracy {rows[0]['eval/all/accuracy']:.3f} (step 0) -> " in out.stdout
     assert f"checkpoints: {tmp_path / 'checkpoints'}" in out.stdout
-
-
-@pytest.mark.slow
-def test_second_trainer_on_a_run_dir_refuses_and_the_first_finishes(tmp_path):
-    """The run directory is locked for the trainer's lifetime: a second trainer started on
-    it stops at once with one line naming the holder's pid; the first is unharmed."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    args = CLI_BASE + [f"--config.trainer.run_dir={run_dir}", "--config.trainer.max_steps=2",
-                       "--config.trainer.eval_interval=0", "--config.trainer.ckpt_interval=1"]
-    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        lock = run_dir / ".lock"
-        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), 600,
-                 first)
-        second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert second.stderr.strip().splitlines()[-1] == (
-            f"error: {run_dir} is in use by another trainer (pid {first.pid}); stop it or set "
-            "trainer.run_dir to another directory")
-        assert first.wait(timeout=600) == 0
-    finally:
-        first.kill()
-    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
 
 
 def test_a_reward_function_that_always_raises_stops_the_run_with_its_traceback(tmp_path):
