@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -21,11 +20,6 @@ from tests import launching
 
 SPLIT = {"trainer.placement.colocate_all": False,
          "trainer.placement.policy_num_gpus_per_node": 4}
-SHORT = {"trainer.eval_before_train": False, "trainer.eval_interval": 0,
-         "trainer.hf_save_interval": 0, "data.builtin_val_size": 16,
-         "data.builtin_train_size": 256}
-# Differ between two runs of the same batches: wall-clock times.
-TIMES = ("timing/", "throughput/")
 
 
 def trained_groups(run_dir: Path) -> dict[int, dict]:
@@ -33,28 +27,6 @@ def trained_groups(run_dir: Path) -> dict[int, dict]:
     step replaces the killed run's)."""
     rows = [json.loads(line) for line in open(run_dir / "trained_groups.jsonl")]
     return {r["step"]: r for r in rows}
-
-
-def test_staleness_0_is_the_synchronous_loop(tmp_path):
-    """max_staleness_steps=0: the worker in its thread generates only what the trainer asks
-    for, with the weights of its last update: the synchronous run's samples and metrics."""
-    runs = {}
-    for name, over in (("sync", {}), ("async", {"trainer.fully_async.enabled": True,
-                                                "trainer.fully_async.max_staleness_steps": 0})):
-        cfg = config_lib.apply_overrides(arith_tiny.get_config(), {
-            **SHORT, **SPLIT, "trainer.max_steps": 3, "trainer.ckpt_interval": 0,
-            "trainer.run_dir": str(tmp_path / name), **over})
-        loop.run(cfg)
-        runs[name] = (launching.read_metrics(tmp_path / name), trained_groups(tmp_path / name))
-    (sync, sync_groups), (asy, async_groups) = runs["sync"], runs["async"]
-    assert async_groups == sync_groups  # the same prompts, generated with the same weights
-    assert [r["step"] for r in asy] == [1, 2, 3]
-    for a, b in zip(sync, asy, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            if not k.startswith(TIMES):
-                np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
-        assert b["async/staleness_max"] == 0
 
 
 # Staleness 1 on the split mesh, the main job's data and dynamic sampling (filter), held-out

@@ -178,6 +178,41 @@ def test_two_processes_train_as_one(tmp_path, one_process):
     assert not (two / "logs" / "process_1.out").read_text().count("step 1:")
 
 
+def _groups(run_dir: Path) -> dict[int, dict]:
+    """step -> its trained prompts, their weight versions and generation batches."""
+    rows = [json.loads(line) for line in open(run_dir / "trained_groups.jsonl")]
+    return {r["step"]: r for r in rows}
+
+
+@pytest.mark.slow
+def test_staleness_0_on_generation_devices_of_its_own_is_the_synchronous_run(
+        tmp_path, one_process):
+    """Asynchronous DAPO in 1 process at max_staleness_steps=0, 4 trainer devices and a
+    generation mesh of the other 4: the worker thread generates only what the trainer asks
+    for, with the weights of its last update, so the 3 steps train the colocated
+    synchronous run's prompts with the same weight versions and give its metrics and
+    weights."""
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
+         *_flags({**SHORT, "trainer.max_steps": 3, "trainer.run_dir": run_dir,
+                  "trainer.placement.colocate_all": False,
+                  "trainer.placement.policy_num_gpus_per_node": 4,
+                  "trainer.fully_async.enabled": True,
+                  "trainer.fully_async.max_staleness_steps": 0})],
+        cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _groups(run_dir) == _groups(one_process)
+    metrics = read_metrics(run_dir)
+    # The padding of the update's rows depends on the trainer's device count (8 vs 4).
+    _compare(read_metrics(one_process), metrics, skip=("batch/token_efficiency",))
+    assert all(r["async/staleness_max"] == 0 for r in metrics)
+    ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
+                    for d in (run_dir, one_process))
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
+
+
 def _start(run_dir: Path, overrides: dict[str, object], log_dir: Path) -> list[subprocess.Popen]:
     """Two trainer processes of 4 CPU devices started by hand (the SLURM / TPU-pod way: one
     `python -m dapo_jax.train` per host), process i logging to log_dir/process_i.log."""
@@ -227,10 +262,7 @@ def test_two_processes_generating_on_meshes_of_their_own_train_as_one(tmp_path, 
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert all(rows[s]["async/staleness_max"] <= 1 for s in (4, 5))
     assert max(rows[s]["async/staleness_max"] for s in (4, 5)) == 1  # it ran ahead
-    groups = {}
-    for line in open(run_dir / "trained_groups.jsonl"):
-        row = json.loads(line)
-        groups[row["step"]] = row
+    groups = _groups(run_dir)
     # Every generation batch is taken once or still pending (256 prompts: the order's
     # second epoch starts within these batches, so prompts themselves repeat).
     taken = [b for s in sorted(groups) for b in groups[s]["batches"]]
