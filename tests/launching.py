@@ -95,6 +95,18 @@ def child_groups(run_dir: Path) -> list[int]:
             if p]
 
 
+def group_size(pgid: int) -> int:
+    """Live processes in the group (Linux)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        count += fields[0] != "Z" and int(fields[2]) == pgid
+    return count
+
+
 def wait_groups_gone(groups: list[int], timeout_s: float) -> None:
     wait_for(lambda: not any(group_alive(g) for g in groups), timeout_s,
              what=f"process groups {groups} to end")

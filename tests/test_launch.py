@@ -52,13 +52,21 @@ def test_ctrl_c_stops_trainer_and_sidecars(tmp_path):
     launching.wait_groups_gone(groups, 5)
 
 
-@pytest.mark.slow
 def test_killed_launcher_leaves_no_children(tmp_path):
-    proc, run_dir = launch_and_train(tmp_path, **{"trainer.max_steps": 1000})
+    """Killed with -9 once its children are all up (the sidecar serving, the trainer with its
+    reward workers): no clean-up code runs in the launcher, each child watches its parent."""
+    proc = launch(tmp_path, **{"trainer.max_steps": 1000})
+    run_dir = tmp_path / "run"
+    launching.wait_for(lambda: launching.manifest(run_dir).get("trainer_pids"), 300, proc,
+                       "the trainer's start")
+    trainer = launching.manifest(run_dir)["trainer_pids"][0]
+    launching.wait_for(lambda: launching.group_size(trainer) >= 3, 300, proc,
+                       "the trainer's 2 reward workers")
     groups = launching.child_groups(run_dir)
-    proc.send_signal(signal.SIGKILL)  # no clean-up code runs in the launcher
+    assert len(groups) == 2
+    proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    launching.wait_groups_gone(groups, 15)  # each child watches its parent
+    launching.wait_groups_gone(groups, 15)
 
 
 def last_step(run_dir) -> int:

