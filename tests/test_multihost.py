@@ -109,13 +109,13 @@ def test_a_sequence_samples_the_same_in_any_batch_and_split(tiny_checkpoints):
 
 
 # ----------------------------------------------------------------------------- runs
-SHORT = {"trainer.ckpt_interval": 1, "trainer.eval_interval": 3,
+SHORT = {"trainer.ckpt_interval": 1, "trainer.eval_interval": 2,
          "trainer.eval_before_train": False, "data.builtin_val_size": 16,
-         "data.builtin_train_size": 256, "trainer.hf_save_interval": 3}
+         "data.builtin_train_size": 256, "trainer.hf_save_interval": 2}
 # Float-noise metrics (differences of two log-probs of the same tokens, ~1e-7) are compared
 # with this absolute floor; everything else to 1e-4 relative.
 ATOL = 1e-6
-# Weights after 3 updates, to float noise (different meshes reduce in different orders;
+# Weights after 2 updates, to float noise (different meshes reduce in different orders;
 # measured: 1 of 49,152 entries 2.9e-6 apart).
 WEIGHT_ATOL = 1e-5
 
@@ -136,13 +136,13 @@ def _compare(reference: list[dict], other: list[dict], skip: tuple[str, ...] = (
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
-    """arith_tiny for 3 steps in 1 process x 8 devices, synchronous and colocated: the run
+    """arith_tiny for 2 steps in 1 process x 8 devices, synchronous and colocated: the run
     the multi-process ones must reproduce. (A process of its own: this one compiles without
     LLVM's optimisations, conftest, which would make the steps twice as slow.)"""
     run_dir = tmp_path_factory.mktemp("one")
     out = subprocess.run(
         [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
-         *_flags({**SHORT, "trainer.max_steps": 3, "trainer.run_dir": run_dir})],
+         *_flags({**SHORT, "trainer.max_steps": 2, "trainer.run_dir": run_dir})],
         cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
@@ -150,7 +150,7 @@ def one_process(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path, one_process):
-    """arith_tiny for 3 steps: 1 process x 8 devices against 2 processes x 4 devices
+    """arith_tiny for 2 steps: 1 process x 8 devices against 2 processes x 4 devices
     started by the launcher (the colocated engine generating on the mesh over both). (The
     2-process resume: test_two_processes_generating_on_meshes_of_their_own_train_as_one.)"""
     reference = read_metrics(one_process)
@@ -158,23 +158,20 @@ def test_two_processes_train_as_one(tmp_path, one_process):
     out = subprocess.run(
         [sys.executable, "-m", "dapo_jax.launch", "--config", "configs/arith_tiny.py",
          "--num_processes=2", *_flags({**SHORT, "trainer.run_dir": two,
-                                       "trainer.max_steps": 3})],
+                                       "trainer.max_steps": 2})],
         cwd=REPO, env=env(devices=4), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = read_metrics(two)
-    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert [r["step"] for r in metrics] == [1, 2]
     _compare(reference, metrics)
-    # keep 2 (max_ckpts_to_keep), and the HF save of both runs' last step holds the same
-    # weights
-    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == \
-        ["2", "3"]
-    ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
+    # The HF save of both runs' last step holds the same weights.
+    ours, theirs = (load_file(str(d / "hf" / "step_2" / "model.safetensors"))
                     for d in (two, one_process))
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
     # Written once: one config, one metrics line per step, one eval summary per eval.
-    assert (two / "eval" / "step_3_summary.json").exists()
+    assert (two / "eval" / "step_2_summary.json").exists()
     assert not (two / "logs" / "process_1.out").read_text().count("step 1:")
 
 
@@ -182,35 +179,6 @@ def _groups(run_dir: Path) -> dict[int, dict]:
     """step -> its trained prompts, their weight versions and generation batches."""
     rows = [json.loads(line) for line in open(run_dir / "trained_groups.jsonl")]
     return {r["step"]: r for r in rows}
-
-
-@pytest.mark.slow
-def test_staleness_0_on_generation_devices_of_its_own_is_the_synchronous_run(
-        tmp_path, one_process):
-    """Asynchronous DAPO in 1 process at max_staleness_steps=0, 4 trainer devices and a
-    generation mesh of the other 4: the worker thread generates only what the trainer asks
-    for, with the weights of its last update, so the 3 steps train the colocated
-    synchronous run's prompts with the same weight versions and give its metrics and
-    weights."""
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_tiny.py",
-         *_flags({**SHORT, "trainer.max_steps": 3, "trainer.run_dir": run_dir,
-                  "trainer.placement.colocate_all": False,
-                  "trainer.placement.policy_num_gpus_per_node": 4,
-                  "trainer.fully_async.enabled": True,
-                  "trainer.fully_async.max_staleness_steps": 0})],
-        cwd=REPO, env=env(devices=8), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert _groups(run_dir) == _groups(one_process)
-    metrics = read_metrics(run_dir)
-    # The padding of the update's rows depends on the trainer's device count (8 vs 4).
-    _compare(read_metrics(one_process), metrics, skip=("batch/token_efficiency",))
-    assert all(r["async/staleness_max"] == 0 for r in metrics)
-    ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
-                    for d in (run_dir, one_process))
-    for name in ours:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
 
 
 def _start(run_dir: Path, overrides: dict[str, object], log_dir: Path) -> list[subprocess.Popen]:
@@ -235,38 +203,48 @@ def test_two_processes_generating_on_meshes_of_their_own_train_as_one(tmp_path, 
     trainer mesh of 4 over both) and a generation mesh of its own 2: each process generates
     and scores its share of every batch and the trainer gathers them; the weights reach
     each generation mesh from the trainer's by one all-gather and a device-to-device copy.
-    With max_staleness_steps=0 the 3 steps (held-out eval and HF save at step 3 included)
-    are the synchronous single-process run's; resumed to step 5 at staleness 1, the worker
-    threads run ahead, every trained group stays within the bound and every generation
-    batch is taken once."""
+    With max_staleness_steps=0 each worker generates only what the trainer asks for, with
+    the weights of its last update: the 2 steps (held-out eval and HF save at step 2
+    included) train the synchronous single-process run's prompts with its weight versions
+    and give its metrics and weights. (One process on a split mesh runs the same worker
+    code with one share: test_async.) Resumed to step 4 at staleness 1, the worker threads
+    run ahead, every trained group stays within the bound and every generation batch is
+    taken once."""
     run_dir = tmp_path / "run"
     split = {**SHORT, "trainer.placement.colocate_all": False,
              "trainer.placement.policy_num_gpus_per_node": 2,
              "trainer.fully_async.enabled": True}
-    for steps, bound in ((3, 0), (5, 1)):
+    for steps, bound in ((2, 0), (4, 1)):
         procs = _start(run_dir, {**split, "trainer.max_steps": steps,
                                  "trainer.fully_async.max_staleness_steps": bound}, tmp_path)
         for i, proc in enumerate(procs):
             code = proc.wait(timeout=600)
             assert code == 0, (tmp_path / f"process_{i}.log").read_text()[-3000:]
         if bound == 0:
-            # The padding of the update's rows depends on the trainer's device count (8 vs 4).
+            # The same prompts trained with the same weight versions, and so the same
+            # metrics (the padding of the update's rows depends on the trainer's device
+            # count, 8 vs 4) and weights.
+            assert _groups(run_dir) == _groups(one_process)
+            assert all(r["async/staleness_max"] == 0 for r in read_metrics(run_dir))
             _compare(read_metrics(one_process), read_metrics(run_dir),
                      skip=("batch/token_efficiency",))
-            ours, theirs = (load_file(str(d / "hf" / "step_3" / "model.safetensors"))
+            ours, theirs = (load_file(str(d / "hf" / "step_2" / "model.safetensors"))
                             for d in (run_dir, one_process))
             for name in ours:
                 np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=WEIGHT_ATOL)
-    assert "(step 3)" in (tmp_path / "process_0.log").read_text()  # resumed
+    assert "(step 2)" in (tmp_path / "process_0.log").read_text()  # resumed
+    # max_ckpts_to_keep=2 of the checkpoints both processes wrote after each step
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) \
+        == ["3", "4"]
     rows = {r["step"]: r for r in read_metrics(run_dir)}
-    assert sorted(rows) == [1, 2, 3, 4, 5]
-    assert all(rows[s]["async/staleness_max"] <= 1 for s in (4, 5))
-    assert max(rows[s]["async/staleness_max"] for s in (4, 5)) == 1  # it ran ahead
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert all(rows[s]["async/staleness_max"] <= 1 for s in (3, 4))
+    assert max(rows[s]["async/staleness_max"] for s in (3, 4)) == 1  # it ran ahead
     groups = _groups(run_dir)
     # Every generation batch is taken once or still pending (256 prompts: the order's
     # second epoch starts within these batches, so prompts themselves repeat).
     taken = [b for s in sorted(groups) for b in groups[s]["batches"]]
-    pending = groups[5]["regenerate"]
+    pending = groups[4]["regenerate"]
     assert sorted(taken + pending) == list(range(len(taken) + len(pending)))
     assert all(len(groups[s]["prompt_index"]) == 32 for s in groups)
 
