@@ -41,30 +41,6 @@ def setup(tiny_checkpoints, tmp_path_factory):
                 tuned=ref(tuned))
 
 
-def test_jax_sidecar_generate_update_and_versions(setup):
-    with sidecar.running("jax", setup["model"], setup["root"]) as (url, _):
-        client = RolloutClient([url])
-        health = client.health(url)
-        assert health["engine"] == "jax" and health["weight_version"] == 0
-        out = client.generate(PROMPTS, GREEDY)
-        assert [g[0].token_ids for g in out] == setup["base"]
-        assert all(g[0].weight_version == 0 for g in out)
-        sampled = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=8), n=3)
-        assert [len(g) for g in sampled] == [3, 3, 3]
-        assert all(len(s.logprobs) == len(s.token_ids) for g in sampled for s in g)
-
-        client.update_weights(str(setup["export"]), 1)
-        out = client.generate(PROMPTS, GREEDY)
-        assert [g[0].token_ids for g in out] == setup["tuned"] != setup["base"]
-        assert client.health(url)["weight_version"] == 1
-
-        # A client that expects another version refuses the rollout.
-        other = RolloutClient([url])
-        other.version = 2
-        with pytest.raises(RolloutError, match="weight version 1, expected 2"):
-            other.generate(PROMPTS, GREEDY)
-
-
 BAD = [
     (b"{not json", 400, "malformed JSON"),
     ({"prompt_token_ids": [[1, 2]], "bogus": 1}, 400, "unknown field"),
@@ -79,7 +55,12 @@ BAD = [
 ]
 
 
-def test_bad_requests_get_4xx_and_server_keeps_serving(setup, tmp_path):
+def test_jax_sidecar_serves_refuses_bad_requests_updates_and_splits_across_replicas(
+        setup, tmp_path):
+    """One sidecar (a token required): bad requests get 4xx and it keeps serving; greedy
+    equals the in-process engine's; an export pushed as version 1 is what it serves next,
+    and a client expecting another version refuses; with a second replica the client pushes
+    the export to each and a batch sent over both equals one sidecar's."""
     token = "s3cret"
     with sidecar.running("jax", setup["model"], setup["root"], token=token) as (url, _):
         for body, status, match in BAD:
@@ -99,6 +80,36 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(setup, tmp_path):
                                                                           "max_tokens": 16}},
                                    token)
         assert code == 200 and [g[0]["token_ids"] for g in reply["outputs"]] == setup["base"]
+
+        client = RolloutClient([url], token=token)
+        health = client.health(url)
+        assert health["engine"] == "jax" and health["weight_version"] == 0
+        out = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == setup["base"]
+        assert all(g[0].weight_version == 0 for g in out)
+        sampled = client.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=8), n=3)
+        assert [len(g) for g in sampled] == [3, 3, 3]
+        assert all(len(s.logprobs) == len(s.token_ids) for g in sampled for s in g)
+
+        client.update_weights(str(setup["export"]), 1)
+        out = client.generate(PROMPTS, GREEDY)
+        assert [g[0].token_ids for g in out] == setup["tuned"] != setup["base"]
+        assert client.health(url)["weight_version"] == 1
+
+        # A client that expects another version refuses the rollout.
+        other = RolloutClient([url], token=token)
+        other.version = 2
+        with pytest.raises(RolloutError, match="weight version 1, expected 2"):
+            other.generate(PROMPTS, GREEDY)
+
+        # A second replica, on the base weights: the client pushes the export to both and
+        # sends the prompts over them.
+        with sidecar.running("jax", setup["model"], setup["root"], token=token) as (url_b, _):
+            both = RolloutClient([url, url_b], token=token)
+            both.update_weights(str(setup["export"]), 1)
+            out = both.generate(PROMPTS, GREEDY)
+            assert [g[0].token_ids for g in out] == setup["tuned"]
+            assert both.health(url_b)["weight_version"] == 1
 
 
 def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
@@ -132,16 +143,6 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
         assert [g[0].token_ids for g in out] == [g[0].token_ids for g in reference]
     finally:
         sidecar.stop(proc)
-
-
-def test_client_splits_across_replicas(setup):
-    with sidecar.running("jax", setup["model"], setup["root"]) as (url_a, _), \
-            sidecar.running("jax", setup["model"], setup["root"]) as (url_b, _):
-        client = RolloutClient([url_a, url_b])
-        client.update_weights(str(setup["export"]), 1)
-        out = client.generate(PROMPTS, GREEDY)
-        assert [g[0].token_ids for g in out] == setup["tuned"]
-        assert client.health(url_b)["weight_version"] == 1
 
 
 @pytest.mark.slow

@@ -250,28 +250,31 @@ def test_dapo_learns_and_a_kill_9_resume_reproduces_its_steps(tmp_path):
 @pytest.mark.slow
 def test_sidecar_backend_and_resume_from_path(tmp_path):
     """Two steps generating through a JAX sidecar (weights exported and pushed after each
-    step), then a new run resuming from the first run's step-1 checkpoint reproduces step 2."""
+    step), then a new run resuming from the first run's step-1 checkpoint through the same
+    sidecar (now holding version 2) pushes the restored weights as version 1 and reproduces
+    step 2."""
     from tests import sidecar
 
     first, second = tmp_path / "first", tmp_path / "second"
-    exports = first / "exports"
-    exports.mkdir(parents=True)
     model = str(REPO / "dapo_jax" / "assets" / "arith_base")
     short = ["--config.trainer.max_steps=2", "--config.trainer.ckpt_interval=1",
              "--config.trainer.eval_interval=0", "--config.trainer.eval_before_train=false"]
-    with sidecar.running("jax", model, exports, stop_ids="0,2") as (url, _):
+    # Each run exports under its own run_dir/exports, both inside the sidecar's root.
+    with sidecar.running("jax", model, tmp_path, stop_ids="0,2") as (url, _):
+        health = lambda: json.loads(  # noqa: E731
+            __import__("urllib.request").request.urlopen(url + "/health").read())
         out = train(first, *short, *through_sidecar(url))
         assert out.returncode == 0, out.stderr[-3000:]
-        health = json.loads(__import__("urllib.request").request.urlopen(url + "/health").read())
-        assert health["weight_version"] == 2  # pushed after each of the two steps
-    assert sorted(p.name for p in exports.iterdir())[-1] == "step_2"
-    out = subprocess.run(
-        CLI_BASE + short + [f"--config.trainer.run_dir={second}",
-                            "--config.trainer.resume_mode=from_path",
-                            f"--config.trainer.resume_path={first / 'checkpoints' / '1'}"],
-        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-        timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+        assert health()["weight_version"] == 2  # pushed after each of the two steps
+        assert sorted(p.name for p in (first / "exports").iterdir())[-1] == "step_2"
+        out = train(second, *short, *through_sidecar(url),
+                    "--config.trainer.resume_mode=from_path",
+                    f"--config.trainer.resume_path={first / 'checkpoints' / '1'}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "(step 1)" in out.stdout
+        assert health()["weight_version"] == 2
+    # The resumed run's exports: the restored weights (version 1), then its step 2.
+    assert sorted(p.name for p in (second / "exports").iterdir()) == ["step_1", "step_2"]
     want = DETERMINISTIC(read_metrics(first)[-1])
     got = DETERMINISTIC(read_metrics(second)[-1])
     assert got["step"] == want["step"] == 2
