@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests import launching
+
 REPO = Path(__file__).resolve().parent.parent
 STOP_IDS = "7,11"
 
@@ -43,7 +45,7 @@ def start(engine: str, model: str, export_root: Path, *, port: int | None = None
     if token:
         cmd += ["--token", token]
     cmd += list(extra_args)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
+    env = {**launching.env(devices=1), **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
     # Own session: stop() kills the whole group (vLLM spawns engine and worker processes).
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

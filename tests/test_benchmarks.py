@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import launching
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -20,7 +22,7 @@ def test_gpu_benchmark_runs_on_cpu():
            "--new-tokens", "16", "--peak-tflops", "1", "--hbm-gbps", "10",
            "--attention", "xla,tokamax_xla"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env=launching.env(devices=None))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MFU" in out.stdout and "bound" in out.stdout
     assert "tokamax_xla |" in out.stdout  # one row per attention backend
@@ -37,7 +39,7 @@ def test_mesh_tool_without_matplotlib_and_without_involuntary_remat(tmp_path):
     cmd = [sys.executable, "-m", "dapo_jax.experiments.mesh", "--preset", "bench-small",
            "--mesh", "1x8x1,2x4x1,1x4x2,8x1x1", "--seq-len", "256", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env=launching.env(devices=None))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Involuntary full rematerialization" not in out.stderr
     stem = tmp_path / "bench-small_T256_mb1"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import subprocess
 import sys
@@ -308,7 +307,7 @@ def test_a_process_that_never_joins_is_a_clear_error(tmp_path):
          f"--config.mesh.coordinator_address=127.0.0.1:{sidecar.free_port()}",
          "--config.mesh.num_processes=2", "--config.mesh.process_id=1",
          "--config.mesh.initialization_timeout_s=3"],
-        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        cwd=REPO, env=env(devices=1), capture_output=True, text=True,
         timeout=120)
     assert out.returncode != 0
     assert "did not assemble within 3 s (mesh.initialization_timeout_s" in out.stderr
@@ -342,11 +341,10 @@ def test_from_primary_broadcasts_the_same_bytes_with_two_processes(tmp_path):
     copies of it as an all-gather would."""
     script = tmp_path / "fp.py"
     script.write_text(FROM_PRIMARY)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     port = sidecar.free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), "2"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), "2"],
+                              env=env(devices=1), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
     size = len(pickle.dumps({"samples": list(range(5000)), "text": "x" * 20000}))

@@ -4,7 +4,6 @@ resume reproducing an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dapo_jax.train import config as config_lib
-from tests.launching import wait_for
+from tests.launching import env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -155,7 +154,7 @@ CLI_BASE = [sys.executable, "-m", "dapo_jax.train", "--config", "configs/arith_t
 def train(run_dir, *flags, timeout=600):
     """The main job on `run_dir` with `flags`, to completion (stdout, stderr captured)."""
     return subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={run_dir}", *flags],
-                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          cwd=REPO, env=env(devices=1),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -175,7 +174,7 @@ KILLED = ["--config.trainer.max_steps=3", "--config.trainer.ckpt_interval=1",
 
 def _start(run_dir, flags, stderr=subprocess.DEVNULL):
     return subprocess.Popen(CLI_BASE + flags + [f"--config.trainer.run_dir={run_dir}"],
-                            cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            cwd=REPO, env=env(devices=1),
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
 
@@ -290,8 +289,7 @@ def test_main_job_runs_on_six_devices(tmp_path):
                                      "--config.trainer.max_steps=1",
                                      "--config.trainer.eval_interval=1",
                                      "--config.data.builtin_val_size=16"],
-                         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                        "XLA_FLAGS": "--xla_force_host_platform_device_count=6"},
+                         cwd=REPO, env=env(devices=6),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_metrics(tmp_path)
@@ -309,8 +307,7 @@ def test_a_reward_function_that_always_raises_stops_the_run_with_its_traceback(t
     out = subprocess.run(CLI_BASE + [f"--config.trainer.run_dir={tmp_path}",
                                      "--config.reward.fn=tests.reward_fixtures:always_raises",
                                      "--config.data.builtin_val_size=8"],
-                         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                        "PYTHONPATH": str(REPO)},
+                         cwd=REPO, env=env(devices=1),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "error: reward function tests.reward_fixtures:always_raises failed on 32 of 32 " \
