@@ -156,7 +156,7 @@ def tpu_overrides(root: Path) -> dict[str, object]:
 # GPU memory shares (placement: the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION, which only
 # JAX's GPU client reads, and the vLLM sidecars' share; validation checks their ranges): on
 # TPU (or CPU) with the in-process engine they change nothing (their readers are pinned below).
-LAUNCHER_ONLY = {"generator": "gpu_memory_utilization", "trainer": "xla_memory_fraction"}
+GPU_MEMORY_SHARES = {"generator": "gpu_memory_utilization", "trainer": "xla_memory_fraction"}
 
 
 def shrunk(config: str, over: dict[str, object], ignore: dict[str, str] | None = None) -> str:
@@ -182,7 +182,7 @@ def distinct_runs(configs: list[str], over: dict[str, object],
     return runs
 
 
-TPU_RUNS = distinct_runs(TPU_SEEDS, tpu_overrides(Path("/shrunk")), LAUNCHER_ONLY)
+TPU_RUNS = distinct_runs(TPU_SEEDS, tpu_overrides(Path("/shrunk")), GPU_MEMORY_SHARES)
 
 
 def test_tpu_configs_that_are_one_run_once_shrunk_train_once():
@@ -200,7 +200,7 @@ def test_tpu_configs_that_are_one_run_once_shrunk_train_once():
     # them.
     package = launching.REPO / "dapo_jax"
     readers = {str(f.relative_to(package)) for f in package.rglob("*.py")
-               if any(k in f.read_text() for k in LAUNCHER_ONLY.values())}
+               if any(k in f.read_text() for k in GPU_MEMORY_SHARES.values())}
     assert readers == {"train/config.py", "placement.py", "experiments/memory.py"}, readers
 
 
