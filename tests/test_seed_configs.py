@@ -156,29 +156,29 @@ def tpu_overrides(root: Path) -> dict[str, object]:
 # GPU memory shares (placement: the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION, which only
 # JAX's GPU client reads, and the vLLM sidecars' share; validation checks their ranges): on
 # TPU (or CPU) with the in-process engine they change nothing (their readers are pinned below).
-GPU_MEMORY_SHARES = {"generator": "gpu_memory_utilization", "trainer": "xla_memory_fraction"}
+GPU_MEMORY_SHARES = ("generator.gpu_memory_utilization", "trainer.xla_memory_fraction")
 
 
-def shrunk(config: str, over: dict[str, object], ignore: dict[str, str] | None = None) -> str:
+def shrunk(config: str, over: dict[str, object], ignore: tuple[str, ...] = ()) -> str:
     """The config as a test runs it with `over`, its run directory and the `ignore` keys
-    (section -> key) aside."""
+    aside."""
     over = {k: str(v) if isinstance(v, Path) else v for k, v in over.items()}
     d = config_lib.apply_overrides(load(config), over).to_dict()
-    for section, key in {"trainer": "run_dir", **(ignore or {})}.items():
-        d[section].pop(key)
+    for key in ("trainer.run_dir", *ignore):
+        section, name = key.split(".")
+        d[section].pop(name)
     return json.dumps(d, sort_keys=True, default=str)
 
 
 def distinct_runs(configs: list[str], over: dict[str, object],
-                  ignore: dict[str, str] | None = None) -> dict[str, list[str]]:
+                  ignore: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """First config -> every config whose shrunk run is the same (`ignore`d keys aside): each
     distinct run is trained once, and a config that comes to differ in anything else gets a
     run of its own."""
+    first: dict[str, str] = {}  # shrunk run -> the first config that is it
     runs: dict[str, list[str]] = {}
     for config in configs:
-        first = next((c for c in runs if shrunk(c, over, ignore) == shrunk(config, over, ignore)),
-                     config)
-        runs.setdefault(first, []).append(config)
+        runs.setdefault(first.setdefault(shrunk(config, over, ignore), config), []).append(config)
     return runs
 
 
@@ -200,7 +200,7 @@ def test_tpu_configs_that_are_one_run_once_shrunk_train_once():
     # them.
     package = launching.REPO / "dapo_jax"
     readers = {str(f.relative_to(package)) for f in package.rglob("*.py")
-               if any(k in f.read_text() for k in GPU_MEMORY_SHARES.values())}
+               if any(k.split(".")[1] in f.read_text() for k in GPU_MEMORY_SHARES)}
     assert readers == {"train/config.py", "placement.py", "experiments/memory.py"}, readers
 
 

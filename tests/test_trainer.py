@@ -252,6 +252,7 @@ def test_sidecar_backend_and_resume_from_path(tmp_path):
     step), then a new run resuming from the first run's step-1 checkpoint through the same
     sidecar (now holding version 2) pushes the restored weights as version 1 and reproduces
     step 2."""
+    from dapo_jax.rollout_client import RolloutClient
     from tests import sidecar
 
     first, second = tmp_path / "first", tmp_path / "second"
@@ -260,18 +261,17 @@ def test_sidecar_backend_and_resume_from_path(tmp_path):
              "--config.trainer.eval_interval=0", "--config.trainer.eval_before_train=false"]
     # Each run exports under its own run_dir/exports, both inside the sidecar's root.
     with sidecar.running("jax", model, tmp_path, stop_ids="0,2") as (url, _):
-        health = lambda: json.loads(  # noqa: E731
-            __import__("urllib.request").request.urlopen(url + "/health").read())
+        version = lambda: RolloutClient([url]).health(url)["weight_version"]  # noqa: E731
         out = train(first, *short, *through_sidecar(url))
         assert out.returncode == 0, out.stderr[-3000:]
-        assert health()["weight_version"] == 2  # pushed after each of the two steps
+        assert version() == 2  # pushed after each of the two steps
         assert sorted(p.name for p in (first / "exports").iterdir())[-1] == "step_2"
         out = train(second, *short, *through_sidecar(url),
                     "--config.trainer.resume_mode=from_path",
                     f"--config.trainer.resume_path={first / 'checkpoints' / '1'}")
         assert out.returncode == 0, out.stderr[-3000:]
         assert "(step 1)" in out.stdout
-        assert health()["weight_version"] == 2
+        assert version() == 2
     # The resumed run's exports: the restored weights (version 1), then its step 2.
     assert sorted(p.name for p in (second / "exports").iterdir()) == ["step_1", "step_2"]
     want = DETERMINISTIC(read_metrics(first)[-1])
