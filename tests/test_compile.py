@@ -15,7 +15,6 @@ rows and heads); an out-of-memory compile is "does not fit"; bad input is one li
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from dapo_jax.experiments import compile as compile_tool
 from dapo_jax.experiments import targets
+from tests import side_envs
 
 REPO = Path(__file__).resolve().parents[1]
 # Sizes only: a tiny model, rows of 64 + 192 tokens, 4 prompts x 4 samples per step.
@@ -59,12 +59,7 @@ OOM_ARGS = ["--config.trainer.max_prompt_length=64",
 
 
 def aot_python() -> str:
-    python = os.environ.get("DAPO_AOT_PYTHON")
-    if not python:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set DAPO_AOT_PYTHON to the aot environment's python")
-        pytest.skip("DAPO_AOT_PYTHON (an environment with the aot extra) is not set")
-    return python
+    return side_envs.python("aot")
 
 
 @pytest.fixture(scope="module")

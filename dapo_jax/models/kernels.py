@@ -19,8 +19,12 @@ tokens):
   need the dense mask: on TPU, splash is the kernel.
 
 `auto` decides from the platform of the mesh the function is traced under (the compile
-target), not from the host: XLA attention on CPU, splash on TPU, tokamax Mosaic on a GPU
-that supports it and Triton on any other.
+target), not from the host: XLA attention on CPU, splash on TPU, tokamax's Mosaic kernel on
+a Hopper or Blackwell GPU. It never picks a kernel that cannot compile for the target, the
+dtype or the head size (`kernel_problem`, the rules measured by compiling tokamax 0.0.17 for
+H100): such a case runs in XLA with a one-line warning naming the reason, and a kernel asked
+for by name that cannot compile is a one-line `KernelUnavailable` before any compute. The
+Triton kernel is used only when asked for (Pallas' Triton backend is deprecated).
 
 Padding (segment 0) queries get outputs that nothing reads: they attend other padding
 tokens here and nothing in the XLA path, and real tokens never attend them.
@@ -42,9 +46,23 @@ ATTENTION_IMPLS = ("auto", "xla", "splash", "tokamax_mosaic", "tokamax_triton", 
                    "tokamax_xla_chunked")
 _TOKAMAX_OPS = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton",
                 "tokamax_xla": "xla", "tokamax_xla_chunked": "xla_chunked"}
+_GPU_KERNELS = ("tokamax_mosaic", "tokamax_triton")
 SPLASH_BLOCK = 128  # splash attention's sequence tiles: rows are padded to a multiple
+# tokamax's SM90 Mosaic kernel works in query tiles of 2 x 64 rows and key blocks of 128
+# (its heuristics without autotuning); 0.0.12 failed on other lengths and 0.0.17 still skips
+# its own test of key lengths that are not a multiple of the key block: rows are padded.
+MOSAIC_BLOCK = 128
+# The largest head the Mosaic kernel compiles for on H100 (forward and backward; 512 needs
+# 384 KiB of shared memory, the chip has 227 KiB). Qwen's heads are 64 or 128.
+MOSAIC_MAX_HEAD_DIM = 256
+_SIXTEEN_BIT = ("bfloat16", "float16")
 
 log = logging.getLogger(__name__)
+
+
+class KernelUnavailable(ValueError):
+    """An attention kernel asked for by name that cannot compile for the target: the
+    message is one line naming the reason and the fix."""
 
 
 def installed(module: str) -> bool:
@@ -73,21 +91,99 @@ def target_platform() -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
-def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
-    """The implementation `impl` stands for on `platform` (default: `target_platform()`):
-    `auto` is xla on CPU, splash on TPU and tokamax's GPU kernels (Mosaic, else Triton; see
-    `fused_attention`) on GPU when tokamax is installed, else xla with a warning."""
-    check_attention_impl(impl)
-    if impl != "auto":
+def target_device(platform: str) -> Any:
+    """A device of `platform` to read the chip from: JAX's default device (the compile tool
+    sets it to the target's), else the first of the platform's; None if there is none."""
+    from jax.extend import backend
+
+    device = backend.get_default_device()
+    if target_platform_of(device) == platform:
+        return device
+    try:
+        return jax.devices(platform)[0]
+    except RuntimeError:  # no backend of that platform here
+        return None
+
+
+def target_platform_of(device: Any) -> str:
+    return "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
+
+
+def gpu_generation(device: Any) -> str:
+    """'<device kind> (sm_XY)', or the kind alone when it has no compute capability."""
+    cc = getattr(device, "compute_capability", None)
+    return f"{device.device_kind} (sm_{str(cc).replace('.', '')})" if cc else device.device_kind
+
+
+def kernel_problem(impl: str, platform: str, device: Any = None, head_dim: int | None = None,
+                   dtype: Any = None) -> tuple[str, str]:
+    """(why kernel `impl`, a name other than auto and xla, cannot compile for `platform`'s
+    `device` with heads of `head_dim` in `dtype` (None: not checked), the fix); ("", "") if
+    it can. The rules are what compiling tokamax 0.0.17 for H100 showed
+    (tests/test_compile.py compiles the shapes the trainer and the engine use)."""
+    other = "use model.attention_impl=auto or xla"
+    if impl.startswith("tokamax") and not installed("tokamax"):
+        return "tokamax is not installed", "pip install -e \".[kernels]\" (or .[gpu])"
+    if impl in ("tokamax_xla", "tokamax_xla_chunked"):
+        return "", ""  # tokamax's XLA references run anywhere
+    if impl == "splash":
+        return ("", "") if platform == "tpu" else \
+            (f"splash attention is a TPU kernel and the target is {platform}", other)
+    if platform != "gpu":
+        return f"{impl} is an NVIDIA GPU kernel and the target is {platform}", other
+    cc = getattr(device, "compute_capability", None) if device is not None else None
+    cc = float(cc) if cc else None
+    where = gpu_generation(device) if device is not None else "this GPU"
+    if impl == "tokamax_mosaic":
+        if cc is None or not 9.0 <= cc < 11.0:
+            return (f"tokamax's Mosaic GPU kernel needs a Hopper (sm_90) or Blackwell (sm_100) "
+                    f"GPU and {where} is not one", "use model.attention_impl=xla")
+        if dtype is not None and jnp.dtype(dtype).name not in _SIXTEEN_BIT:
+            return (f"tokamax's Mosaic GPU kernel takes bfloat16 or float16 inputs and the model "
+                    f"computes in {jnp.dtype(dtype).name}",
+                    "set model.compute_dtype=bfloat16, or model.attention_impl=xla")
+        if head_dim is not None and head_dim > MOSAIC_MAX_HEAD_DIM:
+            return (f"tokamax's Mosaic GPU kernel takes heads of at most {MOSAIC_MAX_HEAD_DIM} "
+                    f"(larger tiles outgrow shared memory) and the model's head_dim is "
+                    f"{head_dim}", "use model.attention_impl=xla")
+    elif impl == "tokamax_triton" and (cc is None or cc < 8.0):
+        return (f"tokamax's Triton kernel needs an Ampere (sm_80) or newer GPU and {where} is "
+                "not one", "use model.attention_impl=xla")
+    return "", ""
+
+
+_warned: set[str] = set()
+
+
+def resolve_attention_impl(impl: str, platform: str | None = None, *, device: Any = None,
+                           head_dim: int | None = None, dtype: Any = None) -> str:
+    """The implementation `impl` stands for on `platform` (default: `target_platform()`)
+    and its `device` (default: `target_device`), for heads of `head_dim` in `dtype` (None:
+    not checked). `auto` is xla on CPU, splash on TPU and tokamax's Mosaic kernel on a GPU;
+    where that kernel cannot compile (`kernel_problem`) it is xla, with a one-line warning
+    logged once per reason. A kernel named explicitly that cannot compile raises
+    `KernelUnavailable` naming the reason and the fix."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    if impl == "xla":
         return impl
     platform = platform or target_platform()
-    if platform == "tpu":
-        return "splash"
-    if platform == "gpu":
-        if installed("tokamax"):
-            return "tokamax_mosaic"
-        log.warning("attention_impl auto on GPU: tokamax is not installed (pip install -e "
-                    "\".[kernels]\"), so attention runs in XLA without a fused kernel")
+    kernel = {"tpu": "splash", "gpu": "tokamax_mosaic"}.get(platform, "xla") if \
+        impl == "auto" else impl
+    if kernel == "xla":
+        return kernel
+    if device is None:
+        device = target_device(platform)
+    reason, fix = kernel_problem(kernel, platform, device, head_dim, dtype)
+    if not reason:
+        return kernel
+    if impl != "auto":
+        raise KernelUnavailable(f"model.attention_impl={impl}: {reason}; {fix}")
+    hint = "" if "attention_impl" in fix else f" ({fix.split(',')[0]} to use it)"
+    message = f"model.attention_impl=auto: {reason}, so attention runs in XLA{hint}"
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
     return "xla"
 
 
@@ -115,21 +211,21 @@ def _tokamax_attention() -> tuple[Any, Any]:
 
 def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
              segment_ids_BT: jax.Array, *, op: str) -> jax.Array:
+    """tokamax's kernel `op` with a causal mask and each query's first key (the start of its
+    segment). For Mosaic the rows are padded to whole MOSAIC_BLOCKs with padding tokens
+    (segment 0: they attend only each other and nothing attends them), then cut back."""
     api, base = _tokamax_attention()
+    T = q_BTNH.shape[1]
+    pad = -T % MOSAIC_BLOCK if op == "mosaic_gpu" else 0
+    if pad:
+        padT = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        q_BTNH, k_BTKH, v_BTKH, segment_ids_BT = map(padT, (q_BTNH, k_BTKH, v_BTKH,
+                                                            segment_ids_BT))
     mask = base.Mask(k_start=_segment_starts(segment_ids_BT)[:, None, :], is_causal=True)
-    ops = ("mosaic_gpu", "triton") if op == "mosaic_gpu" else (op,)
-    for i, name in enumerate(ops):
-        try:
-            return api.IMPLEMENTATIONS[name](q_BTNH, k_BTKH, v_BTKH, mask=mask, bias=None,
-                                             logits_scale=q_BTNH.shape[-1] ** -0.5,
-                                             precision=None, logits_soft_cap=None,
-                                             q_sharding=None)
-        except NotImplementedError as e:
-            if i == len(ops) - 1:
-                raise
-            log.warning("tokamax %s attention is not supported here (%s): using %s", name, e,
-                        ops[i + 1])
-    raise AssertionError("unreachable")
+    out = api.IMPLEMENTATIONS[op](q_BTNH, k_BTKH, v_BTKH, mask=mask, bias=None,
+                                  logits_scale=q_BTNH.shape[-1] ** -0.5, precision=None,
+                                  logits_soft_cap=None, q_sharding=None)
+    return out[:, :T]
 
 
 def _splash(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
