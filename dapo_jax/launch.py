@@ -229,32 +229,44 @@ def trainer_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def check(cfg: ConfigDict, num_processes: int) -> None:
+    """What the launcher itself refuses, then the trainer's own validation (without JAX:
+    the launcher must not take GPU memory). Raises ConfigError naming the key."""
+    ConfigError = config_lib.ConfigError
+    if cfg.generator.backend != "sidecar" and num_processes == 1:
+        raise ConfigError("generator.backend: dapo_jax.launch starts rollout sidecars or "
+                          f"several trainer processes, and the config has generator.backend="
+                          f"{cfg.generator.backend!r} and --num_processes=1: run `python -m "
+                          "dapo_jax.train` for one in-process trainer")
+    if num_processes > 1 and cfg.generator.backend == "jax" and \
+            not cfg.trainer.placement.colocate_all:
+        # Each process's devices would be its share of the trainer's GPUs and of the
+        # generation meshes'; the trainer reads policy_num_gpus_per_node per process.
+        raise ConfigError("trainer.placement.colocate_all: --num_processes with generation "
+                          "meshes in the trainer processes (generator.backend=jax, "
+                          "colocate_all=false): start one `python -m dapo_jax.train` per host "
+                          "with mesh.coordinator_address / num_processes / process_id "
+                          "(policy_num_gpus_per_node then counts each process's trainer "
+                          "devices)")
+    if num_processes > 1 and cfg.mesh.coordinator_address:
+        raise ConfigError("mesh.coordinator_address: --num_processes starts its own "
+                          "coordinator: leave it unset")
+    if cfg.generator.sidecar_urls:
+        raise ConfigError("generator.sidecar_urls is set: the launcher starts its own "
+                          "sidecars; use `python -m dapo_jax.train` with sidecars you run")
+    config_lib.validate(cfg, num_devices=None)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     cfg = _CONFIG.value
-    if cfg.generator.backend != "sidecar" and _NUM_PROCESSES.value == 1:
-        raise app.UsageError("dapo_jax.launch starts rollout sidecars or several trainer "
-                             f"processes: the config has generator.backend="
-                             f"{cfg.generator.backend!r} and --num_processes=1; run "
-                             "`python -m dapo_jax.train` for one in-process trainer")
-    if _NUM_PROCESSES.value > 1 and cfg.generator.backend == "jax" and \
-            not cfg.trainer.placement.colocate_all:
-        # Each process's devices would be its share of the trainer's GPUs and of the
-        # generation meshes'; the trainer reads policy_num_gpus_per_node per process.
-        raise app.UsageError("--num_processes with generation meshes in the trainer "
-                             "processes (generator.backend=jax, trainer.placement."
-                             "colocate_all=false): start one `python -m dapo_jax.train` per "
-                             "host with mesh.coordinator_address / num_processes / process_id "
-                             "(policy_num_gpus_per_node then counts each process's trainer "
-                             "devices)")
-    if _NUM_PROCESSES.value > 1 and cfg.mesh.coordinator_address:
-        raise app.UsageError("--num_processes starts its own coordinator: leave "
-                             "mesh.coordinator_address unset")
-    if cfg.generator.sidecar_urls:
-        raise app.UsageError("generator.sidecar_urls is set: the launcher starts its own "
-                             "sidecars; use `python -m dapo_jax.train` with sidecars you run")
-    config_lib.validate(cfg, num_devices=None)
+    try:
+        check(cfg, _NUM_PROCESSES.value)
+    except config_lib.ConfigError as e:
+        # The user's to fix: one line naming the key, as `python -m dapo_jax.train` says it.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     launch = Launch(cfg, trainer_flags(sys.argv[1:]), _NUM_PROCESSES.value)
 
     def on_sigterm(signum, frame):

@@ -4,7 +4,8 @@ JAX's GPU allocator takes a fixed fraction of each GPU when it starts and never 
 back; vLLM refuses to start unless its `gpu_memory_utilization` is free. So a trainer and
 sidecars on the same GPUs need a fixed split, set before either starts:
 
-- the trainer: `XLA_PYTHON_CLIENT_MEM_FRACTION` = `trainer.xla_memory_fraction`;
+- the trainer: `XLA_PYTHON_CLIENT_MEM_FRACTION` = `trainer.xla_memory_fraction` (0: what
+  the placement leaves it, `config.trainer_memory_fraction`);
 - each sidecar: vLLM's `--gpu-memory-utilization` (a JAX sidecar gets it as its
   `XLA_PYTHON_CLIENT_MEM_FRACTION`) = `generator.gpu_memory_utilization`;
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from dapo_jax.procs import PARENT_PID_ENV
+from dapo_jax.train.config import trainer_memory_fraction
 
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 TOKEN_ENV = "ROLLOUT_TOKEN"
@@ -78,7 +80,7 @@ def trainer_env(cfg: ConfigDict, base_env: Mapping[str, str], process: int = 0,
         raise ValueError(f"trainer.placement.policy_num_gpus_per_node={len(gpus)} GPUs do not "
                          f"split over {num_processes} trainer processes")
     per = len(gpus) // num_processes
-    return {**base_env, MEM_FRACTION_ENV: str(cfg.trainer.xla_memory_fraction),
+    return {**base_env, MEM_FRACTION_ENV: str(trainer_memory_fraction(cfg)),
             "CUDA_VISIBLE_DEVICES": visible_devices(gpus[process * per:(process + 1) * per],
                                                     base_env),
             PARENT_PID_ENV: str(os.getpid())}
@@ -114,4 +116,4 @@ def sidecar_command(cfg: ConfigDict, spec: SidecarSpec, export_root: Path) -> li
 def apply_trainer_memory_fraction(cfg: ConfigDict) -> None:
     """Sets the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION from the config; call it before
     anything starts a JAX backend (JAX reads it once, when the GPU client is created)."""
-    os.environ[MEM_FRACTION_ENV] = str(cfg.trainer.xla_memory_fraction)
+    os.environ[MEM_FRACTION_ENV] = str(trainer_memory_fraction(cfg))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dapo_jax.models import init_model, preset
+from dapo_jax.models import init_model, kernels, preset
 from dapo_jax.models.kernels import fused_attention, resolve_attention_impl
 from dapo_jax.models.qwen import attention
 from dapo_jax.sharding import make_mesh
@@ -82,6 +82,23 @@ def test_backend_matches_float64_reference(impl):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_rows_padded_for_the_mosaic_kernel_give_the_same_attention():
+    """The Mosaic kernel gets rows padded to whole 128-token blocks (T = 320 -> 384, with
+    padding tokens): the same padding around tokamax's XLA op matches the reference."""
+    q, k, v, mask, weight = inputs()
+    with jax.enable_x64(True):
+        ref_loss, ref_grads = value_and_grads(
+            reference, *(jnp.asarray(x, jnp.float64) for x in (q, k, v)), mask, weight)
+    seg = jnp.asarray(packed_segments())
+    padded = lambda q, k, v, _: kernels._tokamax(q, k, v, seg, op="xla",
+                                                 block=kernels.MOSAIC_BLOCK)
+    loss, grads = value_and_grads(padded, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                                  mask, jnp.asarray(weight, jnp.float32))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, r, name in zip(grads, ref_grads, "qkv", strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_model_hidden_states_agree_across_backends():
     cfg = preset("qwen3-tiny")
     rng = np.random.default_rng(1)
@@ -118,10 +135,62 @@ def test_kernel_under_shard_map_matches_reference(impl):
     np.testing.assert_allclose(out[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+class FakeGpu:
+    """What `kernel_problem` reads of a GPU device."""
+    platform = "gpu"
+
+    def __init__(self, kind: str, cc: str):
+        self.device_kind, self.compute_capability = kind, cc
+
+
+H100, A100, B200 = (FakeGpu("NVIDIA H100 80GB HBM3", "9.0"), FakeGpu("NVIDIA A100-SXM4-80GB",
+                                                                    "8.0"),
+                    FakeGpu("NVIDIA B200", "10.0"))
+
+
 def test_auto_follows_the_target_platform_and_unknown_is_an_error():
     assert resolve_attention_impl("auto") == "xla"  # no mesh: this CPU host
     assert resolve_attention_impl("auto", "tpu") == "splash"
-    assert resolve_attention_impl("auto", "gpu") == "tokamax_mosaic"
-    assert resolve_attention_impl("tokamax_triton", "tpu") == "tokamax_triton"  # as asked
+    for gpu in (H100, B200):
+        assert resolve_attention_impl("auto", "gpu", device=gpu, head_dim=128,
+                                      dtype="bfloat16") == "tokamax_mosaic"
+    assert resolve_attention_impl("tokamax_triton", "gpu", device=A100, head_dim=128,
+                                  dtype="float32") == "tokamax_triton"  # as asked: it compiles
+    assert resolve_attention_impl("tokamax_xla", "cpu") == "tokamax_xla"
     with pytest.raises(ValueError, match="attention_impl 'flash' is not one of"):
         resolve_attention_impl("flash")
+
+
+@pytest.mark.parametrize("device,head_dim,dtype,reason,fix", [
+    (A100, 128, "bfloat16", "needs a Hopper (sm_90) or Blackwell (sm_100) GPU and NVIDIA "
+     "A100-SXM4-80GB (sm_80) is not one", "use model.attention_impl=xla"),
+    (H100, 128, "float32", "takes bfloat16 or float16 inputs and the model computes in float32",
+     "set model.compute_dtype=bfloat16"),
+    (H100, 512, "bfloat16", "heads of at most 256 (larger tiles outgrow shared memory) and the "
+     "model's head_dim is 512", "use model.attention_impl=xla"),
+])
+def test_a_kernel_that_cannot_compile_is_xla_for_auto_and_an_error_when_asked_for(
+        caplog, device, head_dim, dtype, reason, fix):
+    """`auto` falls back to XLA with one warning line naming the reason (once per reason);
+    the kernel asked for by name is a one-line KernelUnavailable naming reason and fix."""
+    kernels._warned.clear()
+    with caplog.at_level("WARNING", logger="dapo_jax.models.kernels"):
+        for _ in range(2):
+            assert resolve_attention_impl("auto", "gpu", device=device, head_dim=head_dim,
+                                          dtype=dtype) == "xla"
+    [record] = caplog.records
+    assert reason in record.message and "attention runs in XLA" in record.message
+    assert "\n" not in record.message
+    with pytest.raises(kernels.KernelUnavailable) as e:
+        resolve_attention_impl("tokamax_mosaic", "gpu", device=device, head_dim=head_dim,
+                               dtype=dtype)
+    assert str(e.value).startswith("model.attention_impl=tokamax_mosaic: ")
+    assert reason in str(e.value) and fix in str(e.value) and "\n" not in str(e.value)
+
+
+def test_kernels_of_another_platform_are_errors():
+    with pytest.raises(kernels.KernelUnavailable, match="tokamax_triton is an NVIDIA GPU kernel "
+                       "and the target is tpu"):
+        resolve_attention_impl("tokamax_triton", "tpu")
+    with pytest.raises(kernels.KernelUnavailable, match="splash attention is a TPU kernel"):
+        resolve_attention_impl("splash", "gpu", device=H100)

@@ -166,3 +166,41 @@ def test_trainer_crash_ends_the_sidecars_and_returns_its_code(tmp_path):
     manifest = launching.manifest(tmp_path / "run")
     assert manifest["closed"] and manifest["trainer_pids"]
     launching.wait_groups_gone(launching.child_groups(tmp_path / "run"), 5)
+
+
+NO_MODEL = ("configs/dapo_qwen3_1p7b.py", {}, "error: model.path: /models/Qwen3-1.7B-Base")
+# The embedded model has 256 positions; the config's rows 2,048 + 8,192 tokens.
+FEW_POSITIONS = ("configs/dapo_qwen3_1p7b.py", {"model.path": launching.ASSET},
+                 "error: generator.sampling_params.max_generate_length")
+# A kernel that does not compile here, asked for by name: the trainer finds out when it has
+# its devices, before any compute.
+NO_KERNEL = ("configs/arith_tiny.py", {"model.attention_impl": "tokamax_mosaic"},
+             "error: model.attention_impl=tokamax_mosaic: tokamax_mosaic is an NVIDIA GPU "
+             "kernel and the target is cpu; use model.attention_impl=auto or xla")
+
+
+@pytest.mark.parametrize("module,case", [
+    ("dapo_jax.launch", NO_MODEL), ("dapo_jax.launch", FEW_POSITIONS),
+    ("dapo_jax.train", NO_MODEL), ("dapo_jax.train", FEW_POSITIONS),
+    ("dapo_jax.train", NO_KERNEL)])
+def test_config_errors_are_one_line(tmp_path, module, case):
+    """A config error from either entry point is one line naming the key, no traceback."""
+    config, over, line = case
+    cmd = launching.launch_cmd(config, {**over, "trainer.run_dir": tmp_path / "run"})
+    cmd[cmd.index("dapo_jax.launch")] = module
+    out = subprocess.run(cmd, cwd=launching.REPO, env=launching.env(devices=1),
+                         capture_output=True, text=True, timeout=300)
+    err = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and err and err[-1].startswith(line), \
+        out.stderr[-3000:]
+    assert [ln for ln in err if ln.startswith("error:")] == err[-1:], out.stderr[-3000:]
+
+
+def test_launcher_without_sidecars_or_processes_is_one_line(tmp_path):
+    out = subprocess.run(launching.launch_cmd("configs/arith_tiny.py", {
+        "trainer.run_dir": tmp_path / "run"}), cwd=launching.REPO,
+        env=launching.env(devices=1), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("error: generator.backend: dapo_jax.launch starts rollout "
+                                 "sidecars"), out.stderr

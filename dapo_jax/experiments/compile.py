@@ -1,12 +1,14 @@
 """Compile a run's functions for the hardware it targets, without that hardware:
 
     python -m dapo_jax.experiments.compile --config configs/dapo_qwen3_1p7b.py \\
-        --target h100x8|v5p-8|v6e-8|v5e-8|<GPU target description .txtpb> \\
+        --target h100x8|v5p-8|v6e-8|v5e-8|local|<GPU target description .txtpb> \\
         [--preset qwen3-1.7b] [--attention-impl xla] [--functions update,logprobs,generate] \\
         [--json r.json] [--config.trainer.micro_train_batch_size_per_gpu=1 ...]
 
 It builds the target's devices (libtpu topologies; the CUDA PJRT plugin with a target
-description, dapo_jax/assets/targets/h100_sxm_80gb.txtpb for h100x8), compiles the real
+description, dapo_jax/assets/targets/h100_sxm_80gb.txtpb for h100x8; `local`: this
+machine's own GPUs or TPU, compiled by their own backend, the check that the kernels
+compile on a GPU machine: pass `--config.mesh.shape=(1,-1,1)` for fewer than 8), compiles the real
 update, old-log-prob pass and generation engine (prefill + decode) at the config's shapes
 and mesh on abstract weights (`--preset`, or model.path's config.json), and prints per
 device: arguments, outputs, temporaries, peak and what else the process holds against the
@@ -20,21 +22,20 @@ Needs the aot extra (`pip install -e ".[aot]"`: libtpu, the CUDA plugin, ptxas).
 
 from __future__ import annotations
 
+import argparse
+import ast
+import json
+import logging
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
 
-import argparse  # noqa: E402
-import ast  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from dapo_jax.experiments import targets  # noqa: E402
-from dapo_jax.models.kernels import ATTENTION_IMPLS  # noqa: E402
-from dapo_jax.train import config as config_lib  # noqa: E402
+from dapo_jax.experiments import targets
+from dapo_jax.models.kernels import ATTENTION_IMPLS
+from dapo_jax.train import config as config_lib
 
 GIB = 2**30
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--functions", default=",".join(targets.FUNCTIONS))
     p.add_argument("--json", default="")
     a, rest = p.parse_known_args(argv)
+    if a.target != "local" and not os.environ.get("JAX_PLATFORMS"):
+        # Deviceless: the host's own accelerators (none, or the wrong ones) stay out of it.
+        jax.config.update("jax_platforms", "cpu")
     # tokamax logs an "autotuning cache miss" per kernel shape: without a device nothing is
     # autotuned, and its default block sizes are what gets compiled.
     logging.getLogger("absl").setLevel(logging.ERROR)

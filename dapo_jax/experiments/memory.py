@@ -118,7 +118,7 @@ def plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target) -> dict[str
     gpu = target.memory_bytes
     trainer = trainer_plan(cfg, model, target)
     sidecar = sidecar_plan(cfg, model, gpu)
-    budget = cfg.trainer.xla_memory_fraction * gpu
+    budget = config_lib.trainer_memory_fraction(cfg) * gpu
     colocated = cfg.trainer.placement.colocate_all
     outside = 2 * CUDA_CONTEXT_GIB * GIB + CUDA_GRAPHS_GIB * GIB
     used = budget + sidecar["requested"] + outside if colocated else max(
@@ -132,7 +132,7 @@ def plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target) -> dict[str
 
 def table(name: str, cfg: ConfigDict, p: dict) -> str:
     tr, sc = p["trainer"], p["sidecar"]
-    g, t = cfg.generator, cfg.trainer
+    g = cfg.generator
     gb = lambda b: f"{b / GIB:.1f}"
     ok = lambda b: "yes" if b else "**no**"
     lines = [
@@ -155,7 +155,7 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"| trainer: log-prob pass peak, with the AdamW moments beside it | "
         f"{gb(tr['forward_peak'])} |",
         f"| **trainer peak** | {gb(tr['peak'])} |",
-        f"| trainer budget: xla_memory_fraction {t.xla_memory_fraction} | "
+        f"| trainer budget: xla_memory_fraction {config_lib.trainer_memory_fraction(cfg)} | "
         f"{gb(p['trainer_budget'])} |",
         f"| vLLM: requested, gpu_memory_utilization {g.gpu_memory_utilization} | "
         f"{gb(sc['requested'])} |",

@@ -65,7 +65,8 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
     r = targets.compile_report("update", lambda: fns.lower_update(params, opt_state, batch),
                                target, requested_kernel=resolve_attention_impl(
-                                   "auto", target.platform), global_rows=rows,
+                                   "auto", target.platform, device=target.devices[0],
+                                   head_dim=cfg.head_dim, dtype="bfloat16"), global_rows=rows,
                                local_rows=micro_batch)
     param_b, opt_b = targets.per_device_bytes(params), targets.per_device_bytes(opt_state)
     out: dict[str, float | str] = {

@@ -38,7 +38,12 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.generation import Generator  # noqa: E402
 from dapo_jax.models import Precision, Qwen, QwenConfig, preset, read_config, state_shardings  # noqa: E402,E501
-from dapo_jax.models.kernels import installed, resolve_attention_impl  # noqa: E402
+from dapo_jax.models.kernels import (  # noqa: E402
+    KernelUnavailable,
+    installed,
+    platform_of,
+    resolve_attention_impl,
+)
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
@@ -62,7 +67,7 @@ TPU_TARGETS: dict[str, tuple[str, float, float]] = {
     "v5e-8": ("v5e:2x4", 16 * GIB, 197e12),
 }
 GPU_TARGETS = {"h100x8": H100_DESCRIPTION}
-TARGETS = (*GPU_TARGETS, *TPU_TARGETS)
+TARGETS = (*GPU_TARGETS, *TPU_TARGETS, "local")
 # Custom-call targets of the attention kernels (dapo_jax.models.kernels).
 KERNEL_CALLS = ("tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton")
 _OOM = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|[Oo]ut of memory")
@@ -106,14 +111,28 @@ def _missing_plugin(name: str) -> str:
         "the CUDA PJRT plugin (jax-cuda13-pjrt) is not installed"
 
 
+def local_target() -> Target:
+    """This machine's own accelerators (JAX's default backend), compiled for for real: the
+    check that the kernels compile for the local GPU or TPU. Memory is what JAX's allocator
+    may take of each (its `bytes_limit`: XLA_PYTHON_CLIENT_MEM_FRACTION of the chip)."""
+    devices = jax.devices()
+    platform = platform_of(devices[0])
+    stats = devices[0].memory_stats() or {}
+    memory = float(stats.get("bytes_limit", 0)) or 80e9
+    return Target("local", platform, tuple(devices), memory, devices[0].device_kind)
+
+
 def get_target(name: str, *, cpu_fallback: bool = False, num_devices: int = 8) -> Target:
-    """The devices of target `name`: h100x8, v5p-8, v6e-8, v5e-8, or a GPU target
-    description file (a GpuTargetConfigProto in text form, 8 GPUs). With `cpu_fallback`, a
-    target whose plugin is not installed becomes `num_devices` CPU devices, labelled."""
+    """The devices of target `name`: h100x8, v5p-8, v6e-8, v5e-8, a GPU target description
+    file (a GpuTargetConfigProto in text form, 8 GPUs), or `local` (`local_target`). With
+    `cpu_fallback`, a target whose plugin is not installed becomes `num_devices` CPU
+    devices, labelled."""
     from jax.experimental import topologies
 
     if name == "cpu":
         return _cpu_target("cpu", num_devices, "")
+    if name == "local":
+        return local_target()
     description = GPU_TARGETS.get(name) or (Path(name) if name not in TPU_TARGETS else None)
     if description is not None and name not in GPU_TARGETS and not description.is_file():
         raise TargetError(f"unknown target {name!r}: use one of {', '.join(TARGETS)}, or the "
@@ -366,7 +385,13 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                               f"devices){fix}") from None
     t, g = cfg.trainer, cfg.generator
     impl = attention_impl or cfg.model.attention_impl
-    requested = resolve_attention_impl(impl, target.platform)
+    try:
+        requested = resolve_attention_impl(impl, target.platform, device=target.devices[0],
+                                           head_dim=model.head_dim,
+                                           dtype=cfg.model.compute_dtype)
+    except KernelUnavailable as e:
+        raise TargetError(f"{e} (target {target.label})") from None
+    impl = requested  # the model compiles what was decided here, warned about once
     mesh = make_mesh(cfg.mesh.shape, devices=list(target.devices))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)

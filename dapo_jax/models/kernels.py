@@ -97,7 +97,7 @@ def target_device(platform: str) -> Any:
     from jax.extend import backend
 
     device = backend.get_default_device()
-    if target_platform_of(device) == platform:
+    if platform_of(device) == platform:
         return device
     try:
         return jax.devices(platform)[0]
@@ -105,7 +105,8 @@ def target_device(platform: str) -> Any:
         return None
 
 
-def target_platform_of(device: Any) -> str:
+def platform_of(device: Any) -> str:
+    """'cpu', 'tpu' or 'gpu' for a device."""
     return "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
 
 
@@ -210,13 +211,13 @@ def _tokamax_attention() -> tuple[Any, Any]:
 
 
 def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-             segment_ids_BT: jax.Array, *, op: str) -> jax.Array:
+             segment_ids_BT: jax.Array, *, op: str, block: int = 1) -> jax.Array:
     """tokamax's kernel `op` with a causal mask and each query's first key (the start of its
-    segment). For Mosaic the rows are padded to whole MOSAIC_BLOCKs with padding tokens
-    (segment 0: they attend only each other and nothing attends them), then cut back."""
+    segment), on rows padded to whole `block`s with padding tokens (segment 0: they attend
+    only each other and nothing attends them), cut back after."""
     api, base = _tokamax_attention()
     T = q_BTNH.shape[1]
-    pad = -T % MOSAIC_BLOCK if op == "mosaic_gpu" else 0
+    pad = -T % block
     if pad:
         padT = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT = map(padT, (q_BTNH, k_BTKH, v_BTKH,
@@ -263,7 +264,8 @@ def _splash(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
 def _kernel(impl: str, interpret: bool):
     if impl == "splash":
         return functools.partial(_splash, interpret=interpret)
-    return functools.partial(_tokamax, op=_TOKAMAX_OPS[impl])
+    return functools.partial(_tokamax, op=_TOKAMAX_OPS[impl],
+                             block=MOSAIC_BLOCK if impl == "tokamax_mosaic" else 1)
 
 
 def fused_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,

@@ -138,8 +138,9 @@ def default_config() -> ConfigDict:
         "run_name": "",
         # Fraction of each GPU JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, set
         # before JAX starts; JAX never hands memory back). Colocated with sidecars, it and
-        # generator.gpu_memory_utilization must sum to at most 1.
-        "xla_memory_fraction": 0.5,
+        # generator.gpu_memory_utilization must sum to at most 1. 0: follow the placement
+        # (`trainer_memory_fraction`: what colocated sidecars leave, else 0.9).
+        "xla_memory_fraction": 0.0,
         # Generation runs ahead of the trainer in its own thread (README "Asynchronous
         # training"): a group scheduled at step i is trained at a step j with
         # j - i <= max_staleness_steps (SkyRL's names and default; 0: the synchronous loop's
@@ -413,8 +414,9 @@ def _validate_generator(cfg: ConfigDict) -> None:
     if not 0 < g.gpu_memory_utilization < 1:
         _fail("generator.gpu_memory_utilization", f"must be in (0, 1), got "
               f"{g.gpu_memory_utilization}")
-    if not 0 < t.xla_memory_fraction <= 1:
-        _fail("trainer.xla_memory_fraction", f"must be in (0, 1], got {t.xla_memory_fraction}")
+    if not 0 <= t.xla_memory_fraction <= 1:
+        _fail("trainer.xla_memory_fraction", f"must be in [0, 1] (0: follow the placement), "
+              f"got {t.xla_memory_fraction}")
     if t.placement.policy_num_gpus_per_node < 1:
         _fail("trainer.placement.policy_num_gpus_per_node", "must be >= 1")
     fa = t.fully_async
@@ -426,7 +428,12 @@ def _validate_generator(cfg: ConfigDict) -> None:
               "devices the trainer does not use, or generation and training cannot overlap: "
               "set trainer.placement.colocate_all=false")
     if g.backend == "sidecar" and t.placement.colocate_all:
-        total = t.xla_memory_fraction + g.gpu_memory_utilization
+        fraction = trainer_memory_fraction(cfg)
+        if fraction <= 0:
+            _fail("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} of each GPU "
+                  f"for colocated sidecars leaves the trainer nothing (trainer."
+                  f"xla_memory_fraction=0 gives it {COLOCATED_TOTAL} minus that): lower it")
+        total = fraction + g.gpu_memory_utilization
         if total > 1:
             _fail("trainer.xla_memory_fraction", f"colocated trainer and sidecars share each GPU:"
                   f" trainer.xla_memory_fraction {t.xla_memory_fraction} + "
@@ -440,6 +447,27 @@ def _validate_generator(cfg: ConfigDict) -> None:
                   f"{engine_gpus} GPUs but the trainer has "
                   f"trainer.placement.policy_num_gpus_per_node="
                   f"{t.placement.policy_num_gpus_per_node}")
+
+
+# A trainer alone on its GPUs (the in-process engine, or sidecars on GPUs of their own)
+# takes this much of each (JAX's default is 0.75; the rest is the CUDA context's and
+# cuDNN/cuBLAS workspaces'). Colocated with sidecars, trainer + sidecars take
+# COLOCATED_TOTAL, as the seed configs split it (CUDA contexts and vLLM's CUDA graphs use
+# the rest).
+ALONE_MEMORY_FRACTION = 0.9
+COLOCATED_TOTAL = 0.97
+
+
+def trainer_memory_fraction(cfg: ConfigDict) -> float:
+    """The trainer's XLA_PYTHON_CLIENT_MEM_FRACTION: `trainer.xla_memory_fraction`, or when
+    that is 0 what the placement leaves it: COLOCATED_TOTAL - generator.gpu_memory_utilization
+    beside colocated sidecars, else ALONE_MEMORY_FRACTION."""
+    t, g = cfg.trainer, cfg.generator
+    if t.xla_memory_fraction:
+        return float(t.xla_memory_fraction)
+    if g.backend == "sidecar" and t.placement.colocate_all:
+        return round(COLOCATED_TOTAL - g.gpu_memory_utilization, 2)
+    return ALONE_MEMORY_FRACTION
 
 
 def trainer_devices(cfg: ConfigDict, num_devices: int) -> int:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from dapo_jax import evaluation, multihost
 from dapo_jax.generation import SamplingParams, stop_token_ids
-from dapo_jax.models import load_pretrained
+from dapo_jax.models import load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
+from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
 from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState, load_prompt_set
 from dapo_jax.rewards import RewardPool
 from dapo_jax.sharding import make_mesh
@@ -179,6 +180,20 @@ def split_devices(per_process: int) -> tuple[list[jax.Device], list[jax.Device]]
     return trainer, by_process[jax.process_index()][per_process:]
 
 
+def attention_impl(cfg: ConfigDict, device: jax.Device) -> str:
+    """`model.attention_impl` decided for the trainer's chips before anything is computed:
+    `auto`'s choice (XLA, with a one-line warning, where no kernel compiles for the chip,
+    the compute dtype or the head size), or the kernel asked for, which must compile there
+    (else a ConfigError naming the reason and the fix)."""
+    m = cfg.model
+    try:
+        return resolve_attention_impl(m.attention_impl, platform_of(device), device=device,
+                                      head_dim=read_config(m.path).head_dim,
+                                      dtype=m.compute_dtype)
+    except KernelUnavailable as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
 def setup(cfg: ConfigDict) -> Run:
     """Validates the config, loads data and model, builds the jitted functions, the engine,
     the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
@@ -199,6 +214,7 @@ def setup(cfg: ConfigDict) -> Run:
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     trainer_devices, own_devices = split_devices(per_process)
     mesh = make_mesh(cfg.mesh.shape, trainer_devices)
+    impl = attention_impl(cfg, trainer_devices[0])
     # The in-process engine's own mesh (colocate_all=false): this process's devices after
     # the trainer's.
     gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
@@ -214,12 +230,12 @@ def setup(cfg: ConfigDict) -> Run:
 
     m = cfg.model
     model = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                            remat=m.remat, attention_impl=m.attention_impl, mesh=mesh)
+                            remat=m.remat, attention_impl=impl, mesh=mesh)
     graphdef, params = nnx.split(model)
     # The reference policy never trains: its weights are kept in the compute dtype.
     ref_params = nnx.split(load_pretrained(
         m.path, dtype=m.compute_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-        attention_impl=m.attention_impl, mesh=mesh))[1] if t.algorithm.use_kl_loss else None
+        attention_impl=impl, mesh=mesh))[1] if t.algorithm.use_kl_loss else None
     optimizer = make_optimizer(optimizer_config(cfg, max_steps))
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
