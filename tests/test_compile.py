@@ -37,25 +37,32 @@ SHRINK = [
 ]
 GPU_SEEDS = {"dapo_qwen3_1p7b": "qwen3-tiny", "dapo_qwen3_4b": "qwen3-tiny",
              "dapo_qwen2p5_math_7b": "qwen2-tiny"}
-# name -> (config, target, preset, attention_impl, functions)
+BF16 = ["--config.model.compute_dtype=bfloat16"]
+# name -> (config, target, preset, attention_impl, functions, arguments)
 JOBS = {
-    **{f"{c}_h100": (c, "h100x8", p, "", "update,logprobs") for c, p in GPU_SEEDS.items()},
+    **{f"{c}_h100": (c, "h100x8", p, "", "update,logprobs,generate", SHRINK)
+       for c, p in GPU_SEEDS.items()},
     "dapo_qwen3_1p7b_h100_xla": ("dapo_qwen3_1p7b", "h100x8", "qwen3-tiny", "xla",
-                                 "update,logprobs"),
-    **{f"{c}_v5p_v5p": (f"{c}_v5p", "v5p-8", p, "", "update,logprobs,generate")
+                                 "update,logprobs", SHRINK),
+    # The main job's own sizes in bf16: rows of 56 + 64 = 120 tokens (not a multiple of the
+    # kernel's 128), prompts of 64 in the engine's prefill; in float32 `auto` is XLA.
+    "arith_tiny_h100": ("arith_tiny", "h100x8", "", "", "update,logprobs,generate", BF16),
+    "arith_tiny_h100_f32": ("arith_tiny", "h100x8", "", "", "update", []),
+    **{f"{c}_v5p_v5p": (f"{c}_v5p", "v5p-8", p, "", "update,logprobs,generate", SHRINK)
        for c, p in GPU_SEEDS.items()},
     "dapo_qwen3_1p7b_v5p_xla": ("dapo_qwen3_1p7b_v5p", "v5p-8", "qwen3-tiny", "xla",
-                                "update,logprobs"),
+                                "update,logprobs", SHRINK),
     **{f"dapo_{m}_v6e_v6e": (f"dapo_{m}_v6e", "v6e-8", "qwen3-tiny", "",
-                             "update,logprobs,generate") for m in ("qwen3_1p7b", "qwen3_4b")},
-    # 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB.
-    "oom_v5e": ("dapo_qwen3_1p7b", "v5e-8", "qwen3-tiny", "xla", "update"),
+                             "update,logprobs,generate", SHRINK)
+       for m in ("qwen3_1p7b", "qwen3_4b")},
 }
-OOM_ARGS = ["--config.trainer.max_prompt_length=64",
-            "--config.generator.sampling_params.max_generate_length=8128",
-            "--config.generator.eval_sampling_params.max_generate_length=8128",
-            "--config.trainer.micro_train_batch_size_per_gpu=64",
-            "--config.trainer.train_batch_size=32", "--config.trainer.policy_mini_batch_size=32"]
+# 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB.
+JOBS["oom_v5e"] = ("dapo_qwen3_1p7b", "v5e-8", "qwen3-tiny", "xla", "update", [
+    "--config.trainer.max_prompt_length=64",
+    "--config.generator.sampling_params.max_generate_length=8128",
+    "--config.generator.eval_sampling_params.max_generate_length=8128",
+    "--config.trainer.micro_train_batch_size_per_gpu=64",
+    "--config.trainer.train_batch_size=32", "--config.trainer.policy_mini_batch_size=32"])
 
 
 def aot_python() -> str:
@@ -68,11 +75,11 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     python = aot_python()
     out = tmp_path_factory.mktemp("compile")
     calls = []
-    for name, (config, target, preset, impl, functions) in JOBS.items():
-        args = ["--config", f"configs/{config}.py", "--target", target, "--preset", preset,
-                "--functions", functions, "--json", str(out / f"{name}.json")]
+    for name, (config, target, preset, impl, functions, extra) in JOBS.items():
+        args = ["--config", f"configs/{config}.py", "--target", target, "--functions",
+                functions, "--json", str(out / f"{name}.json"), *extra]
+        args += ["--preset", preset] if preset else []
         args += ["--attention-impl", impl] if impl else []
-        args += OOM_ARGS if name.startswith("oom") else SHRINK
         calls.append(args)
     script = textwrap.dedent(f"""
         import sys
@@ -89,15 +96,27 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     return reports
 
 
-@pytest.mark.parametrize("name", [f"{c}_h100" for c in GPU_SEEDS])
-def test_seed_configs_compile_for_h100_with_the_mosaic_kernel(compiled, name):
+@pytest.mark.parametrize("name", [f"{c}_h100" for c in GPU_SEEDS] + ["arith_tiny_h100"])
+def test_configs_compile_for_h100_with_the_mosaic_kernel(compiled, name):
+    """`auto` on H100 in bf16: tokamax's Mosaic kernel in the update, the log-prob pass and
+    the engine's prefill (the custom call in each compiled program), on each device's own
+    rows."""
     r = compiled[name]
     assert r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["num_devices"] == 8
-    for fn in ("update", "logprobs"):
+    assert r["versions"]["tokamax"] == "0.0.17", r["versions"]
+    for fn in ("update", "logprobs", "generate"):
         f = r["functions"][fn]
         assert f["fits"] and 0 < f["peak_bytes"] < f["memory_bytes"], (fn, f)
         assert f["attention"] == "mosaic_gpu_v2", (fn, f["attention"])
         assert not f["warnings"], f["warnings"]
+
+
+def test_auto_in_float32_on_h100_is_xla_with_one_warning(compiled):
+    f = compiled["arith_tiny_h100_f32"]["functions"]["update"]
+    assert f["fits"] and f["attention"] == "xla" and not f["warnings"], f
+    lines = [ln for ln in compiled["_stderr"].splitlines()
+             if "model.attention_impl=auto: tokamax's Mosaic GPU kernel takes bfloat16" in ln]
+    assert len(lines) == 1 and "attention runs in XLA" in lines[0], lines
 
 
 @pytest.mark.parametrize("name", [f"{c}_v5p_v5p" for c in GPU_SEEDS])
@@ -160,6 +179,11 @@ def test_bad_targets_are_one_line_errors(tmp_path):
                    "h100x8")
     one_line_error(run_tool(python, *base, "--target", str(bad)), "does not parse",
                    "h100_sxm_80gb.txtpb")
+    # A kernel asked for by name that cannot compile: float32 compute on H100.
+    one_line_error(run_tool(python, "--config", "configs/arith_tiny.py", "--target", "h100x8",
+                            "--attention-impl", "tokamax_mosaic"),
+                   "model.attention_impl=tokamax_mosaic: tokamax's Mosaic GPU kernel takes "
+                   "bfloat16 or float16 inputs", "set model.compute_dtype=bfloat16")
     # v5p-8 is 4 chips: the seed's (1, 8, 1) mesh does not fit on it.
     one_line_error(run_tool(python, *base, "--target", "v5p-8"), "mesh.shape",
                    "target v5p-8 has 4 devices", "--config.mesh.shape=(1,-1,1)")

@@ -94,6 +94,34 @@ def test_memory_split_over_one_is_refused(tmp_path):
     config_lib.validate(c, num_devices=1)
 
 
+def test_trainer_memory_fraction_follows_the_placement(tmp_path):
+    """0 (the default): the in-process engine's trainer is alone on its GPUs and takes 0.9 of
+    each, not a share sized for sidecars; beside colocated sidecars it takes what they leave
+    of 0.97; a set fraction is used as set. The launcher's trainer environment and the
+    trainer's own process read the same."""
+    from dapo_jax import placement
+
+    alone = tiny(tmp_path)
+    assert alone.trainer.xla_memory_fraction == 0
+    assert config_lib.trainer_memory_fraction(alone) == 0.9
+    colocated = tiny(tmp_path, **{"generator.backend": "sidecar",
+                                  "generator.sidecar_urls": ("http://127.0.0.1:1",),
+                                  "generator.gpu_memory_utilization": 0.45})
+    assert config_lib.trainer_memory_fraction(colocated) == 0.52
+    env = placement.trainer_env(colocated, {})
+    assert env[placement.MEM_FRACTION_ENV] == "0.52"
+    colocated.trainer.placement.colocate_all = False  # the engines' own GPUs
+    assert config_lib.trainer_memory_fraction(colocated) == 0.9
+    assert config_lib.trainer_memory_fraction(tiny(tmp_path, **{
+        "trainer.xla_memory_fraction": 0.3})) == 0.3
+    greedy = tiny(tmp_path, **{"generator.backend": "sidecar",
+                               "generator.sidecar_urls": ("http://127.0.0.1:1",),
+                               "generator.gpu_memory_utilization": 0.98})
+    with pytest.raises(config_lib.ConfigError, match="generator.gpu_memory_utilization: 0.98 "
+                       "of each GPU for colocated sidecars leaves the trainer nothing"):
+        config_lib.validate(greedy, num_devices=1)
+
+
 def test_unknown_keys_are_errors(tmp_path):
     c = arith_tiny.get_config()
     with pytest.raises(AttributeError):
