@@ -108,7 +108,9 @@ def test_configs_compile_for_h100_with_the_mosaic_kernel(compiled, name):
         f = r["functions"][fn]
         assert f["fits"] and 0 < f["peak_bytes"] < f["memory_bytes"], (fn, f)
         assert f["attention"] == "mosaic_gpu_v2", (fn, f["attention"])
-        assert not f["warnings"], f["warnings"]
+        sidecar_note = [w for w in f["warnings"] if w.startswith("the run generates in vllm")]
+        assert len(sidecar_note) == (fn == "generate" and name != "arith_tiny_h100"), f
+        assert f["warnings"] == sidecar_note, f["warnings"]
 
 
 def test_auto_in_float32_on_h100_is_xla_with_one_warning(compiled):

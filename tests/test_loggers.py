@@ -8,7 +8,7 @@ import math
 import struct
 from pathlib import Path
 
-from dapo_jax.train.metrics_log import MetricsLog
+from dapo_jax.train.metrics_log import MetricsLog, device_memory
 from tests.launching import wait_for
 
 STEPS = [{"reward/accuracy": 0.25, "policy/grad_norm": 1.5},
@@ -109,3 +109,20 @@ def test_jsonl_writes_null_for_non_finite(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[1]["policy/grad_norm"] is None and not any(
         isinstance(v, float) and not math.isfinite(v) for r in rows for v in r.values())
+
+
+def test_device_memory_metrics():
+    """GPU/TPU devices report their allocator's peak and limit (the most and the least over
+    the process's devices); CPU devices report nothing, so no key is logged."""
+    import jax
+
+    class Device:
+        def __init__(self, peak: float, limit: float):
+            self.stats = {"peak_bytes_in_use": peak * 2**30, "bytes_limit": limit * 2**30}
+
+        def memory_stats(self):
+            return self.stats
+
+    assert device_memory([Device(3.0, 70.0), Device(5.0, 68.0)]) == {
+        "memory/peak_gib": 5.0, "memory/limit_gib": 68.0}
+    assert device_memory(jax.local_devices()) == {}

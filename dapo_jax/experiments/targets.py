@@ -440,4 +440,9 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
         reports[name] = compile_report(name, lower, target, requested_kernel=requested,
                                        global_rows=rows, local_rows=rows // dp,
                                        resident_bytes=resident)
+        if name == "generate" and not in_process:
+            reports[name].warnings.append(
+                f"the run generates in {g.sidecar_engine} sidecars (generator.backend="
+                f"sidecar): this is the in-process JAX engine at {seqs} sequences of "
+                f"{seq} tokens, for reference")
     return reports

@@ -34,7 +34,7 @@ from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
-from dapo_jax.train.metrics_log import MetricsLog, route_library_logs
+from dapo_jax.train.metrics_log import MetricsLog, device_memory, route_library_logs
 from dapo_jax.train.rollout import (
     Engine,
     GenerationBatch,
@@ -408,6 +408,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             metrics.update(ds_state.metrics())
             metrics.update(reward_metrics(drawn, r.settings.group_size))
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
+            metrics.update(device_memory(jax.local_devices()))
             if r.primary:  # before its checkpoint: a checkpointed step always has its line
                 record_trained_groups(r, step, batch, drawn)
             last = step == r.max_steps

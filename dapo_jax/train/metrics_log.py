@@ -27,6 +27,18 @@ def route_library_logs(log_file: Path) -> None:
     absl_logging.get_absl_handler().setLevel(logging.WARNING)  # absl's stderr handler
 
 
+def device_memory(devices: Sequence[Any]) -> dict[str, float]:
+    """`memory/peak_gib`, the most any of `devices` has held since the process started,
+    and `memory/limit_gib`, the least its allocator may take (XLA_PYTHON_CLIENT_MEM_FRACTION
+    of a GPU): what to compare with the compile tool's peak and the placement's split. Empty
+    where the devices report no memory (CPU)."""
+    stats = [s for s in (d.memory_stats() for d in devices) if s]
+    if not stats:
+        return {}
+    return {"memory/peak_gib": max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30,
+            "memory/limit_gib": min(s.get("bytes_limit", 0) for s in stats) / 2**30}
+
+
 CONSOLE_KEYS = ("reward/avg_raw_reward", "reward/accuracy", "policy/grad_norm",
                 "policy/entropy", "generate/avg_response_length",
                 "dynamic_sampling/batches_drawn", "eval/all/accuracy", "timing/step")
