@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dapo_jax.experiments.timing import train_flops_per_token
+from dapo_jax.models import preset
 from tests import launching, side_envs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,13 +35,23 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
         assert r["finite"] and 0 < r["logprob_max_abs_err"] < 0.05, r
         assert 0 < r["grad_rel_err_median"] < 0.05, r
     for impl in ("xla", "tokamax_xla"):
-        for shape in ("2x128", "1x256"):
-            r = read(f"update_{impl}_{shape}")
-            assert r["finite_loss"] and r["tokens_s"] > 0 and 0 < r["mfu"] < 1, r
-            assert r["compiled_peak_gib"] > 0, r
+        for rows, seq in ((2, 128), (1, 256)):
+            r = read(f"update_{impl}_{rows}x{seq}")
+            assert r["finite_loss"] and r["compiled_peak_gib"] > 0, r
+            # MFU is the model FLOPs of the tokens timed over the peak given (1 TFLOP/s).
+            assert r["tokens_s"] == pytest.approx(rows * seq / r["step_s"])
+            flops = train_flops_per_token(preset("qwen3-tiny", max_position_embeddings=seq), seq)
+            assert r["mfu"] == pytest.approx(r["tokens_s"] * flops / 1e12), r
+    cfg = preset("qwen3-tiny")
     runs = read("decode")["runs"]
     assert [r["batch"] for r in runs] == [4, 8]
-    assert all(r["tokens"] == r["batch"] * 16 and 0 < r["of_bound"] for r in runs), runs
+    for r in runs:  # no early stop: every row makes its 16 tokens
+        assert r["tokens"] == r["batch"] * 16, r
+        # batch x 10 GB/s over the bf16 weights + the mean KV of a step (16 + 16 / 2 slots).
+        kv = 2 * cfg.num_layers * r["batch"] * cfg.num_kv_heads * cfg.head_dim * 24 * 2
+        assert r["bound_tokens_s"] == pytest.approx(r["batch"] * 10e9 /
+                                                    (cfg.num_params * 2 + kv)), r
+        assert r["of_bound"] == pytest.approx(r["tokens_s"] / r["bound_tokens_s"]), r
     assert "| update_tokamax_xla_1x256 | xla:" in (tmp_path / "summary.md").read_text()
 
 

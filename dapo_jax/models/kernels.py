@@ -10,7 +10,7 @@ tokens):
 
 - `splash` (TPU): Pallas splash attention (`jax.experimental.pallas.ops.tpu`) with a causal
   mask and `SegmentIds`; grouped-query heads as one multi-query kernel per kv head.
-- `tokamax_mosaic` (Mosaic GPU, H100/B200), `tokamax_triton` (any CUDA GPU), and
+- `tokamax_mosaic` (Mosaic GPU, Hopper/Blackwell), `tokamax_triton` (Ampere or newer), and
   `tokamax_xla` / `tokamax_xla_chunked` (tokamax's XLA references, which run on CPU for the
   tests): tokamax's kernels with a causal mask and each query's first key (`k_start`, the
   start of its segment). tokamax's public `dot_product_attention` takes packing only as a
@@ -46,7 +46,6 @@ ATTENTION_IMPLS = ("auto", "xla", "splash", "tokamax_mosaic", "tokamax_triton", 
                    "tokamax_xla_chunked")
 _TOKAMAX_OPS = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton",
                 "tokamax_xla": "xla", "tokamax_xla_chunked": "xla_chunked"}
-_GPU_KERNELS = ("tokamax_mosaic", "tokamax_triton")
 SPLASH_BLOCK = 128  # splash attention's sequence tiles: rows are padded to a multiple
 # tokamax's SM90 Mosaic kernel works in query tiles of 2 x 64 rows and key blocks of 128
 # (its heuristics without autotuning); 0.0.12 failed on other lengths and 0.0.17 still skips
