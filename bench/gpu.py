@@ -11,8 +11,9 @@ Parts (in this order: the kernel's numbers first, the long runs last):
   compute) with the fused kernel `auto` picks and with XLA attention, both against XLA
   attention in float32 at the highest matmul precision: max |log-prob error|, median and
   max relative gradient error over the parameters, and the kernel in the compiled program.
-- update: the Qwen3-1.7B DAPO update (float32 masters and AdamW, bf16 compute, remat full,
-  packed rows) at 2 x 4,096 and 1 x 10,240 tokens, with XLA attention and with `auto`:
+- update: the Qwen3-1.7B DAPO update (float32 masters and AdamW, bf16 compute, remat full
+  or each policy of `--update-remat`) at 2 x 4,096 and 1 x 10,240 tokens, with XLA
+  attention and with `auto`:
   tokens/s, MFU (`dapo_jax.experiments.timing.train_flops_per_token`: the causal mask not
   credited, remat's recompute not counted) of the device's peak bf16 FLOP/s, the device's
   peak memory against the compiled program's own memory analysis. One process each.
@@ -75,7 +76,7 @@ def peak_memory() -> dict[str, float]:
 
 
 def kernel_in(compiled: Any) -> str:
-    from dapo_jax.experiments.targets import kernel_calls
+    from dapo_jax.experiments.hlo import kernel_calls
 
     return ",".join(sorted({c for c, _ in kernel_calls(compiled.as_text())})) or "xla"
 
@@ -159,7 +160,7 @@ def part_update(a: argparse.Namespace) -> dict[str, Any]:
 
     cfg = preset(a.preset, max_position_embeddings=a.seq_len)
     graphdef, params = nnx.split(init_model(cfg, seed=0, precision=Precision(
-        "float32", "bfloat16"), remat="full", attention_impl=a.attention))
+        "float32", "bfloat16"), remat=a.remat, attention_impl=a.attention))
     optimizer = make_optimizer(BENCH_OPTIMIZER)
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS)
@@ -182,7 +183,8 @@ def part_update(a: argparse.Namespace) -> dict[str, Any]:
     peak_flops = a.peak_tflops * 1e12 if a.peak_tflops else \
         device_peaks(jax.devices()[0].device_kind)[0]
     memory = peak_memory()
-    return {"preset": a.preset, "attention_impl": a.attention, "attention": kernel_in(compiled),
+    return {"preset": a.preset, "remat": a.remat, "attention_impl": a.attention,
+            "attention": kernel_in(compiled),
             "rows": a.rows, "seq_len": a.seq_len, "step_s": step_s, "tokens_s": tokens_s,
             "model_tflops": achieved / 1e12,
             "mfu": achieved / peak_flops if peak_flops else None, "compile_s": compile_s,
@@ -402,11 +404,14 @@ def jobs(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
         if part == "update":
             shapes = ((2, 128), (1, 256)) if a.smoke else UPDATE_SHAPES
             kernel = "tokamax_xla" if a.smoke else "auto"
-            for impl in ("xla", kernel):
-                for rows, seq in shapes:
-                    out.append((f"update_{impl}_{rows}x{seq}", [
-                        "--part", "update", "--attention", impl, "--rows", str(rows),
-                        "--seq-len", str(seq), "--steps", "1" if a.smoke else "3", *common]))
+            for remat in a.update_remat.split(","):
+                for impl in ("xla", kernel):
+                    for rows, seq in shapes:
+                        suffix = "" if remat == "full" else f"_{remat}"
+                        out.append((f"update_{impl}_{rows}x{seq}{suffix}", [
+                            "--part", "update", "--attention", impl, "--rows", str(rows),
+                            "--seq-len", str(seq), "--remat", remat,
+                            "--steps", "1" if a.smoke else "3", *common]))
         else:
             out.append((part, ["--part", part, *common]))
     return out
@@ -419,7 +424,8 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | **failed**: {r['error'][:300]} |")
         elif name.startswith("update"):
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
-            lines.append(f"| {name} | {r['attention']}: {r['step_s'] * 1e3:.0f} ms/step, "
+            lines.append(f"| {name} | {r['attention']}, remat {r['remat']}: "
+                         f"{r['step_s'] * 1e3:.0f} ms/step, "
                          f"{r['tokens_s']:.0f} tok/s, MFU {mfu}; peak {r['device_peak_gib']} "
                          f"GiB vs compiled {r['compiled_peak_gib']:.2f} GiB |")
         else:
@@ -439,6 +445,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--remat", default="full", help="the update part's recompute policy")
+    p.add_argument("--update-remat", default="full",
+                   help="policies the driver times the update with (none, dots_saveable, "
+                   "minimal, full; comma-separated: each policy x attention x shape)")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--hbm-gbps", type=float)
     a = p.parse_args()

@@ -117,3 +117,18 @@ def apply_trainer_memory_fraction(cfg: ConfigDict) -> None:
     """Sets the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION from the config; call it before
     anything starts a JAX backend (JAX reads it once, when the GPU client is created)."""
     os.environ[MEM_FRACTION_ENV] = str(trainer_memory_fraction(cfg))
+
+
+def with_xla_flags(flags: str, extra: tuple[str, ...]) -> str:
+    """XLA_FLAGS `flags` with each of `extra` appended unless `flags` already sets it."""
+    have = {f.split("=", 1)[0] for f in flags.split()}
+    return " ".join([*flags.split(), *(f for f in extra if f.split("=", 1)[0] not in have)])
+
+
+def apply_trainer_xla_flags(cfg: ConfigDict) -> None:
+    """Adds `trainer.xla_gpu_flags` to XLA_FLAGS (a flag the environment already sets wins);
+    call it before anything starts a JAX backend (XLA reads XLA_FLAGS once). The CPU and TPU
+    compilers ignore GPU options."""
+    flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), tuple(cfg.trainer.xla_gpu_flags))
+    if flags:
+        os.environ["XLA_FLAGS"] = flags

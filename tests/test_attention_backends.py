@@ -194,3 +194,15 @@ def test_kernels_of_another_platform_are_errors():
         resolve_attention_impl("tokamax_triton", "tpu")
     with pytest.raises(kernels.KernelUnavailable, match="splash attention is a TPU kernel"):
         resolve_attention_impl("splash", "gpu", device=H100)
+
+
+def test_attention_pairs_follow_each_implementations_blocks():
+    """The (query, key) pairs each implementation computes per head and layer, from its
+    blocking: our XLA attention's 256-query blocks against keys up to the block's end (up to
+    2,048 tokens), then 1,024-query blocks against every key; the Mosaic kernel's 128 x 128
+    tiles on or below the diagonal of the padded row."""
+    assert kernels.attention_pairs("xla", 200) == 200 * 200
+    assert kernels.attention_pairs("xla", 320) == 256 * 256 + 64 * 320
+    assert kernels.attention_pairs("xla", 4096) == 4096 * 4096  # twice the causal half
+    assert kernels.attention_pairs("tokamax_mosaic", 320) == 6 * 128 * 128  # 384 = 3 tiles
+    assert kernels.attention_pairs("tokamax_mosaic", 10240) == 80 * 81 // 2 * 128 * 128

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from dapo_jax.experiments import compile as compile_tool
+from dapo_jax.experiments import hlo as hlo_lib
 from dapo_jax.experiments import targets
 from tests import side_envs
 
@@ -48,6 +49,10 @@ JOBS = {
     # kernel's 128), prompts of 64 in the engine's prefill; in float32 `auto` is XLA.
     "arith_tiny_h100": ("arith_tiny", "h100x8", "", "", "update,logprobs,generate", BF16),
     "arith_tiny_h100_f32": ("arith_tiny", "h100x8", "", "", "update", []),
+    # remat=auto (the seed configs') with a trainer share nothing fits in: full.
+    "dapo_qwen3_1p7b_h100_no_memory": ("dapo_qwen3_1p7b", "h100x8", "qwen3-tiny", "xla",
+                                       "update", [*SHRINK,
+                                                  "--config.trainer.xla_memory_fraction=1e-05"]),
     **{f"{c}_v5p_v5p": (f"{c}_v5p", "v5p-8", p, "", "update,logprobs,generate", SHRINK)
        for c, p in GPU_SEEDS.items()},
     "dapo_qwen3_1p7b_v5p_xla": ("dapo_qwen3_1p7b_v5p", "v5p-8", "qwen3-tiny", "xla",
@@ -108,9 +113,35 @@ def test_configs_compile_for_h100_with_the_mosaic_kernel(compiled, name):
         f = r["functions"][fn]
         assert f["fits"] and 0 < f["peak_bytes"] < f["memory_bytes"], (fn, f)
         assert f["attention"] == "mosaic_gpu_v2", (fn, f["attention"])
+        # FSDP's collectives are asynchronous with compute between start and done (the
+        # trainer's XLA GPU flags pipeline them; bench/gpu_flags.py compares the schedules).
+        if name != "arith_tiny_h100":  # one device's worth of mesh: nothing to gather
+            assert 0 < f["overlapped_collectives"] == f["async_collectives"], (fn, f)
         sidecar_note = [w for w in f["warnings"] if w.startswith("the run generates in vllm")]
         assert len(sidecar_note) == (fn == "generate" and name != "arith_tiny_h100"), f
         assert f["warnings"] == sidecar_note, f["warnings"]
+
+
+@pytest.mark.parametrize("name", [f"{c}_h100" for c in GPU_SEEDS] +
+                         [f"{c}_v5p_v5p" for c in GPU_SEEDS])
+def test_remat_auto_takes_the_least_recompute_that_fits(compiled, name):
+    """The seed configs' remat=auto, compiled for the target: a tiny model fits with no
+    recompute, and the update's FLOPs as compiled are remat=full's less the forward it would
+    recompute (a third of a layer's dots; the LM head is not in the layers)."""
+    f = compiled[name]["functions"]["update"]
+    assert f["remat"] == "none" and f["fits"], f
+    assert any(n.startswith("model.remat=auto: none (update peak GiB per device: none ")
+               for n in f["notes"]), f["notes"]
+    assert 1.15 < f["full_flops"] / f["flops"] < 4 / 3, (f["flops"], f["full_flops"])
+    assert compiled[name]["functions"]["logprobs"]["remat"] == "none"
+
+
+def test_remat_auto_is_full_when_nothing_fits(compiled):
+    f = compiled["dapo_qwen3_1p7b_h100_no_memory"]["functions"]["update"]
+    assert f["remat"] == "full" and not f["full_flops"], f
+    [note] = f["notes"]
+    assert "none " in note and "dots_saveable " in note and "minimal " in note and \
+        note.endswith("nothing fits)"), note
 
 
 def test_auto_in_float32_on_h100_is_xla_with_one_warning(compiled):
@@ -226,6 +257,65 @@ def test_hlo_reading():
         "custom_call_target=\"mosaic_gpu_v2\"",
         "  %c = f32[4]{0} custom-call(%q), custom_call_target=\"Sharding\"",
     ])
-    assert targets.collective_bytes(hlo) == 16 * 64 * 2 + 128 * 4
-    assert targets.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)])]
+    assert hlo_lib.collective_bytes(hlo) == 16 * 64 * 2 + 128 * 4
+    assert hlo_lib.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)])]
 
+
+
+def test_program_flops_count_every_loop_iteration():
+    """Dot FLOPs of a compiled program (this CPU's): the gradient of a 6-layer scan of
+    [128, 256] x [256, 256] matmuls is 3 x 6 x 2 x 128 x 256 x 256 (forward, and two
+    matmuls per layer back), where XLA's own cost analysis counts the loop body once."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(w, x):
+        return jnp.sum(jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0])
+
+    compiled = jax.jit(jax.grad(f)).lower(jnp.ones((6, 256, 256)), jnp.ones((128, 256))) \
+        .compile()
+    assert hlo_lib.program_flops(compiled.as_text()) == 3 * 6 * 2 * 128 * 256 * 256
+
+
+def test_loops_without_a_known_trip_count_and_async_collectives():
+    """A loop XLA pipelined (no known_trip_count: its iterations from `i < 31` in its
+    condition's fusion, i starting at 1, stepping by 1) runs its body 30 times; an
+    asynchronous all-gather with a fusion between start and done is overlapped, one with
+    nothing between is not."""
+    text = "\n".join([
+        "%fused_lt (p: s32[]) -> pred[] {",
+        "  %p = s32[] parameter(0)",
+        "  %c31 = s32[] constant(31)",
+        "  ROOT %lt = pred[] compare(%p, %c31), direction=LT",
+        "}",
+        "%cond (t: (s32[], f32[8,8])) -> pred[] {",
+        "  %t = (s32[], f32[8,8]{1,0}) parameter(0)",
+        "  %i = s32[] get-tuple-element(%t), index=0",
+        "  ROOT %f = pred[] fusion(%i), kind=kLoop, calls=%fused_lt",
+        "}",
+        "%body (b: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {",
+        "  %b = (s32[], f32[8,8]{1,0}) parameter(0)",
+        "  %j = s32[] get-tuple-element(%b), index=0",
+        "  %x = f32[8,8]{1,0} get-tuple-element(%b), index=1",
+        "  %one = s32[] constant(1)",
+        "  %next = s32[] add(%j, %one)",
+        "  %d = f32[8,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        "  %ag = (f32[8,8]{1,0}, f32[64,8]{1,0}) all-gather-start(%x), dimensions={0}",
+        "  %fz = f32[8,8]{1,0} fusion(%d), kind=kLoop, calls=%fused_lt",
+        "  %agd = f32[64,8]{1,0} all-gather-done(%ag)",
+        "  %ar = f32[8,8]{1,0} all-reduce-start(%x), to_apply=%fused_lt",
+        "  %ard = f32[8,8]{1,0} all-reduce-done(%ar)",
+        "  ROOT %r = (s32[], f32[8,8]{1,0}) tuple(%next, %d)",
+        "}",
+        "ENTRY %main (a: f32[8,8]) -> f32[8,8] {",
+        "  %a = f32[8,8]{1,0} parameter(0)",
+        "  %start = s32[] constant(1)",
+        "  %init = (s32[], f32[8,8]{1,0}) tuple(%start, %a)",
+        "  %w = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body",
+        "  ROOT %out = f32[8,8]{1,0} get-tuple-element(%w), index=1",
+        "}",
+    ])
+    program = hlo_lib.Program.parse(text)
+    assert program.flops() == 30 * 2 * 8 * 8 * 8
+    assert program.async_collectives() == (2, 1)
+    assert hlo_lib.collective_bytes(text) == 64 * 8 * 4 + 8 * 8 * 4

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from dapo_jax.models import load_pretrained
+from dapo_jax.models.qwen import REMAT_ORDER
 from dapo_jax.sharding import make_mesh
 from tests import hf_models
 
@@ -71,19 +72,22 @@ def test_bfloat16_params_and_compute_stay_close(tiny_checkpoints, rl_batch):
     assert agree > 0.9, agree
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
-def test_remat_gives_same_gradients(tiny_checkpoints, rl_batch, remat):
+@pytest.mark.parametrize("remat", REMAT_ORDER[1:])
+def test_remat_gives_same_loss_and_gradients(tiny_checkpoints, rl_batch, remat):
+    """Every recompute policy (remat=auto picks among them) is the same function: loss and
+    gradients equal `none`'s in float32."""
     ids, mask = (jnp.asarray(a) for a in rl_batch)
     path = tiny_checkpoints["qwen2_bias_untied"]
 
-    def grads(model):
+    def loss_and_grads(model):
         loss = lambda m: jnp.mean(m(ids, mask) ** 2)
-        return nnx.grad(loss)(model)
+        return nnx.value_and_grad(loss)(model)
 
-    base = jax.tree.leaves(nnx.jit(grads)(load_pretrained(path)))
-    other = jax.tree.leaves(nnx.jit(grads)(load_pretrained(path, remat=remat)))
-    for a, b in zip(base, other, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    base_loss, base = nnx.jit(loss_and_grads)(load_pretrained(path))
+    loss, other = nnx.jit(loss_and_grads)(load_pretrained(path, remat=remat))
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_left_padding_does_not_change_real_tokens(tiny_checkpoints):

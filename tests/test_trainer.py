@@ -4,6 +4,7 @@ resume reproducing an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -120,6 +121,26 @@ def test_trainer_memory_fraction_follows_the_placement(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="generator.gpu_memory_utilization: 0.98 "
                        "of each GPU for colocated sidecars leaves the trainer nothing"):
         config_lib.validate(greedy, num_devices=1)
+
+
+def test_trainer_xla_gpu_flags_are_added_unless_set(monkeypatch, tmp_path):
+    """trainer.xla_gpu_flags go into XLA_FLAGS before JAX starts; a flag the environment
+    already sets keeps its value; () adds nothing. (Every trainer subprocess of the suite
+    starts with them: XLA accepts them on CPU.)"""
+    from dapo_jax import placement
+
+    cfg = tiny(tmp_path)
+    assert tuple(cfg.trainer.xla_gpu_flags) == config_lib.GPU_XLA_FLAGS
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_cpu_foo=1")
+    placement.apply_trainer_xla_flags(cfg)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[:2] == ["--xla_gpu_enable_triton_gemm=true", "--xla_cpu_foo=1"]
+    assert "--xla_gpu_enable_triton_gemm=false" not in flags
+    assert "--xla_gpu_enable_pipelined_all_gather=true" in flags
+    monkeypatch.delenv("XLA_FLAGS")
+    cfg.trainer.xla_gpu_flags = ()
+    placement.apply_trainer_xla_flags(cfg)
+    assert "XLA_FLAGS" not in os.environ
 
 
 def test_unknown_keys_are_errors(tmp_path):

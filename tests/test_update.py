@@ -13,6 +13,7 @@ from dapo_jax.sharding import make_mesh
 from dapo_jax.train.update import (
     LossConfig,
     OptimizerConfig,
+    choose_remat,
     init_optimizer,
     lr_schedule,
     make_optimizer,
@@ -196,3 +197,22 @@ def test_float32_master_weights_move_at_the_seed_learning_rate():
     assert np.mean(after != before) > 0.9
     as_bf16 = lambda x: np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16))
     assert np.mean(as_bf16(after) != as_bf16(before)) < 0.01
+
+
+def test_remat_auto_takes_the_least_recompute_that_fits():
+    """choose_remat compiles (here: looks up) each policy's update peak, least recompute
+    first, and keeps the first whose peak + 10% fits; full when none does."""
+    peaks = {"none": 10.0, "dots_saveable": 8.0, "minimal": 6.0, "full": 4.0}
+    asked = []
+
+    def peak(policy):
+        asked.append(policy)
+        return peaks[policy]
+
+    choice = choose_remat(peak, budget_bytes=7.0)
+    assert choice.policy == "minimal" and asked == ["none", "dots_saveable", "minimal"]
+    assert choose_remat(peaks.get, budget_bytes=11.0).policy == "none"
+    assert choose_remat(peaks.get, budget_bytes=10.5).policy == "dots_saveable"  # headroom
+    nothing = choose_remat(peaks.get, budget_bytes=1.0)
+    assert nothing.policy == "full" and list(nothing.peaks) == list(peaks)
+    assert "nothing fits" in nothing.describe() and "nothing fits" not in choice.describe()

@@ -15,8 +15,14 @@ device: arguments, outputs, temporaries, peak and what else the process holds ag
 chip's memory, whether it fits (a compile-time out-of-memory is "does not fit" with the
 bytes asked), compile seconds, collective bytes per call, and the attention in the compiled
 program (the kernel's custom call, or xla). It warns when a requested kernel is absent and
-when a kernel runs on the global batch. `--json` writes, per function, peak_bytes,
-memory_bytes, fits, collective_bytes, attention, compile_s (and the rest of the report).
+when a kernel runs on the global batch. With `model.remat=auto` it compiles the update under
+each recompute policy, least recompute first, and keeps the first that fits the trainer's
+share of the chip (`dapo_jax.train.update.choose_remat`, the trainer's own rule); every row
+says its policy, the update's FLOPs (dots as compiled, `dapo_jax.experiments.hlo`) beside
+remat=full's, and its asynchronous collectives (with compute between start and done).
+`--json` writes, per function, peak_bytes, memory_bytes, fits, collective_bytes, flops,
+full_flops, remat, async_collectives, overlapped_collectives, attention, compile_s, notes
+(and the rest of the report).
 Needs the aot extra (`pip install -e ".[aot]"`: libtpu, the CUDA plugin, ptxas).
 """
 
@@ -58,14 +64,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def table(target: targets.Target, reports: dict[str, targets.FunctionReport]) -> str:
     gib = lambda b: f"{b / GIB:.2f}"
     lines = [f"target {target.label}; memory in GiB per device of "
-             f"{gib(target.memory_bytes)}, collectives in GB per device and call", "",
-             "| function | arguments | outputs | temporaries | peak | + resident | fits | "
-             "collectives | attention | compile s |", "|" + "---|" * 10]
+             f"{gib(target.memory_bytes)}, collectives in GB per device and call, TFLOP per "
+             "device and call (dots as compiled, recompute included; remat=full's beside)", "",
+             "| function | remat | arguments | outputs | temporaries | peak | + resident | fits | "
+             "collectives | async (overlapped) | TFLOP (full) | attention | compile s |",
+             "|" + "---|" * 13]
     for r in reports.values():
         fits = "yes" if r.fits else f"**no** {r.error}".strip()
-        lines.append(f"| {r.name} | {gib(r.argument_bytes)} | {gib(r.output_bytes)} | "
+        flops = f"{r.flops / 1e12:.3g}" + (f" ({r.full_flops / 1e12:.3g})" if r.full_flops else "")
+        lines.append(f"| {r.name} | {r.remat} | {gib(r.argument_bytes)} | {gib(r.output_bytes)} | "
                      f"{gib(r.temp_bytes)} | {gib(r.peak_bytes)} | {gib(r.resident_bytes)} | "
-                     f"{fits} | {r.collective_bytes / 1e9:.3f} | {r.attention} | "
+                     f"{fits} | {r.collective_bytes / 1e9:.3f} | {r.async_collectives} "
+                     f"({r.overlapped_collectives}) | {flops} | {r.attention} | "
                      f"{r.compile_s:.1f} |")
     return "\n".join(lines)
 
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         cfg, model = targets.load_run(a.config, parse_overrides(rest), a.preset)
-        target = targets.get_target(a.target)
+        target = targets.get_target(a.target, gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
         functions = tuple(f for f in a.functions.split(",") if f)
         reports = targets.compile_config(cfg, model, target,
                                          attention_impl=a.attention_impl or None,
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(target, reports))
     for r in reports.values():
+        for note in r.notes:
+            print(f"{r.name}: {note}")
         for w in r.warnings:
             print(f"warning: {r.name}: {w}", file=sys.stderr)
     if a.json:

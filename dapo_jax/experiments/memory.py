@@ -196,7 +196,8 @@ def main() -> None:
     a = p.parse_args()
     try:
         cfg, model = targets.load_run(a.config, {}, a.preset)
-        target = targets.get_target(a.target, cpu_fallback=True)
+        target = targets.get_target(a.target, cpu_fallback=True,
+                                    gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
         result = plan(cfg, model, target)
     except (targets.TargetError, config_lib.ConfigError) as e:
         sys.exit(f"error: {e}")

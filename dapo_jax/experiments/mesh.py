@@ -49,7 +49,13 @@ from dapo_jax.experiments.timing import (  # noqa: E402
 from dapo_jax.models import Precision, preset  # noqa: E402
 from dapo_jax.models.kernels import resolve_attention_impl  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
-from dapo_jax.train.update import make_optimizer, make_train_fns  # noqa: E402
+from dapo_jax.train.update import (  # noqa: E402
+    abstract_batch,
+    abstract_train_state,
+    make_optimizer,
+    make_train_fns,
+    per_device_bytes,
+)
 
 
 def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_batch: int,
@@ -58,17 +64,17 @@ def analyse(preset_name: str, mesh_shape: tuple[int, ...], seq_len: int, micro_b
     mesh = make_mesh(mesh_shape, devices=list(target.devices))
     dp = mesh_shape[0] * mesh_shape[1]
     optimizer = make_optimizer(BENCH_OPTIMIZER)
-    graphdef, params, opt_state = targets.abstract_train_state(
+    graphdef, params, opt_state = abstract_train_state(
         cfg, Precision("float32", "bfloat16"), "full", optimizer, mesh)
     rows = micro_batch * dp  # one micro-batch per device per step
-    batch = targets.abstract_batch(rows, seq_len, mesh)
+    batch = abstract_batch(rows, seq_len, mesh)
     fns = make_train_fns(graphdef, params, optimizer, BENCH_LOSS, mesh=mesh)
     r = targets.compile_report("update", lambda: fns.lower_update(params, opt_state, batch),
                                target, requested_kernel=resolve_attention_impl(
                                    "auto", target.platform, device=target.devices[0],
                                    head_dim=cfg.head_dim, dtype="bfloat16"), global_rows=rows,
                                local_rows=micro_batch)
-    param_b, opt_b = targets.per_device_bytes(params), targets.per_device_bytes(opt_state)
+    param_b, opt_b = per_device_bytes(params), per_device_bytes(opt_state)
     out: dict[str, float | str] = {
         "mesh": "x".join(map(str, mesh_shape)), "micro_batch": micro_batch, "seq_len": seq_len,
         "params_GB": param_b / 1e9, "opt_state_GB": opt_b / 1e9,

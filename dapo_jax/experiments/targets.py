@@ -31,27 +31,31 @@ os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
+from dapo_jax.experiments.hlo import Program, collective_bytes, kernel_calls  # noqa: E402
 from dapo_jax.generation import Generator  # noqa: E402
-from dapo_jax.models import Precision, Qwen, QwenConfig, preset, read_config, state_shardings  # noqa: E402,E501
+from dapo_jax.models import Precision, QwenConfig, preset, read_config  # noqa: E402,E501
 from dapo_jax.models.kernels import (  # noqa: E402
     KernelUnavailable,
+    attention_pairs,
     installed,
     platform_of,
     resolve_attention_impl,
 )
+from dapo_jax.placement import with_xla_flags  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
+from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
 from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
-    BATCH_KEYS,
+    OUT_OF_MEMORY,
+    abstract_batch,
+    abstract_train_state,
+    choose_remat,
     make_optimizer,
     make_train_fns,
-    optimizer_shardings,
+    per_device_bytes,
 )
 
 GIB = 2**30
@@ -68,9 +72,6 @@ TPU_TARGETS: dict[str, tuple[str, float, float]] = {
 }
 GPU_TARGETS = {"h100x8": H100_DESCRIPTION}
 TARGETS = (*GPU_TARGETS, *TPU_TARGETS, "local")
-# Custom-call targets of the attention kernels (dapo_jax.models.kernels).
-KERNEL_CALLS = ("tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2", "__gpu$xla.gpu.triton")
-_OOM = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|[Oo]ut of memory")
 
 
 class TargetError(ValueError):
@@ -122,12 +123,18 @@ def local_target() -> Target:
     return Target("local", platform, tuple(devices), memory, devices[0].device_kind)
 
 
-def get_target(name: str, *, cpu_fallback: bool = False, num_devices: int = 8) -> Target:
+def get_target(name: str, *, cpu_fallback: bool = False, num_devices: int = 8,
+               gpu_flags: tuple[str, ...] = GPU_XLA_FLAGS) -> Target:
     """The devices of target `name`: h100x8, v5p-8, v6e-8, v5e-8, a GPU target description
     file (a GpuTargetConfigProto in text form, 8 GPUs), or `local` (`local_target`). With
     `cpu_fallback`, a target whose plugin is not installed becomes `num_devices` CPU
-    devices, labelled."""
+    devices, labelled. A GPU program compiles with `gpu_flags` (the trainer's
+    `trainer.xla_gpu_flags`) in XLA_FLAGS, set here before the first backend starts: XLA
+    reads them once per process."""
     from jax.experimental import topologies
+
+    if name not in TPU_TARGETS and name != "cpu":
+        os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), gpu_flags)
 
     if name == "cpu":
         return _cpu_target("cpu", num_devices, "")
@@ -171,48 +178,6 @@ def _cpu_target(name: str, num_devices: int, fallback: str) -> Target:
                   fallback or "this host")
 
 
-# ----------------------------------------------------------------------------- HLO reading
-_COLLECTIVE = re.compile(
-    r"=\s*([a-z0-9\[\],{}()\s:_TS*]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute|collective-broadcast|ragged-all-to-all)(-start)?\(")
-_SHAPE = re.compile(r"(bf16|f32|f16|s32|u32|pred|s8|u8|s64|u64|f64)\[([\d,]*)\]")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
-          "s64": 8, "u64": 8, "f64": 8}
-
-
-def _shape_bytes(dtype: str, dims: str) -> float:
-    return _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-
-
-def collective_bytes(hlo: str) -> float:
-    """Bytes the collectives of a compiled program produce, per device and call: each
-    collective's output size (an async all-gather's or collective-permute's start returns
-    (operand, output): only the output counts). A loop body's collectives count once per
-    appearance in the text, not per iteration, alike for every attention backend."""
-    total = 0.0
-    for result, op, start in _COLLECTIVE.findall(hlo):
-        shapes = _SHAPE.findall(result)
-        if start and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
-            shapes = shapes[1:2]
-        total += sum(_shape_bytes(d, s) for d, s in shapes)
-    return total
-
-
-_CUSTOM_CALL = re.compile(r"=\s*(.+?)\s+custom-call\(.*?custom_call_target=\"([^\"]+)\"")
-
-
-def kernel_calls(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """(custom-call target, result shapes) of every attention kernel in a compiled program."""
-    out = []
-    for line in hlo.splitlines():
-        m = _CUSTOM_CALL.search(line)
-        if m and m.group(2) in KERNEL_CALLS:
-            shapes = [tuple(int(d) for d in dims.split(",") if d)
-                      for _, dims in _SHAPE.findall(m.group(1))]
-            out.append((m.group(2), shapes))
-    return out
-
-
 # ----------------------------------------------------------------------------- compiling
 @dataclasses.dataclass
 class FunctionReport:
@@ -228,10 +193,19 @@ class FunctionReport:
     resident_bytes: float = 0.0  # other buffers of the process live during the call
     fits: bool = False  # peak + resident within the chip's memory
     collective_bytes: float = 0.0
+    # Dot FLOPs per call as compiled (loops counted per iteration, recompute included;
+    # dapo_jax.experiments.hlo), and the asynchronous collectives, with how many of them have
+    # compute scheduled between start and done.
+    flops: float = 0.0
+    remat: str = ""  # the policy compiled (model.remat, or what auto chose)
+    full_flops: float = 0.0  # the update's FLOPs under remat=full, when another policy ran
+    async_collectives: int = 0
+    overlapped_collectives: int = 0
     attention: str = "xla"  # the kernels' custom-call targets found, or "xla"
     compile_s: float = 0.0
     error: str = ""  # a compile-time out-of-memory: the compiler's words
     warnings: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # decisions, e.g. remat=auto's
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,10 +229,11 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
         with jax.default_device(target.devices[0]):
             compiled = lower().compile()
     except Exception as e:
-        if not _OOM.search(str(e)):
+        if not OUT_OF_MEMORY.search(str(e)):
             raise
         report.compile_s = time.perf_counter() - start
-        report.error = next(line for line in str(e).splitlines() if _OOM.search(line)).strip()
+        report.error = next(line for line in str(e).splitlines()
+                            if OUT_OF_MEMORY.search(line)).strip()
         asked = re.findall(r"\(([\d.]+)G\)", report.error)
         report.peak_bytes = float(asked[0]) * 1e9 if asked else math.inf
         return report
@@ -272,7 +247,10 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
                          report.temp_bytes)
     report.fits = report.peak_bytes + resident_bytes <= target.memory_bytes
     hlo = compiled.as_text()
+    program = Program.parse(hlo)
     report.collective_bytes = collective_bytes(hlo)
+    report.flops = program.flops()
+    report.async_collectives, report.overlapped_collectives = program.async_collectives()
     calls = kernel_calls(hlo)
     report.attention = ",".join(sorted({c for c, _ in calls})) or "xla"
     if requested_kernel != "xla" and not calls:
@@ -284,40 +262,6 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
                                f"({global_rows} rows, {local_rows} per device): it is not "
                                "partitioned")
     return report
-
-
-def per_device_bytes(tree: Any) -> float:
-    """Bytes of one device's shards of an abstract (sharded) tree."""
-    total = 0.0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
-def abstract_train_state(cfg: QwenConfig, precision: Precision, remat: str,
-                         optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                         attention_impl: str = "auto") -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, params, optimiser state) as sharded `jax.ShapeDtypeStruct`s: nothing is
-    allocated, so any model size compiles on a CPU."""
-    abstract = nnx.eval_shape(lambda: Qwen(cfg, precision=precision, remat=remat,
-                                           attention_impl=attention_impl, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    params = jax.tree.map(with_sharding, state, state_shardings(state, mesh))
-    opt_state = jax.tree.map(with_sharding, jax.eval_shape(optimizer.init, params),
-                             optimizer_shardings(optimizer, params))
-    return graphdef, params, opt_state
-
-
-def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
-                   keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
-    """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    dtype = lambda k: jnp.int32 if k in ("input_ids", "segment_ids", "positions") else \
-        jnp.float32
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
-            for k in keys}
 
 
 def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
@@ -361,6 +305,16 @@ def load_run(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[
 FUNCTIONS = ("update", "logprobs", "generate")
 
 
+def attention_note(impl: str, T: int) -> str:
+    """How much of the causal triangle `impl`'s attention computes for a row of T tokens
+    (`kernels.attention_pairs`)."""
+    if impl not in ("xla", "tokamax_mosaic", "splash"):
+        return f"attention {impl}: its causal skip is not modelled here"
+    ratio = attention_pairs(impl, T) / (T * (T + 1) / 2)
+    return (f"attention {impl} computes {ratio:.2f}x the causal (query, key) pairs at {T:,} "
+            "tokens a row (before skipping across packed segments)")
+
+
 def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                    attention_impl: str | None = None,
                    functions: tuple[str, ...] = FUNCTIONS) -> dict[str, FunctionReport]:
@@ -396,12 +350,21 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
     optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
-    graphdef, params, opt_state = abstract_train_state(model, precision, cfg.model.remat,
-                                                       optimizer, mesh, impl)
+    loss = loss_config(cfg, sizes["max_seq_len"])
     seq = t.max_prompt_length + g.sampling_params.max_generate_length
-    fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
-                         micro_batch_rows=sizes["micro_rows"],
-                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
+    # The most rows a mini-batch takes (every sequence its own row), in whole micro-batches,
+    # as `dapo_jax.train.batch` lays them out; the log-prob pass runs per mini-batch too.
+    whole = lambda n, micro: -(-n // micro) * micro
+    mini_rows = whole(sizes["mini_rows"], sizes["micro_rows"])
+
+    def train_fns(remat: str) -> tuple[Any, Any, Any, Any]:
+        graphdef, params, opt_state = abstract_train_state(model, precision, remat, optimizer,
+                                                           mesh, impl)
+        return graphdef, params, opt_state, make_train_fns(
+            graphdef, params, optimizer, loss, micro_batch_rows=sizes["micro_rows"],
+            forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
+
+    _, params, opt_state, _ = train_fns("none")
     masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
     in_process = g.backend == "jax"
     engine_params = jax.tree.map(
@@ -409,18 +372,47 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
         params)
     engine_copy = per_device_bytes(engine_params) if in_process and \
         g.model_dtype != cfg.model.param_dtype else 0.0
+    updates: dict[str, FunctionReport] = {}  # remat policy -> the update compiled with it
+
+    def update_report(remat: str) -> FunctionReport:
+        if remat not in updates:
+            # The abstract state is built outside compile_report's default device (the
+            # target's, which cannot run the optimiser's set-up), the lowering inside it.
+            _, params, opt_state, fns = train_fns(remat)
+            batch = abstract_batch(mini_rows, seq, mesh)
+            updates[remat] = compile_report(
+                "update", lambda: fns.lower_update(params, opt_state, batch), target,
+                requested_kernel=requested,
+                global_rows=sizes["micro_rows"], local_rows=sizes["micro_rows"] // dp,
+                resident_bytes=engine_copy)
+            updates[remat].remat = remat
+        return updates[remat]
+
+    remat, choice = cfg.model.remat, None
+    if remat == "auto":
+        # The trainer's share of the chip: the GPU's XLA_PYTHON_CLIENT_MEM_FRACTION, a TPU's
+        # whole HBM; less the rollout copy the in-process engine keeps beside the update.
+        share = config_lib.trainer_memory_fraction(cfg) if target.platform == "gpu" else 1.0
+        budget = share * target.memory_bytes - engine_copy
+        if "update" in functions:
+            choice = choose_remat(lambda p: update_report(p).peak_bytes, budget)
+            remat = choice.policy
+        else:
+            remat = "full"  # the forward-only functions compile the same under any policy
+    graphdef, params, opt_state, fns = train_fns(remat)
     rollout_rows = t.train_batch_size * g.n_samples_per_prompt
-    # The most rows a mini-batch takes (every sequence its own row), in whole micro-batches,
-    # as `dapo_jax.train.batch` lays them out; the log-prob pass runs per mini-batch too.
-    whole = lambda n, micro: -(-n // micro) * micro
     reports = {}
     for name in functions:
         if name == "update":
-            batch = abstract_batch(whole(sizes["mini_rows"], sizes["micro_rows"]), seq, mesh)
-            lower = lambda b=batch: fns.lower_update(params, opt_state, b)
-            rows, resident = sizes["micro_rows"], engine_copy
-        elif name == "logprobs":
-            r = abstract_batch(whole(sizes["mini_rows"], sizes["micro_rows"]), seq, mesh,
+            reports[name] = report = update_report(remat)
+            if remat != "full":  # what the recompute it saves is worth
+                report.full_flops = update_report("full").flops
+            if choice is not None:
+                report.notes.append(choice.describe())
+            report.notes.append(attention_note(requested, seq))
+            continue
+        if name == "logprobs":
+            r = abstract_batch(mini_rows, seq, mesh,
                                keys=("input_ids", "segment_ids", "positions"))
             lower = lambda r=r: fns.lower_logprobs(params, r["input_ids"], r["segment_ids"],
                                                    r["positions"])
@@ -440,6 +432,7 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
         reports[name] = compile_report(name, lower, target, requested_kernel=requested,
                                        global_rows=rows, local_rows=rows // dp,
                                        resident_bytes=resident)
+        reports[name].remat = remat
         if name == "generate" and not in_process:
             reports[name].warnings.append(
                 f"the run generates in {g.sidecar_engine} sidecars (generator.backend="

@@ -187,6 +187,31 @@ def resolve_attention_impl(impl: str, platform: str | None = None, *, device: An
     return "xla"
 
 
+def attention_pairs(impl: str, T: int) -> int:
+    """(query, key) score pairs one head computes for a row of T tokens in one layer's
+    forward pass, by how `impl` skips the causal triangle (without skipping across packed
+    segments, which the kernels' per-query key starts add on top): our XLA attention up to
+    `qwen.CAUSAL_MAX_LEN` tokens runs CAUSAL_BLOCK queries against the keys up to the
+    block's end, beyond it SEQUENTIAL_BLOCK queries against all keys (the whole square);
+    tokamax's Mosaic kernel runs tiles of MOSAIC_BLOCK x MOSAIC_BLOCK and skips those above
+    the diagonal; splash likewise on its blocks. The causal minimum is T (T + 1) / 2."""
+    from dapo_jax.models import qwen
+
+    def triangle(block_q: int, block_k: int, n: int) -> int:
+        return sum(min(-(-(min(q + block_q, n)) // block_k) * block_k, n) * min(block_q, n - q)
+                   for q in range(0, n, block_q))
+
+    if impl == "xla":
+        if T <= qwen.CAUSAL_BLOCK:
+            return T * T
+        if T <= qwen.CAUSAL_MAX_LEN:
+            return triangle(qwen.CAUSAL_BLOCK, 1, T)
+        return -(-T // qwen.SEQUENTIAL_BLOCK) * qwen.SEQUENTIAL_BLOCK * T
+    block = MOSAIC_BLOCK if impl == "tokamax_mosaic" else SPLASH_BLOCK
+    padded = -(-T // block) * block
+    return triangle(block, block, padded)
+
+
 def _segment_starts(segment_ids_BT: jax.Array) -> jax.Array:
     """Index of the first token of each token's segment (run of equal ids), [B, T]."""
     T = segment_ids_BT.shape[1]

@@ -26,11 +26,19 @@ from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.kernels import check_attention_impl, fused_attention, resolve_attention_impl
 from dapo_jax.sharding import constrain, named_sharding
 
+# What a layer keeps for its backward pass, least recompute first (REMAT_ORDER): everything
+# (none); every matmul's output, attention's too (dots_saveable); only the projections'
+# outputs, the matmuls without batch dimensions, recomputing attention, norms and the
+# activation (minimal: MaxText's `minimal`, checkpoint_dots_with_no_batch_dims); only the
+# layer's input, the whole forward again (full). `model.remat=auto` picks the first that fits
+# (dapo_jax.train.update.choose_remat).
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
 }
+REMAT_ORDER = tuple(REMAT_POLICIES)
 
 _init = nnx.initializers.normal(0.02)
 

@@ -12,11 +12,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from dapo_jax.placement import apply_trainer_memory_fraction
+    from dapo_jax.placement import apply_trainer_memory_fraction, apply_trainer_xla_flags
     from dapo_jax.procs import exit_with_parent
 
     exit_with_parent()
     apply_trainer_memory_fraction(_CONFIG.value)  # before JAX creates its GPU client
+    apply_trainer_xla_flags(_CONFIG.value)
     from dapo_jax.prompts import DataError
     from dapo_jax.rewards import RewardError
     from dapo_jax.rollout_client import RolloutError

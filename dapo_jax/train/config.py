@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from dapo_jax.generation import SamplingParams
 from dapo_jax.models.kernels import check_attention_impl
+from dapo_jax.models.qwen import REMAT_ORDER
 from dapo_jax.multihost import DistributedConfig
 from dapo_jax.sharding import resolve_mesh_shape
 from dapo_jax.train import objective
@@ -36,7 +37,10 @@ def default_config() -> ConfigDict:
         # near 0.02 cannot take a step below ~1e-4, so "bfloat16" is refused by `validate`.
         "param_dtype": "float32",
         "compute_dtype": "float32",  # float32 | bfloat16: matmuls and activations
-        "remat": "none",  # none | full | dots_saveable
+        # What the backward pass recomputes (models/qwen.py REMAT_POLICIES, least first):
+        # none | dots_saveable | minimal | full, or auto: the least that fits the trainer's
+        # memory, decided by compiling the update for its devices (update.choose_remat).
+        "remat": "none",
         # Training/prefill attention, decided for the compile target: auto (xla on CPU,
         # splash on TPU, tokamax Mosaic/Triton on GPU) | xla (ours, blocked) | splash |
         # tokamax_{mosaic,triton,xla,xla_chunked} (dapo_jax/models/kernels.py)
@@ -141,6 +145,10 @@ def default_config() -> ConfigDict:
         # generator.gpu_memory_utilization must sum to at most 1. 0: follow the placement
         # (`trainer_memory_fraction`: what colocated sidecars leave, else 0.9).
         "xla_memory_fraction": 0.0,
+        # XLA's GPU compiler options for the trainer, added to XLA_FLAGS before JAX starts
+        # (a flag already in XLA_FLAGS wins): MaxText's set, each justified in
+        # dapo_jax/placement.py. () for XLA's defaults. Ignored by the CPU and TPU compilers.
+        "xla_gpu_flags": GPU_XLA_FLAGS,
         # Generation runs ahead of the trainer in its own thread (README "Asynchronous
         # training"): a group scheduled at step i is trained at a step j with
         # j - i <= max_staleness_steps (SkyRL's names and default; 0: the synchronous loop's
@@ -387,8 +395,8 @@ def _validate_precision(cfg: ConfigDict) -> None:
               "(bfloat16 master weights turn NaN at step 1 and cannot take steps below ~1e-4 "
               "of a weight); for bf16 compute set model.compute_dtype=bfloat16, and "
               "generator.model_dtype=bfloat16 for bf16 rollout weights")
-    if m.remat not in ("none", "full", "dots_saveable"):
-        _fail("model.remat", f"{m.remat!r} is not none, full or dots_saveable")
+    if m.remat not in ("auto", *REMAT_ORDER):
+        _fail("model.remat", f"{m.remat!r} is not auto or one of {', '.join(REMAT_ORDER)}")
     try:
         check_attention_impl(m.attention_impl)
     except (ValueError, ImportError) as e:
@@ -449,6 +457,27 @@ def _validate_generator(cfg: ConfigDict) -> None:
                   f"{t.placement.policy_num_gpus_per_node}")
 
 
+# What each changes in the 8x H100 compile of the 1.7B seed update (bench/gpu_flags.py,
+# bench/RESULTS.md): pipelining FSDP's per-layer all-gathers and reduce-scatters across the
+# scan's iterations (double-buffered loops) turns the 16 asynchronous collectives XLA's
+# default schedule overlaps into 150, every one with compute between start and done.
+GPU_XLA_FLAGS = (
+    # Schedules asynchronous collectives around independent compute (XLA's default now;
+    # pinned so the trainer does not depend on it).
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # The next layer's weight all-gather (FSDP) during this layer's compute, the gradient
+    # reduce-scatters and all-reduces likewise; needs the loop double-buffered.
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    # Collectives on a stream of their own at the highest priority (a runtime setting: the
+    # program is the same).
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    # Matmuls through cuBLAS rather than generated Triton GEMMs (MaxText's choice: cuBLAS is
+    # at least as fast for the large bf16 shapes of a transformer, and compiles faster).
+    "--xla_gpu_enable_triton_gemm=false",
+)
 # A trainer alone on its GPUs (the in-process engine, or sidecars on GPUs of their own)
 # takes this much of each (JAX's default is 0.75; the rest is the CUDA context's and
 # cuDNN/cuBLAS workspaces'). Colocated with sidecars, trainer + sidecars take

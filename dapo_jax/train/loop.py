@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from dapo_jax import evaluation, multihost
 from dapo_jax.generation import SamplingParams, stop_token_ids
-from dapo_jax.models import load_pretrained, read_config
+from dapo_jax.models import Precision, QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
 from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState, load_prompt_set
@@ -46,12 +50,18 @@ from dapo_jax.train.rollout import (
 )
 from dapo_jax.train.step import StepSettings, train_step
 from dapo_jax.train.update import (
+    OUT_OF_MEMORY,
     LossConfig,
     OptimizerConfig,
     TrainFns,
+    abstract_train_state,
+    choose_remat,
+    compiled_peak_bytes,
     init_optimizer,
+    lower_update,
     make_optimizer,
     make_train_fns,
+    per_device_bytes,
 )
 
 
@@ -194,6 +204,55 @@ def attention_impl(cfg: ConfigDict, device: jax.Device) -> str:
         raise config_lib.ConfigError(str(e)) from None
 
 
+def memory_budget(devices: list[jax.Device]) -> float:
+    """Bytes per device the trainer's allocator may hold: the least `bytes_limit` of
+    `devices` (a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of its memory, a TPU's HBM); on CPU,
+    which reports none, this machine's memory x ALONE_MEMORY_FRACTION over its devices."""
+    stats = [d.memory_stats() for d in devices]
+    if all(s and s.get("bytes_limit") for s in stats):
+        return float(min(s["bytes_limit"] for s in stats))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram * config_lib.ALONE_MEMORY_FRACTION / jax.local_device_count()
+
+
+def remat_policy(cfg: ConfigDict, model_cfg: QwenConfig, impl: str, mesh: jax.sharding.Mesh,
+                 devices: list[jax.Device], sizes: dict[str, int],
+                 optimizer: optax.GradientTransformation) -> str:
+    """`model.remat`, or for `auto` the policy with the least recompute whose update, compiled
+    here for these devices, fits their memory (less the in-process engine's rollout copy):
+    `update.choose_remat`, the compile tool's rule; decided on process 0, said once."""
+    m, t, g = cfg.model, cfg.trainer, cfg.generator
+    if m.remat != "auto":
+        return m.remat
+    precision = Precision(m.param_dtype, m.compute_dtype)
+    seq = t.max_prompt_length + g.sampling_params.max_generate_length
+    micro = sizes["micro_rows"]
+    rows = -(-sizes["mini_rows"] // micro) * micro  # the most a mini-batch lays out
+    _, params, _ = abstract_train_state(model_cfg, precision, "none", optimizer, mesh, impl)
+    engine_copy = per_device_bytes(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
+        params)) if g.backend == "jax" and g.model_dtype != m.param_dtype else 0.0
+
+    def peak(policy: str) -> float:
+        lowered = lower_update(policy, model=model_cfg, precision=precision,
+                               attention_impl=impl, optimizer=optimizer,
+                               loss=loss_config(cfg, sizes["max_seq_len"]), mesh=mesh,
+                               micro_rows=micro, forward_micro_rows=sizes["forward_micro_rows"],
+                               rows=rows, seq_len=seq)
+        try:
+            return compiled_peak_bytes(lowered.compile())
+        except Exception as e:  # a compile-time out-of-memory (TPU) does not fit
+            if not OUT_OF_MEMORY.search(str(e)):
+                raise
+            return math.inf
+
+    choice = multihost.from_primary(
+        lambda: choose_remat(peak, memory_budget(devices) - engine_copy))
+    if multihost.is_primary():
+        print(choice.describe(), file=sys.stderr, flush=True)
+    return choice.policy
+
+
 def setup(cfg: ConfigDict) -> Run:
     """Validates the config, loads data and model, builds the jitted functions, the engine,
     the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
@@ -215,6 +274,11 @@ def setup(cfg: ConfigDict) -> Run:
     trainer_devices, own_devices = split_devices(per_process)
     mesh = make_mesh(cfg.mesh.shape, trainer_devices)
     impl = attention_impl(cfg, trainer_devices[0])
+    if primary and platform_of(trainer_devices[0]) == "gpu":  # in effect since JAX started
+        gpu_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if f.startswith("--xla_gpu")]
+        print(f"XLA GPU flags (trainer.xla_gpu_flags): {' '.join(gpu_flags) or 'none'}",
+              file=sys.stderr, flush=True)
     # The in-process engine's own mesh (colocate_all=false): this process's devices after
     # the trainer's.
     gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
@@ -229,14 +293,17 @@ def setup(cfg: ConfigDict) -> Run:
     max_steps = config_lib.total_steps(cfg, len(train_set.examples))
 
     m = cfg.model
+    optimizer = make_optimizer(optimizer_config(cfg, max_steps))
+    remat = remat_policy(cfg, read_config(m.path), impl, mesh,
+                         [d for d in trainer_devices if d.process_index == jax.process_index()],
+                         sizes, optimizer)
     model = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                            remat=m.remat, attention_impl=impl, mesh=mesh)
+                            remat=remat, attention_impl=impl, mesh=mesh)
     graphdef, params = nnx.split(model)
     # The reference policy never trains: its weights are kept in the compute dtype.
     ref_params = nnx.split(load_pretrained(
-        m.path, dtype=m.compute_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+        m.path, dtype=m.compute_dtype, compute_dtype=m.compute_dtype, remat=remat,
         attention_impl=impl, mesh=mesh))[1] if t.algorithm.use_kl_loss else None
-    optimizer = make_optimizer(optimizer_config(cfg, max_steps))
     opt_state = init_optimizer(optimizer, params)
     fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
                          micro_batch_rows=sizes["micro_rows"],
