@@ -317,5 +317,13 @@ def test_loops_without_a_known_trip_count_and_async_collectives():
     ])
     program = hlo_lib.Program.parse(text)
     assert program.flops() == 30 * 2 * 8 * 8 * 8
+    # TPU's q projection as a convolution: a window of 16 heads slides over a padded
+    # dimension of size 1, so only the 2,048 input features count per output element.
+    conv = ("%c (lhs: bf16[2,64,2048,1], rhs: bf16[16,128,2048,1]) -> bf16[2,64,16,128] {\n"
+            "  %lhs = bf16[2,64,2048,1]{3,2,1,0} parameter(0)\n"
+            "  %rhs = bf16[16,128,2048,1]{3,2,1,0} parameter(1)\n"
+            "  ROOT %q = bf16[2,64,16,128]{3,2,1,0} convolution(%lhs, %rhs), "
+            "window={size=1x16 pad=0_0x15_0 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f\n}")
+    assert hlo_lib.Program.parse(conv).flops("c") == 2 * (2 * 64 * 16 * 128) * 2048
     assert program.async_collectives() == (2, 1)
     assert hlo_lib.collective_bytes(text) == 64 * 8 * 4 + 8 * 8 * 4

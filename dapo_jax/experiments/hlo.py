@@ -206,13 +206,21 @@ class Program:
             m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
             contracted = math.prod(lhs[int(d)] for d in _dims(m.group(1))) if m and lhs else 0
         elif inst.op == "convolution":
+            # Each output element sums the input features times the window positions that
+            # meet the input: TPU writes a matmul over heads as a convolution whose window
+            # (16) slides over a padded spatial dimension of size 1, where only 1 position
+            # does, so each spatial dimension counts min(window, input size).
             labels = re.search(r"dim_labels=(\w+)_", inst.attrs)
             window = re.search(r"window=\{size=([\dx]+)", inst.attrs)
             groups = re.search(r"feature_group_count=(\d+)", inst.attrs)
-            f = labels.group(1).find("f") if labels else -1
-            contracted = (lhs[f] if 0 <= f < len(lhs) else 0) * \
-                (math.prod(int(w) for w in window.group(1).split("x")) if window else 1) // \
-                (int(groups.group(1)) if groups else 1)
+            lhs_labels = labels.group(1) if labels else ""
+            f = lhs_labels.find("f")
+            contracted = lhs[f] if 0 <= f < len(lhs) else 0
+            if window:
+                for d, size in enumerate(int(w) for w in window.group(1).split("x")):
+                    at = lhs_labels.find(str(d))
+                    contracted *= min(size, lhs[at]) if 0 <= at < len(lhs) else size
+            contracted //= int(groups.group(1)) if groups else 1
         else:  # a cuBLAS gemm: its contracting dimensions are in the backend config
             m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs)
             dims = [int(d) for d in re.findall(r"\d+", m.group(1))] if m else []

@@ -12,7 +12,7 @@ old-log-prob pass over the rollout batch in forward micro-batches, with the Adam
 resident beside it. The trainer's peak is the larger of the two; it must fit in
 `trainer.xla_memory_fraction` of the GPU (JAX preallocates exactly that pool), and the
 suggested fraction is the smallest multiple of 0.05 that holds the peak with
-`HEADROOM` to spare. Without the aot extra the compile falls back to simulated CPU devices
+`MEMORY_HEADROOM` to spare. Without the aot extra the compile falls back to simulated CPU devices
 and says so (XLA:CPU's figures were 6-10 GiB per GPU above the H100 compiler's).
 
 The sidecar, per GPU, with vLLM's own accounting (vllm/v1/worker/gpu_worker.py): it asks
@@ -43,9 +43,9 @@ from dapo_jax.experiments import targets  # noqa: E402
 from dapo_jax.experiments.lengths import row_efficiency  # noqa: E402
 from dapo_jax.models.config import QwenConfig  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
+from dapo_jax.train.update import MEMORY_HEADROOM  # noqa: E402
 
 GIB = 2**30
-HEADROOM = 0.15  # allocator fragmentation, and what a compile without the GPU cannot see
 CUDA_CONTEXT_GIB = 0.5  # per process, outside both budgets
 CUDA_GRAPHS_GIB = 1.0  # vLLM's captured graphs: not counted in its utilisation by default
 VLLM_BATCHED_TOKENS = 16384  # vLLM's LLM-class defaults on a >= 70 GB GPU (not A100)
@@ -84,7 +84,7 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target
         "useful_padded": padded, "useful_packed": packed,
         "rows_per_device_update": t.micro_train_batch_size_per_gpu,
         "rows_per_device_forward": t.micro_forward_batch_size_per_gpu,
-        "seq_len": seq, "update_arguments": update.argument_bytes,
+        "seq_len": seq, "remat": update.remat, "update_arguments": update.argument_bytes,
         "update_peak": update.peak_bytes, "update_temp": update.temp_bytes,
         "forward_peak": forward.peak_bytes + forward.resident_bytes,
         "peak": max(update.peak_bytes + update.resident_bytes,
@@ -93,8 +93,8 @@ def trainer_plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target
 
 
 def suggested_fraction(peak: float, gpu: float) -> float:
-    """The smallest multiple of 0.05 of the GPU that holds `peak` x (1 + HEADROOM)."""
-    return math.ceil(peak * (1 + HEADROOM) / gpu / 0.05 - 1e-9) * 0.05
+    """The smallest multiple of 0.05 of the GPU that holds `peak` x (1 + MEMORY_HEADROOM)."""
+    return math.ceil(peak * (1 + MEMORY_HEADROOM) / gpu / 0.05 - 1e-9) * 0.05
 
 
 def sidecar_plan(cfg: ConfigDict, model: QwenConfig, gpu_bytes: float) -> dict[str, float]:
@@ -137,7 +137,8 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
     ok = lambda b: "yes" if b else "**no**"
     lines = [
         f"### {name}", "",
-        f"Compiled for {p['target']}. Mesh {tuple(cfg.mesh.shape)}, remat {cfg.model.remat}, "
+        f"Compiled for {p['target']}. Mesh {tuple(cfg.mesh.shape)}, remat {tr['remat']}"
+        f"{' (model.remat=auto)' if cfg.model.remat == 'auto' else ''}, "
         f"float32 masters + AdamW, {cfg.model.compute_dtype} compute, rows of {tr['seq_len']} "
         f"tokens (one padded sequence, or several packed); update micro-batch "
         f"{tr['rows_per_device_update']} and forward micro-batch "
@@ -181,7 +182,7 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"Fits: trainer peak within its budget: {ok(p['trainer_fits'])}; at least one "
         f"full-length sequence of KV cache (vLLM's start condition): {ok(p['kv_fits'])}; "
         f"the GPU: {ok(p['gpu_fits'])}. Suggested trainer.xla_memory_fraction (peak + "
-        f"{HEADROOM:.0%}): {p['suggested_fraction']:.2f}.", ""]
+        f"{MEMORY_HEADROOM:.0%}): {p['suggested_fraction']:.2f}.", ""]
     return "\n".join(lines)
 
 

@@ -401,10 +401,11 @@ def compiled_peak_bytes(compiled: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- recompute
-# What the compiled peak must leave free of the budget: allocator fragmentation and what the
-# compile does not see (on one H200 the GPU compiler's analysis was within 0.2% of the peak
-# measured, the deviceless H100 compile 1.1-1.6% under it; GPU_FACTS.md).
-REMAT_HEADROOM = 0.10
+# What a compiled peak must leave free of its budget (remat=auto here, the memory planner's
+# suggested fraction): allocator fragmentation and what the compile does not see (on one
+# H200 the GPU compiler's analysis was within 0.2% of the peak measured, the deviceless H100
+# compile 1.1-1.6% under it; GPU_FACTS.md).
+MEMORY_HEADROOM = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,19 +416,19 @@ class RematChoice:
 
     def describe(self) -> str:
         tried = ", ".join(f"{p} {b / 2**30:.2f}" for p, b in self.peaks.items())
-        fits = self.peaks[self.policy] * (1 + REMAT_HEADROOM) <= self.budget
+        fits = self.peaks[self.policy] * (1 + MEMORY_HEADROOM) <= self.budget
         return (f"model.remat=auto: {self.policy} (update peak GiB per device: {tried}; budget "
-                f"{self.budget / 2**30:.2f} GiB with {REMAT_HEADROOM:.0%} to spare"
+                f"{self.budget / 2**30:.2f} GiB with {MEMORY_HEADROOM:.0%} to spare"
                 f"{'' if fits else ': nothing fits'})")
 
 
 def choose_remat(peak_of: Callable[[str], float], budget_bytes: float) -> RematChoice:
     """`model.remat=auto`: the policy with the least recompute (REMAT_ORDER: none,
     dots_saveable, minimal, full) whose update peak `peak_of(policy)` (compiled, bytes per
-    device) plus REMAT_HEADROOM fits `budget_bytes`; `full` when none does."""
+    device) plus MEMORY_HEADROOM fits `budget_bytes`; `full` when none does."""
     peaks: dict[str, float] = {}
     for policy in REMAT_ORDER:
         peaks[policy] = peak_of(policy)
-        if peaks[policy] * (1 + REMAT_HEADROOM) <= budget_bytes:
+        if peaks[policy] * (1 + MEMORY_HEADROOM) <= budget_bytes:
             return RematChoice(policy, peaks, budget_bytes)
     return RematChoice("full", peaks, budget_bytes)
