@@ -79,10 +79,13 @@ def test_mesh_tool_without_matplotlib_and_without_involuntary_remat(tmp_path):
 def test_memory_plan_of_a_seed_config(tmp_path):
     """The planner compiles the seed config's own update and log-prob functions (Qwen3-1.7B
     shape, 10240 tokens, float32 masters) for 8x H100 and reports trainer and vLLM shares
-    that fit. It needs the aot environment: on CPU stand-in devices the CPU compiler
+    that fit. With remat=full, what the config's `auto` chooses at its share (bench/memory/;
+    the choice itself costs three more full-size compiles and is tested on a tiny model in
+    test_compile). It needs the aot environment: on CPU stand-in devices the CPU compiler
     overstates the peak (test_compile checks that fallback's label)."""
     cmd = [side_envs.python("aot"), "-m", "dapo_jax.experiments.memory", "--config",
-           "configs/dapo_qwen3_1p7b.py", "--preset", "qwen3-1.7b", "--out", str(tmp_path)]
+           "configs/dapo_qwen3_1p7b.py", "--preset", "qwen3-1.7b", "--out", str(tmp_path),
+           "--config.model.remat=full"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -112,6 +112,9 @@ def test_seed_config_trains_through_the_launcher(tmp_path, config):
     out = subprocess.run(launching.launch_cmd(config, over), cwd=launching.REPO,
                          env=launching.env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
+    # remat=auto, decided by compiling the update on these (CPU) devices: the tiny model's
+    # fits with no recompute.
+    assert "model.remat=auto: none (update peak GiB per device: none " in out.stderr
     rows = launching.read_metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
     finite_metrics(rows)

@@ -29,13 +29,11 @@ Needs the aot extra (`pip install -e ".[aot]"`: libtpu, the CUDA plugin, ptxas).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -44,21 +42,6 @@ from dapo_jax.models.kernels import ATTENTION_IMPLS
 from dapo_jax.train import config as config_lib
 
 GIB = 2**30
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`--config.a.b=value` arguments as {"a.b": value} (Python literals, else strings)."""
-    out = {}
-    for item in items:
-        if not item.startswith("--config.") or "=" not in item:
-            raise config_lib.ConfigError(f"unexpected argument {item!r} (overrides are "
-                                         "--config.a.b=value)")
-        key, value = item.removeprefix("--config.").split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def table(target: targets.Target, reports: dict[str, targets.FunctionReport]) -> str:
@@ -98,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     # autotuned, and its default block sizes are what gets compiled.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        cfg, model = targets.load_run(a.config, parse_overrides(rest), a.preset)
+        cfg, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
         target = targets.get_target(a.target, gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
         functions = tuple(f for f in a.functions.split(",") if f)
         reports = targets.compile_config(cfg, model, target,

@@ -2,7 +2,7 @@
 sidecar's share of each GPU, and whether the configured split fits.
 
     python -m dapo_jax.experiments.memory --config configs/dapo_qwen3_4b.py \\
-        [--preset qwen3-4b] [--target h100x8] [--out bench/memory]
+        [--preset qwen3-4b] [--target h100x8] [--out bench/memory] [--config.a.b=value ...]
 
 Trainer, per device, from the H100 compiler's own memory analysis of the run's jitted
 functions (`dapo_jax.experiments.targets`: the CUDA plugin with the shipped H100 target
@@ -194,9 +194,9 @@ def main() -> None:
                    "machine (qwen2.5-math-7b, qwen3-1.7b, qwen3-4b, ...)")
     p.add_argument("--target", default="h100x8", help="h100x8 or a GPU target description")
     p.add_argument("--out", default="", help="also write <out>/<config name>.md")
-    a = p.parse_args()
+    a, rest = p.parse_known_args()
     try:
-        cfg, model = targets.load_run(a.config, {}, a.preset)
+        cfg, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
         target = targets.get_target(a.target, cpu_fallback=True,
                                     gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
         result = plan(cfg, model, target)

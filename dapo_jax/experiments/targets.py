@@ -11,6 +11,7 @@ fall back to a compile over simulated CPU devices, labelled as such.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import importlib.metadata
@@ -198,7 +199,7 @@ class FunctionReport:
     # compute scheduled between start and done.
     flops: float = 0.0
     remat: str = ""  # the policy compiled (model.remat, or what auto chose)
-    full_flops: float = 0.0  # the update's FLOPs under remat=full, when another policy ran
+    full_flops: float = 0.0  # the update's FLOPs under remat=full, when auto chose another
     async_collectives: int = 0
     overlapped_collectives: int = 0
     attention: str = "xla"  # the kernels' custom-call targets found, or "xla"
@@ -274,6 +275,21 @@ def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
     if cfg.generator.backend == "sidecar":
         cfg.generator.sidecar_urls = ("http://unused",)
     return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--config.a.b=value` arguments as {"a.b": value} (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        if not item.startswith("--config.") or "=" not in item:
+            raise config_lib.ConfigError(f"unexpected argument {item!r} (overrides are "
+                                         "--config.a.b=value)")
+        key, value = item.removeprefix("--config.").split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def load_run(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[Any, QwenConfig]:
@@ -405,7 +421,7 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     for name in functions:
         if name == "update":
             reports[name] = report = update_report(remat)
-            if remat != "full":  # what the recompute it saves is worth
+            if choice is not None and remat != "full":  # what auto's choice saves
                 report.full_flops = update_report("full").flops
             if choice is not None:
                 report.notes.append(choice.describe())
