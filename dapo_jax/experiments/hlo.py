@@ -43,31 +43,33 @@ def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-def _split_type(rest: str) -> tuple[str, str]:
-    """'TYPE op(...)...' -> (TYPE, 'op(...)...'): the type ends at the first space outside
-    brackets (tuple types and TPU layouts hold spaces and parentheses)."""
-    depth = 0
-    for i, ch in enumerate(rest):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == " " and depth == 0:
-            return rest[:i], rest[i + 1:]
-    return rest, ""
-
-
-def _operand_list(text: str) -> tuple[str, str]:
-    """'a, b), attrs' (after the op's opening parenthesis) -> ('a, b', attrs)."""
-    depth = 1
+def _bracket_end(text: str, depth: int, at_space: bool) -> int:
+    """Where `text` ends a bracketed piece: starting `depth` brackets deep, the first space
+    outside all brackets (`at_space`) or the bracket that closes the outermost one; -1 if
+    neither comes."""
     for i, ch in enumerate(text):
         if ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1
-            if depth == 0:
-                return text[:i], text[i + 1:]
-    return text, ""
+            if depth == 0 and not at_space:
+                return i
+        elif ch == " " and depth == 0 and at_space:
+            return i
+    return -1
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+    """'TYPE op(...)...' -> (TYPE, 'op(...)...'): the type ends at the first space outside
+    brackets (tuple types and TPU layouts hold spaces and parentheses)."""
+    i = _bracket_end(rest, 0, at_space=True)
+    return (rest, "") if i < 0 else (rest[:i], rest[i + 1:])
+
+
+def _operand_list(text: str) -> tuple[str, str]:
+    """'a, b), attrs' (after the op's opening parenthesis) -> ('a, b', attrs)."""
+    i = _bracket_end(text, 1, at_space=False)
+    return (text, "") if i < 0 else (text[:i], text[i + 1:])
 
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
@@ -258,6 +260,36 @@ class Program:
                     total += self.flops(callee)
         return total
 
+    def collective_bytes(self) -> float:
+        """Bytes the collectives produce, per device and call: each collective's output size
+        (an async all-gather's or collective-permute's start returns (operand, output): only
+        the output counts). A loop body's collectives count once per appearance in the text,
+        not per iteration, alike for every attention backend."""
+        total = 0.0
+        for insts in self.computations.values():
+            for inst in insts:
+                op = inst.op.removesuffix("-start")
+                if op not in _COLLECTIVES or inst.op.endswith("-done"):
+                    continue
+                shapes = inst.shapes
+                if inst.op.endswith("-start") and op in ("all-gather", "collective-permute") \
+                        and len(shapes) >= 2:
+                    shapes = shapes[1:2]
+                total += sum(_BYTES[d] * math.prod(s) for d, s in shapes)
+        return total
+
+    def kernel_calls(self) -> list[tuple[str, list[tuple[int, ...]]]]:
+        """(custom-call target, result shapes) of every attention kernel in the program."""
+        out = []
+        for insts in self.computations.values():
+            for inst in insts:
+                if inst.op != "custom-call":
+                    continue
+                target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
+                if target and target.group(1) in KERNEL_CALLS:
+                    out.append((target.group(1), [s for _, s in inst.shapes]))
+        return out
+
     def _is_collective_start(self, inst: Instruction) -> bool:
         op = inst.op.removesuffix("-start")
         if op in _COLLECTIVES:
@@ -286,38 +318,15 @@ class Program:
 
 
 def collective_bytes(hlo: str) -> float:
-    """Bytes the collectives of a compiled program produce, per device and call: each
-    collective's output size (an async all-gather's or collective-permute's start returns
-    (operand, output): only the output counts). A loop body's collectives count once per
-    appearance in the text, not per iteration, alike for every attention backend."""
-    total = 0.0
-    for insts in Program.parse(hlo).computations.values():
-        for inst in insts:
-            op = inst.op.removesuffix("-start")
-            if op not in _COLLECTIVES or inst.op.endswith("-done"):
-                continue
-            shapes = inst.shapes
-            if inst.op.endswith("-start") and op in ("all-gather", "collective-permute") and \
-                    len(shapes) >= 2:
-                shapes = shapes[1:2]
-            total += sum(_BYTES[d] * math.prod(s) for d, s in shapes)
-    return total
+    """`Program.collective_bytes` of a compiled program's text."""
+    return Program.parse(hlo).collective_bytes()
 
 
 def kernel_calls(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """(custom-call target, result shapes) of every attention kernel in a compiled program."""
-    out = []
-    for insts in Program.parse(hlo).computations.values():
-        for inst in insts:
-            if inst.op != "custom-call":
-                continue
-            target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-            if target and target.group(1) in KERNEL_CALLS:
-                out.append((target.group(1), [s for _, s in inst.shapes]))
-    return out
+    """`Program.kernel_calls` of a compiled program's text."""
+    return Program.parse(hlo).kernel_calls()
 
 
 def program_flops(hlo: str) -> float:
     """`Program.flops` of a compiled program's text."""
     return Program.parse(hlo).flops()
-

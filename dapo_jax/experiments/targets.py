@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
-from dapo_jax.experiments.hlo import Program, collective_bytes, kernel_calls  # noqa: E402
+from dapo_jax.experiments.hlo import Program  # noqa: E402
 from dapo_jax.generation import Generator  # noqa: E402
 from dapo_jax.models import Precision, QwenConfig, preset, read_config  # noqa: E402,E501
 from dapo_jax.models.kernels import (  # noqa: E402
@@ -247,12 +247,11 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
     report.peak_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes +
                          report.temp_bytes)
     report.fits = report.peak_bytes + resident_bytes <= target.memory_bytes
-    hlo = compiled.as_text()
-    program = Program.parse(hlo)
-    report.collective_bytes = collective_bytes(hlo)
+    program = Program.parse(compiled.as_text())  # read once: a full-size program is MBs
+    report.collective_bytes = program.collective_bytes()
     report.flops = program.flops()
     report.async_collectives, report.overlapped_collectives = program.async_collectives()
-    calls = kernel_calls(hlo)
+    calls = program.kernel_calls()
     report.attention = ",".join(sorted({c for c, _ in calls})) or "xla"
     if requested_kernel != "xla" and not calls:
         report.warnings.append(f"{requested_kernel} attention was requested but no kernel is "
