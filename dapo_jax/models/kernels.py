@@ -86,8 +86,8 @@ def target_platform() -> str:
     """'cpu', 'tpu' or 'gpu': the platform of the mesh in context (the compile target,
     whatever the host is), else of JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+    return _platform_name(jax.default_backend() if mesh.empty else
+                          mesh.abstract_device.platform)
 
 
 def target_device(platform: str) -> Any:
@@ -104,9 +104,13 @@ def target_device(platform: str) -> Any:
         return None
 
 
+def _platform_name(platform: str) -> str:
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 def platform_of(device: Any) -> str:
     """'cpu', 'tpu' or 'gpu' for a device."""
-    return "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
+    return _platform_name(device.platform)
 
 
 def gpu_generation(device: Any) -> str:
@@ -234,6 +238,11 @@ def _tokamax_attention() -> tuple[Any, Any]:
     return api, base
 
 
+def _pad_rows(x_BT: jax.Array, pad: int) -> jax.Array:
+    """`pad` padding tokens (zeros: segment 0) appended to each row of [B, T, ...]."""
+    return jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2)) if pad else x_BT
+
+
 def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
              segment_ids_BT: jax.Array, *, op: str, block: int = 1) -> jax.Array:
     """tokamax's kernel `op` with a causal mask and each query's first key (the start of its
@@ -242,10 +251,8 @@ def _tokamax(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
     api, base = _tokamax_attention()
     T = q_BTNH.shape[1]
     pad = -T % block
-    if pad:
-        padT = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        q_BTNH, k_BTKH, v_BTKH, segment_ids_BT = map(padT, (q_BTNH, k_BTKH, v_BTKH,
-                                                            segment_ids_BT))
+    q_BTNH, k_BTKH, v_BTKH, segment_ids_BT = (_pad_rows(x, pad) for x in (
+        q_BTNH, k_BTKH, v_BTKH, segment_ids_BT))
     mask = base.Mask(k_start=_segment_starts(segment_ids_BT)[:, None, :], is_causal=True)
     out = api.IMPLEMENTATIONS[op](q_BTNH, k_BTKH, v_BTKH, mask=mask, bias=None,
                                   logits_scale=q_BTNH.shape[-1] ** -0.5, precision=None,
@@ -272,10 +279,10 @@ def _splash(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
     kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * G),
                                 block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
-    padT = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    q_BKGTH = padT(q_BTNH * H ** -0.5).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
-    k_BKTH, v_BKTH = (padT(x).transpose(0, 2, 1, 3) for x in (k_BTKH, v_BTKH))
-    seg_BT = padT(segment_ids_BT)
+    q_BKGTH = _pad_rows(q_BTNH * H ** -0.5, pad).reshape(B, Tp, K, G, H).transpose(
+        0, 2, 3, 1, 4)
+    k_BKTH, v_BKTH = (_pad_rows(x, pad).transpose(0, 2, 1, 3) for x in (k_BTKH, v_BTKH))
+    seg_BT = _pad_rows(segment_ids_BT, pad)
 
     def row(q_KGTH, k_KTH, v_KTH, seg_T):
         ids = sk.SegmentIds(q=seg_T, kv=seg_T)

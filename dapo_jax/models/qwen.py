@@ -267,8 +267,10 @@ class Attention(nnx.Module):
         (`dapo_jax.models.kernels`; `auto` is resolved for the platform traced for)."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
-        impl = resolve_attention_impl(self.attention_impl, head_dim=q.shape[-1], dtype=q.dtype)
-        if cache is None and impl != "xla":
+        # Only a chunk without a cache (training, prefill) can use a kernel.
+        impl = "xla" if cache is not None else resolve_attention_impl(
+            self.attention_impl, head_dim=q.shape[-1], dtype=q.dtype)
+        if impl != "xla":
             out_BTNH = fused_attention(q, k, v, segment_ids_BT, impl)
         else:
             out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
