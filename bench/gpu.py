@@ -156,7 +156,12 @@ def part_update(a: argparse.Namespace) -> dict[str, Any]:
         train_flops_per_token,
     )
     from dapo_jax.models import Precision, init_model, preset
-    from dapo_jax.train.update import init_optimizer, make_optimizer, make_train_fns
+    from dapo_jax.train.update import (
+        compiled_peak_bytes,
+        init_optimizer,
+        make_optimizer,
+        make_train_fns,
+    )
 
     cfg = preset(a.preset, max_position_embeddings=a.seq_len)
     graphdef, params = nnx.split(init_model(cfg, seed=0, precision=Precision(
@@ -168,9 +173,7 @@ def part_update(a: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = fns.lower_update(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    compiled_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
-                     mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    compiled_peak = compiled_peak_bytes(compiled)
     params, opt_state, m = compiled(params, opt_state, batch)  # the first call warms up
     jax.block_until_ready(m)
     start = time.perf_counter()

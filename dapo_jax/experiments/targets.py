@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -48,15 +49,18 @@ from dapo_jax.placement import with_xla_flags  # noqa: E402
 from dapo_jax.sharding import make_mesh  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
-from dapo_jax.train.loop import loss_config, optimizer_config  # noqa: E402
+from dapo_jax.train.loop import loss_config, memory_budget, optimizer_config  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
     OUT_OF_MEMORY,
     abstract_batch,
     abstract_train_state,
     choose_remat,
+    compiled_peak_bytes,
     make_optimizer,
     make_train_fns,
     per_device_bytes,
+    rollout_copy_bytes,
+    update_lowering,
 )
 
 GIB = 2**30
@@ -115,13 +119,11 @@ def _missing_plugin(name: str) -> str:
 
 def local_target() -> Target:
     """This machine's own accelerators (JAX's default backend), compiled for for real: the
-    check that the kernels compile for the local GPU or TPU. Memory is what JAX's allocator
-    may take of each (its `bytes_limit`: XLA_PYTHON_CLIENT_MEM_FRACTION of the chip)."""
+    check that the kernels compile for the local GPU or TPU. Memory is the trainer's budget
+    on them (`loop.memory_budget`: a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of the chip)."""
     devices = jax.devices()
-    platform = platform_of(devices[0])
-    stats = devices[0].memory_stats() or {}
-    memory = float(stats.get("bytes_limit", 0)) or 80e9
-    return Target("local", platform, tuple(devices), memory, devices[0].device_kind)
+    return Target("local", platform_of(devices[0]), tuple(devices), memory_budget(devices),
+                  devices[0].device_kind)
 
 
 def get_target(name: str, *, cpu_fallback: bool = False, num_devices: int = 8,
@@ -244,8 +246,7 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
     report.output_bytes = float(mem.output_size_in_bytes)
     report.alias_bytes = float(mem.alias_size_in_bytes)
     report.temp_bytes = float(mem.temp_size_in_bytes)
-    report.peak_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes +
-                         report.temp_bytes)
+    report.peak_bytes = compiled_peak_bytes(compiled)
     report.fits = report.peak_bytes + resident_bytes <= target.memory_bytes
     program = Program.parse(compiled.as_text())  # read once: a full-size program is MBs
     report.collective_bytes = program.collective_bytes()
@@ -372,32 +373,21 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     whole = lambda n, micro: -(-n // micro) * micro
     mini_rows = whole(sizes["mini_rows"], sizes["micro_rows"])
 
-    def train_fns(remat: str) -> tuple[Any, Any, Any, Any]:
-        graphdef, params, opt_state = abstract_train_state(model, precision, remat, optimizer,
-                                                           mesh, impl)
-        return graphdef, params, opt_state, make_train_fns(
-            graphdef, params, optimizer, loss, micro_batch_rows=sizes["micro_rows"],
-            forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
-
-    _, params, opt_state, _ = train_fns("none")
+    _, params, opt_state = abstract_train_state(model, precision, "none", optimizer, mesh, impl)
     masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
     in_process = g.backend == "jax"
-    engine_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
-        params)
-    engine_copy = per_device_bytes(engine_params) if in_process and \
-        g.model_dtype != cfg.model.param_dtype else 0.0
+    engine_copy = rollout_copy_bytes(params, backend=g.backend, model_dtype=g.model_dtype,
+                                     param_dtype=cfg.model.param_dtype)
+    lowering = functools.partial(
+        update_lowering, model=model, precision=precision, attention_impl=impl,
+        optimizer=optimizer, loss=loss, mesh=mesh, micro_rows=sizes["micro_rows"],
+        forward_micro_rows=sizes["forward_micro_rows"], rows=mini_rows, seq_len=seq)
     updates: dict[str, FunctionReport] = {}  # remat policy -> the update compiled with it
 
     def update_report(remat: str) -> FunctionReport:
         if remat not in updates:
-            # The abstract state is built outside compile_report's default device (the
-            # target's, which cannot run the optimiser's set-up), the lowering inside it.
-            _, params, opt_state, fns = train_fns(remat)
-            batch = abstract_batch(mini_rows, seq, mesh)
             updates[remat] = compile_report(
-                "update", lambda: fns.lower_update(params, opt_state, batch), target,
-                requested_kernel=requested,
+                "update", lowering(remat), target, requested_kernel=requested,
                 global_rows=sizes["micro_rows"], local_rows=sizes["micro_rows"] // dp,
                 resident_bytes=engine_copy)
             updates[remat].remat = remat
@@ -414,7 +404,14 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
             remat = choice.policy
         else:
             remat = "full"  # the forward-only functions compile the same under any policy
-    graphdef, params, opt_state, fns = train_fns(remat)
+    graphdef, params, opt_state = abstract_train_state(model, precision, remat, optimizer,
+                                                       mesh, impl)
+    fns = make_train_fns(graphdef, params, optimizer, loss,
+                         micro_batch_rows=sizes["micro_rows"],
+                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
+    engine_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
+        params)
     rollout_rows = t.train_batch_size * g.n_samples_per_prompt
     reports = {}
     for name in functions:

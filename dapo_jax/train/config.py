@@ -146,8 +146,8 @@ def default_config() -> ConfigDict:
         # (`trainer_memory_fraction`: what colocated sidecars leave, else 0.9).
         "xla_memory_fraction": 0.0,
         # XLA's GPU compiler options for the trainer, added to XLA_FLAGS before JAX starts
-        # (a flag already in XLA_FLAGS wins): MaxText's set, each justified in
-        # dapo_jax/placement.py. () for XLA's defaults. Ignored by the CPU and TPU compilers.
+        # (a flag already in XLA_FLAGS wins): MaxText's set, each justified at GPU_XLA_FLAGS
+        # below. () for XLA's defaults. Ignored by the CPU and TPU compilers.
         "xla_gpu_flags": GPU_XLA_FLAGS,
         # Generation runs ahead of the trainer in its own thread (README "Asynchronous
         # training"): a group scheduled at step i is trained at a step j with

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -58,10 +57,10 @@ from dapo_jax.train.update import (
     choose_remat,
     compiled_peak_bytes,
     init_optimizer,
-    lower_update,
     make_optimizer,
     make_train_fns,
-    per_device_bytes,
+    rollout_copy_bytes,
+    update_lowering,
 )
 
 
@@ -229,18 +228,17 @@ def remat_policy(cfg: ConfigDict, model_cfg: QwenConfig, impl: str, mesh: jax.sh
     micro = sizes["micro_rows"]
     rows = -(-sizes["mini_rows"] // micro) * micro  # the most a mini-batch lays out
     _, params, _ = abstract_train_state(model_cfg, precision, "none", optimizer, mesh, impl)
-    engine_copy = per_device_bytes(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
-        params)) if g.backend == "jax" and g.model_dtype != m.param_dtype else 0.0
+    engine_copy = rollout_copy_bytes(params, backend=g.backend, model_dtype=g.model_dtype,
+                                     param_dtype=m.param_dtype)
 
     def peak(policy: str) -> float:
-        lowered = lower_update(policy, model=model_cfg, precision=precision,
-                               attention_impl=impl, optimizer=optimizer,
-                               loss=loss_config(cfg, sizes["max_seq_len"]), mesh=mesh,
-                               micro_rows=micro, forward_micro_rows=sizes["forward_micro_rows"],
-                               rows=rows, seq_len=seq)
+        lower = update_lowering(policy, model=model_cfg, precision=precision,
+                                attention_impl=impl, optimizer=optimizer,
+                                loss=loss_config(cfg, sizes["max_seq_len"]), mesh=mesh,
+                                micro_rows=micro, forward_micro_rows=sizes["forward_micro_rows"],
+                                rows=rows, seq_len=seq)
         try:
-            return compiled_peak_bytes(lowered.compile())
+            return compiled_peak_bytes(lower().compile())
         except Exception as e:  # a compile-time out-of-memory (TPU) does not fit
             if not OUT_OF_MEMORY.search(str(e)):
                 raise

@@ -369,27 +369,41 @@ def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
             for k in keys}
 
 
-def per_device_bytes(tree: Any) -> float:
-    """Bytes of one device's shards of an abstract (sharded) tree."""
+def per_device_bytes(tree: Any, dtype: Any = None) -> float:
+    """Bytes of one device's shards of an abstract (sharded) tree, in `dtype` if given."""
     return float(sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) *
-                     jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+                     jnp.dtype(dtype or leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def rollout_copy_bytes(params: Any, *, backend: str, model_dtype: str,
+                       param_dtype: str) -> float:
+    """Bytes per device of the in-process engine's copy of `params` in the rollout dtype,
+    which it keeps beside the trainer's state; 0 when it reads the masters themselves (same
+    dtype) or the engines are sidecars."""
+    if backend != "jax" or model_dtype == param_dtype:
+        return 0.0
+    return per_device_bytes(params, model_dtype)
 
 
 # A compile-time out-of-memory (TPU: "HLO temporaries (20.18G) exceeds available HBM").
 OUT_OF_MEMORY = re.compile(r"exceeds available HBM|RESOURCE_EXHAUSTED|[Oo]ut of memory")
 
 
-def lower_update(remat: str, *, model: QwenConfig, precision: Precision, attention_impl: str,
-                 optimizer: optax.GradientTransformation, loss: LossConfig,
-                 mesh: jax.sharding.Mesh, micro_rows: int, forward_micro_rows: int, rows: int,
-                 seq_len: int) -> Any:
-    """The update of a `rows` x `seq_len` mini-batch, lowered on abstract weights of `model`
-    with recompute policy `remat` (what `choose_remat` compiles each policy with)."""
+def update_lowering(remat: str, *, model: QwenConfig, precision: Precision,
+                    attention_impl: str, optimizer: optax.GradientTransformation,
+                    loss: LossConfig, mesh: jax.sharding.Mesh, micro_rows: int,
+                    forward_micro_rows: int, rows: int, seq_len: int) -> Callable[[], Any]:
+    """The update of a `rows` x `seq_len` mini-batch on abstract weights of `model` with
+    recompute policy `remat` (what `choose_remat` compiles each policy with), as a function
+    that lowers it: the abstract state is built here, the lowering when called (the compile
+    tool lowers under the target's default device, where the optimiser's set-up cannot
+    run)."""
     graphdef, params, opt_state = abstract_train_state(model, precision, remat, optimizer,
                                                        mesh, attention_impl)
     fns = make_train_fns(graphdef, params, optimizer, loss, micro_batch_rows=micro_rows,
                          forward_micro_batch_rows=forward_micro_rows, mesh=mesh)
-    return fns.lower_update(params, opt_state, abstract_batch(rows, seq_len, mesh))
+    batch = abstract_batch(rows, seq_len, mesh)
+    return lambda: fns.lower_update(params, opt_state, batch)
 
 
 def compiled_peak_bytes(compiled: Any) -> float:
