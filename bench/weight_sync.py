@@ -26,8 +26,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dapo_jax.models import Precision, init_model, preset, save_pretrained  # noqa: E402
-from dapo_jax.rollout_client import RolloutClient  # noqa: E402
 from dapo_jax.weight_export import export_weights  # noqa: E402
+from rollout.client import RolloutClient  # noqa: E402
 from tests import sidecar  # noqa: E402
 
 

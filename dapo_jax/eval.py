@@ -22,9 +22,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dapo_jax.evaluation import evaluate
-from dapo_jax.generation import Generator, SamplingParams, stop_token_ids
 from dapo_jax.prompts import load_prompt_set
 from dapo_jax.rewards import RewardPool
+from rollout.generation import Generator, SamplingParams, stop_token_ids
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.sidecar_url:
         import os
 
-        from dapo_jax.rollout_client import RolloutClient
+        from rollout.client import RolloutClient
 
         generate = RolloutClient([a.sidecar_url], token=a.sidecar_token or
                                  os.environ.get("ROLLOUT_TOKEN") or None).generate

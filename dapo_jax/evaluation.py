@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from dapo_jax.generation import SamplingParams
 from dapo_jax.rewards import RewardPool
+from rollout.generation import SamplingParams
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,125 +1,129 @@
-"""Generation engines behind the sidecar: JAX (dapo_jax's Generator) and vLLM.
-
-Both take prompts as token ids, return `Sample`s with the log-prob of each sampled token under
-the processed (temperature-scaled, top-k/top-p truncated) distribution, and load new weights
-in place from an orbax export (`dapo_jax.weight_export`).
+"""The generation engines the trainer talks to, and how weights reach them (two halves:
+`prepare` on the trainer's thread, before the next update donates the parameters; `load` on
+the generating thread, between requests):
+- `InProcessEngine`: the JAX generation engine (`rollout.generation`) in this process, on
+  the trainer's mesh or on its own generation mesh (devices the trainer does not use);
+  `prepare` casts the new parameters to the rollout dtype (`generator.model_dtype`) and
+  moves them device to device onto the generation mesh's shardings, `load` swaps them in.
+- `SidecarEngine`: rollout sidecars over HTTP (`rollout.server`, through `rollout.client`);
+  `prepare` writes an orbax export in the rollout dtype, `load` pushes it to every sidecar.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
+import jax
+from flax import nnx
 
-from dapo_jax.generation import Generator, Sample, SamplingParams, stop_token_ids
-from dapo_jax.models import read_config
-from rollout.protocol import RequestError
+from dapo_jax import multihost
+from dapo_jax.placement import TOKEN_ENV
+from rollout.generation import Generator, Sample, SamplingParams
 
 
-class JaxEngine:
-    name = "jax"
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                 keys: list[int]) -> list[list[Sample]]: ...
 
-    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None,
-                 max_model_len: int | None = None):
-        from flax import nnx
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+        """The trainer's thread: the new weights in the form `load` takes (the parameters
+        are donated by the next update, so nothing may read them later)."""
 
-        from dapo_jax.models import load_pretrained
+    def load(self, weights: Any, version: int) -> None:
+        """The generating thread, between requests: serve `weights` as `version`."""
 
-        self.model = model
+
+def _cast(params: Any, dtype: str) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+cast_params = jax.jit(_cast, static_argnames="dtype")
+
+
+class InProcessEngine:
+    """The JAX generation engine in this process, serving the weights in `dtype`. With a
+    `mesh` other than the trainer's (a generation sub-mesh), the weights are copied device
+    to device onto it, each leaf keeping its partition spec."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, dtype: str, *,
+                 mesh: jax.sharding.Mesh | None, own_mesh: bool, **generator_kw: Any):
         self.dtype = dtype
-        loaded = load_pretrained(model, dtype=dtype)
-        self.config = loaded.config
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.vocab_size = self.config.vocab_size
-        graphdef, params = nnx.split(loaded)
-        self.stop_ids = stop_ids or stop_token_ids(model)
-        self.generator = Generator(graphdef, params, stop_token_ids=self.stop_ids,
-                                   max_model_len=self.max_model_len)
+        self.mesh = mesh
+        self.own_mesh = own_mesh
+        self._gather: Any = None
+        self.generator = Generator(graphdef, self.prepare(None, params, 0, 0), mesh=mesh,
+                                   **generator_kw)
 
-    @property
-    def version(self) -> int:
-        return self.generator.version
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+        del model, step, version
+        if self.own_mesh:  # device to device, no host round trip
+            target = jax.tree.map(
+                lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params)
+            if jax.process_count() > 1:
+                params = self._local_copy(params)
+            params = jax.device_put(params, target)
+        # On the trainer's mesh, in the trainer's dtype, these are the trainer's own arrays:
+        # the next update donates them, and they are loaded before it (the synchronous loop
+        # generates between updates; an asynchronous one needs its own mesh).
+        same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
+        return params if same else cast_params(params, dtype=self.dtype)
+
+    def _local_copy(self, params: Any) -> Any:
+        """A whole copy of the trainer's parameters (sharded over every process) on one of
+        this process's devices, in the rollout dtype: the generation mesh holds this
+        process's devices only, and an array moves between processes only inside a
+        collective. One all-gather on the trainer's mesh (the trainer's thread), then this
+        process's replica is used as is."""
+        if self._gather is None:  # built once: the trainer's mesh does not change
+            mesh = jax.tree.leaves(params)[0].sharding.mesh
+            self._gather = jax.jit(functools.partial(_cast, dtype=self.dtype),
+                                   out_shardings=jax.sharding.NamedSharding(
+                                       mesh, jax.sharding.PartitionSpec()))
+        return jax.tree.map(lambda x: x.addressable_data(0), self._gather(params))
+
+    def load(self, weights: Any, version: int) -> None:
+        self.generator.set_params(weights, version)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]:
         return self.generator.generate(prompts, sampling, n, keys)
 
-    def update_weights(self, path: Path, version: int) -> None:
-        from flax import nnx
 
-        from dapo_jax.weight_export import load_export
+class SidecarEngine:
+    """Rollout sidecars over HTTP; weight sync is an orbax export in `dtype` pushed to each.
+    A sidecar that does not answer is retried for `retry_window_s` (a launcher restarts a
+    dead one within its start-up timeout).
 
-        model, exported = load_export(path, dtype=self.dtype)
-        if exported != version:
-            raise RequestError(409, f"{path} holds weight version {exported}, not {version}")
-        if model.config != self.config:
-            raise RequestError(409, f"{path} is a different architecture from the served model")
-        self.generator.set_params(nnx.split(model)[1], version)
+    With several JAX processes, process 0 is the only client (split "primary"): it sends
+    every prompt (spread over the sidecars as with one process) and the worker shares the
+    samples with the others; every process writes its shards of the export (a filesystem
+    all hosts and sidecars see), then process 0 pushes it."""
 
+    def __init__(self, urls: list[str], token: str, export_dir: Path, dtype: str,
+                 retry_window_s: float):
+        from rollout.client import RolloutClient
 
-def request_seed(seed: int, key: int) -> int:
-    """A vLLM request's seed from the sampling seed and the prompt's key (well mixed, so
-    nearby seeds and keys do not give related streams)."""
-    return int(np.random.SeedSequence([seed % 2**32, key % 2**32]).generate_state(1)[0])
-
-
-class VllmEngine:
-    """vLLM's offline engine with a worker extension that reloads weights in place."""
-
-    name = "vllm"
-
-    def __init__(self, model: str, *, dtype: str = "float32", stop_ids: list[int] | None = None,
-                 gpu_memory_utilization: float = 0.2, max_model_len: int | None = None,
-                 tensor_parallel_size: int = 1):
-        from vllm import LLM
-
-        self.model = model
-        self.config = read_config(model)
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.vocab_size = self.config.vocab_size
-        self.stop_ids = stop_ids or stop_token_ids(model)
-        self.version = 0
-        self.llm = LLM(
-            model=model, dtype=dtype, max_model_len=self.max_model_len, seed=0,
-            gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
-            tensor_parallel_size=tensor_parallel_size,
-            worker_extension_cls="rollout.vllm_worker.ExportLoader",
-            logprobs_mode="processed_logprobs")
+        self.client = RolloutClient(urls, token=token or os.environ.get(TOKEN_ENV) or None,
+                                    retry_window_s=retry_window_s)
+        self.export_dir = export_dir
+        self.dtype = dtype
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]:
-        """Each request (one prompt, its n samples) is seeded from (seed, the prompt's key):
-        copies of one prompt under different keys, and the same sample index of different
-        prompts, draw different numbers (one seed for every request made sample j of each
-        prompt draw alike), and a prompt gets the same samples whichever batch or sidecar
-        it is in. The n samples of a request come from its one seeded generator."""
-        from vllm import SamplingParams as VllmSampling
+        return self.client.generate(prompts, sampling, n, keys)
 
-        params = [VllmSampling(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens, seed=request_seed(sampling.seed, key), logprobs=0,
-            stop_token_ids=self.stop_ids, detokenize=False) for key in keys]
-        results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                    use_tqdm=False)
-        out = []
-        for result in results:
-            group = []
-            for c in result.outputs:
-                ids = list(c.token_ids)
-                logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, ids,
-                                                                       strict=True)]
-                group.append(Sample(token_ids=ids, logprobs=logprobs,
-                                    finish_reason=c.finish_reason or "abort",
-                                    weight_version=self.version))
-            out.append(group)
-        return out
+    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+        from dapo_jax.weight_export import export_weights
 
-    def update_weights(self, path: Path, version: int) -> None:
-        from dapo_jax.weight_export import read_meta
+        nnx.update(model, params)
+        path = export_weights(model, self.export_dir, step=step, version=version,
+                              dtype=self.dtype)
+        multihost.barrier(f"export_{step}")  # process 0 has renamed it into place
+        return path
 
-        exported = read_meta(path)["version"]
-        if exported != version:
-            raise RequestError(409, f"{path} holds weight version {exported}, not {version}")
-        self.llm.collective_rpc("load_export", args=(str(path),))
-        self.llm.reset_prefix_cache()
-        self.version = version
+    def load(self, weights: Any, version: int) -> None:
+        if multihost.is_primary():
+            self.client.update_weights(str(weights), version)

@@ -2,8 +2,11 @@
 an HTTP status and a message that names the problem).
 
     POST /generate  {"prompt_token_ids": [[int, ...], ...], "n": 4, "prompt_keys": [int, ...],
+                     "max_tokens": [int, ...],
                      "sampling_params": {"temperature": 1.0, "top_p": 1.0, "top_k": -1,
-                                         "max_tokens": 64, "seed": 0}}
+                                         "max_tokens": 64, "seed": 0, "ignore_eos": false}}
+    (`prompt_keys`, one per prompt: the prompts' identities for sampling; `max_tokens`, one
+    per prompt: each prompt's own limit, vLLM's per-request field; both optional)
     -> {"outputs": [[{"token_ids": [...], "logprobs": [...], "finish_reason": "stop"}, ...n],
                     ...one list per prompt],
         "weight_version": 3}
@@ -16,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dapo_jax.generation import Sample, SamplingParams
+from rollout.generation import Sample, SamplingParams
 
 SAMPLING_FIELDS: dict[str, type] = {
     "temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
+    "ignore_eos": bool,
 }
 
 
@@ -47,12 +51,27 @@ def _check_fields(obj: Any, allowed: set[str], required: set[str], where: str) -
         raise RequestError(400, f"{where} is missing field(s) {missing}")
 
 
-def parse_generate(body: Any, *, vocab_size: int, max_model_len: int,
-                   ) -> tuple[list[list[int]], int, SamplingParams, list[int]]:
-    """(prompts, n, sampling, keys): `prompt_keys` name each prompt's identity for sampling
-    (its dataset position; default: its position in the request)."""
-    _check_fields(body, {"prompt_token_ids", "n", "sampling_params", "prompt_keys"},
-                  {"prompt_token_ids"}, "request")
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    prompts: list[list[int]]
+    n: int
+    sampling: SamplingParams
+    keys: list[int]  # each prompt's identity for sampling (default: its position)
+    max_tokens: list[int]  # each prompt's limit (default: sampling.max_tokens)
+
+
+def _int_list(body: dict[str, Any], field: str, count: int) -> list[int] | None:
+    if field not in body:
+        return None
+    values = body[field]
+    if not isinstance(values, list) or len(values) != count:
+        raise RequestError(400, f"{field} must be a list of {count} integers, one per prompt")
+    return [_require_int(v, f"{field}[{i}]") for i, v in enumerate(values)]
+
+
+def parse_generate(body: Any, *, vocab_size: int, max_model_len: int) -> GenerateRequest:
+    _check_fields(body, {"prompt_token_ids", "n", "sampling_params", "prompt_keys",
+                         "max_tokens"}, {"prompt_token_ids"}, "request")
     prompts = body["prompt_token_ids"]
     if not isinstance(prompts, list) or not prompts:
         raise RequestError(400, "prompt_token_ids must be a non-empty list of token-id lists")
@@ -71,7 +90,12 @@ def parse_generate(body: Any, *, vocab_size: int, max_model_len: int,
     _check_fields(raw, set(SAMPLING_FIELDS), set(), "sampling_params")
     values = {}
     for key, value in raw.items():
-        if SAMPLING_FIELDS[key] is int:
+        if SAMPLING_FIELDS[key] is bool:
+            if not isinstance(value, bool):
+                raise RequestError(400, f"sampling_params.{key} must be true or false, got "
+                                        f"{value!r}")
+            values[key] = value
+        elif SAMPLING_FIELDS[key] is int:
             values[key] = _require_int(value, f"sampling_params.{key}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise RequestError(400, f"sampling_params.{key} must be a number, got {value!r}")
@@ -81,17 +105,16 @@ def parse_generate(body: Any, *, vocab_size: int, max_model_len: int,
         sampling = SamplingParams(**values)
     except ValueError as e:
         raise RequestError(400, f"sampling_params: {e}") from None
-    for i, p in enumerate(prompts):
-        if len(p) + sampling.max_tokens > max_model_len:
+    limits = _int_list(body, "max_tokens", len(prompts)) or [sampling.max_tokens] * len(prompts)
+    for i, (p, limit) in enumerate(zip(prompts, limits, strict=True)):
+        if limit < 1:
+            raise RequestError(400, f"max_tokens[{i}] must be >= 1, got {limit}")
+        if len(p) + limit > max_model_len:
             raise RequestError(400, f"prompt_token_ids[{i}] has {len(p)} tokens; with "
-                                    f"max_tokens={sampling.max_tokens} that exceeds the model's "
+                                    f"max_tokens={limit} that exceeds the model's "
                                     f"maximum length {max_model_len}")
-    keys = body.get("prompt_keys", list(range(len(prompts))))
-    if not isinstance(keys, list) or len(keys) != len(prompts):
-        raise RequestError(400, f"prompt_keys must be a list of {len(prompts)} integers, one per "
-                                "prompt")
-    keys = [_require_int(k, f"prompt_keys[{i}]") for i, k in enumerate(keys)]
-    return prompts, n, sampling, keys
+    keys = _int_list(body, "prompt_keys", len(prompts)) or list(range(len(prompts)))
+    return GenerateRequest(prompts, n, sampling, keys, limits)
 
 
 def parse_update(body: Any) -> tuple[str, int]:

@@ -52,12 +52,12 @@ class Sidecar:
                 "stop_token_ids": sorted(int(t) for t in self.engine.stop_ids)}
 
     def generate(self, body: Any) -> dict[str, Any]:
-        prompts, n, sampling, keys = protocol.parse_generate(
-            body, vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
+        r = protocol.parse_generate(body, vocab_size=self.engine.vocab_size,
+                                    max_model_len=self.engine.max_model_len)
         with self.lock:
             self.busy = True
             try:
-                outputs = self.engine.generate(prompts, sampling, n, keys)
+                outputs = self.engine.generate(r.prompts, r.sampling, r.n, r.keys, r.max_tokens)
                 version = self.engine.version
             finally:
                 self.busy = False
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     exit_with_parent()
     stop_ids = [int(t) for t in a.stop_token_ids.split(",") if t] or None
     if a.engine == "jax":
-        from rollout.engines import JaxEngine
+        from rollout.backends import JaxEngine
         engine = JaxEngine(a.model, dtype=a.dtype, stop_ids=stop_ids,
                            max_model_len=a.max_model_len or None)
     else:
-        from rollout.engines import VllmEngine
+        from rollout.backends import VllmEngine
         engine = VllmEngine(a.model, dtype=a.dtype, stop_ids=stop_ids,
                             gpu_memory_utilization=a.gpu_memory_utilization,
                             max_model_len=a.max_model_len or None,

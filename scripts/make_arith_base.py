@@ -36,7 +36,6 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dapo_jax.evaluation import evaluate  # noqa: E402
-from dapo_jax.generation import Generator, SamplingParams  # noqa: E402
 from dapo_jax.models import init_model, preset, save_pretrained  # noqa: E402
 from dapo_jax.prompts import (  # noqa: E402
     Example,
@@ -48,6 +47,7 @@ from dapo_jax.prompts import (  # noqa: E402
 from dapo_jax.rewards import RewardPool  # noqa: E402
 from dapo_jax.train.batch import build_rows, make_layout  # noqa: E402
 from dapo_jax.train.update import sequence_logprobs  # noqa: E402
+from rollout.generation import Generator, SamplingParams  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 CHARS = string.digits + string.ascii_letters + " \n+-*/=?:.,!'()"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from rollout import engines, server
+from rollout import backends, server
 
 
 def _broken_generate(self, *args, **kwargs):
@@ -20,7 +20,7 @@ def _broken_generate(self, *args, **kwargs):
     raise RuntimeError("engine exploded: broken on purpose for the test")
 
 
-engines.JaxEngine.generate = _broken_generate
+backends.JaxEngine.generate = _broken_generate
 
 if __name__ == "__main__":
     server.main()

@@ -106,7 +106,7 @@ class _Engine:
         self.version = version
 
     def generate(self, prompts, sampling, n, keys):
-        from dapo_jax.generation import Sample
+        from rollout.generation import Sample
 
         return [[Sample([k, sampling.seed], [0.0, 0.0], "stop", self.version)] * n
                 for k in keys]
@@ -131,9 +131,9 @@ def test_a_batch_handed_back_is_generated_again_first_with_its_seed_and_new_weig
     """Inline worker (the same code as the thread): regenerate(prompts, number) puts that
     batch before new prompts; it carries the newest weights and its own seed; the loop's
     checkpoint position keeps batches handed back until they train."""
-    from dapo_jax.generation import SamplingParams
     from dapo_jax.prompts import Example, PromptSet
-    from dapo_jax.train.rollout import RolloutWorker, WorkerSettings, batch_seed
+    from rollout.generation import SamplingParams
+    from rollout.worker import RolloutWorker, WorkerSettings, batch_seed
 
     prompts = PromptSet([Example((("user", str(i)),), str(i)) for i in range(10)],
                         [[i] for i in range(10)], 0, 0)
@@ -170,9 +170,9 @@ def test_the_batches_a_worker_produces_do_not_depend_on_its_speed():
     gathers their parts of each batch: which batch comes next must follow from the
     trainer's calls alone (scheduled on its thread), not from how far each worker got when
     a batch was handed back."""
-    from dapo_jax.generation import SamplingParams
     from dapo_jax.prompts import Example, PromptSet
-    from dapo_jax.train.rollout import RolloutWorker, WorkerSettings
+    from rollout.generation import SamplingParams
+    from rollout.worker import RolloutWorker, WorkerSettings
 
     prompts = PromptSet([Example((("user", str(i)),), str(i)) for i in range(40)],
                         [[i] for i in range(40)], 0, 0)

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-from dapo_jax.generation import (
+from dapo_jax.models import load_pretrained
+from dapo_jax.models.qwen import attention
+from dapo_jax.models.ragged import KV_BLOCK, SlotCache, decode_attention
+from dapo_jax.sharding import make_mesh
+from dapo_jax.train.update import sequence_logprobs
+from rollout.generation import (
     Generator,
     SamplingParams,
     _argmax,
     _inverse_cdf,
     _truncate,
+    batch_sizes,
     bucket,
+    sample_tokens,
+    sampling_kind,
     stop_token_ids,
 )
-from dapo_jax.models import load_pretrained
-from dapo_jax.models.qwen import attention
-from dapo_jax.sharding import make_mesh
-from dapo_jax.train.update import sequence_logprobs
 from tests import hf_models
 
 STOP = [7, 11]
@@ -118,14 +124,18 @@ def test_seed_is_deterministic_and_top_k_top_p_restrict(tiny_checkpoints):
 
 
 def test_compiles_once_per_bucket(tiny_checkpoints):
+    """Same buckets, different lengths, counts, limits and sampling settings: after two
+    calls nothing compiles again; the decode loop compiles once per batch size at most."""
     graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
     gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
-    sizes = []
-    for seed in range(3):  # same buckets, different lengths, counts and sampling settings
-        gen.generate(prompts(seed, count=5 + seed), SamplingParams(  # 5-7 rows: bucket 8
-            temperature=0.5 + seed, top_p=0.9 - 0.1 * seed, max_tokens=10 + seed, seed=seed))
-        sizes.append(gen._fn._cache_size())
-    assert sizes[0] == sizes[1] == sizes[2]
+    counts = []
+    for seed in range(4):  # 5-8 rows: 16 slots; prompts under 16 tokens; limits under 16
+        gen.generate(prompts(seed, count=5 + seed), SamplingParams(
+            temperature=0.5 + seed, top_p=0.9 - 0.1 * seed, max_tokens=10 + seed, seed=seed),
+            max_tokens=[3 + (seed * i) % 11 for i in range(5 + seed)])
+        counts.append(gen.compiled())
+    assert counts[1] == counts[2] == counts[3], counts
+    assert counts[3]["_decode"] <= len(batch_sizes(16, 1)) * 2  # x the two sampling kinds
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(64) == 64
 
 
@@ -176,39 +186,113 @@ def test_argmax_takes_the_first_of_tied_maxima():
     np.testing.assert_array_equal(np.asarray(_argmax(jax.numpy.asarray(x))), x.argmax(-1))
 
 
-def test_attention_is_one_softmax_over_cache_and_new():
-    """Against float64 softmax attention over the concatenation [cache slots, new tokens]."""
+def test_decode_attention_reads_each_rows_live_columns():
+    """Against float64 softmax attention over [the row's columns < length, its new token],
+    rows of unequal lengths (one empty, one filling the cache) in several sorted groups."""
     rng = np.random.default_rng(0)
-    B, T, S, N, K, H = 2, 3, 7, 4, 2, 8
-    q = rng.normal(size=(B, T, N, H))
-    k_cache, v_cache = rng.normal(size=(B, K, S, H)), rng.normal(size=(B, K, S, H))
-    k_new, v_new = rng.normal(size=(B, K, T, H)), rng.normal(size=(B, K, T, H))
-    cache_mask = rng.random((B, T, S)) < 0.6
-    new_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    L, B, S, N, K, H = 2, 40, 3 * KV_BLOCK, 4, 2, 8
+    q = rng.normal(size=(B, N, H))
+    k_cache, v_cache = rng.normal(size=(L, B, K, S, H)), rng.normal(size=(L, B, K, S, H))
+    k_new, v_new = rng.normal(size=(B, K, H)), rng.normal(size=(B, K, H))
+    length = rng.integers(0, S + 1, B)
+    length[:2] = 0, S
     f32 = lambda a: jax.numpy.asarray(a, "float32")
-    out = attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)),
-                           jax.numpy.asarray(new_mask),
-                           (f32(k_cache.swapaxes(2, 3)), f32(v_cache)),
-                           jax.numpy.asarray(cache_mask))
-    keys = np.concatenate([k_cache, k_new], 2)  # [B, K, S + T, H]
-    values = np.concatenate([v_cache, v_new], 2)
-    mask = np.concatenate([cache_mask, new_mask], 2)
-    expected = np.zeros((B, T, N, H))
-    for b, t, n in np.ndindex(B, T, N):
-        kv = n // (N // K)
-        s = keys[b, kv] @ q[b, t, n] / np.sqrt(H)
-        s = np.where(mask[b, t], s, -np.inf)
-        p = np.exp(s - s.max())
-        expected[b, t, n] = (p / p.sum()) @ values[b, kv]
-    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
-    # Without a cache (training): attention within the chunk only.
-    own = attention(f32(q), (f32(k_new.swapaxes(2, 3)), f32(v_new)), jax.numpy.asarray(new_mask))
-    for b, t, n in np.ndindex(B, T, N):
-        kv = n // (N // K)
-        s = np.where(new_mask[b, t], k_new[b, kv] @ q[b, t, n] / np.sqrt(H), -np.inf)
-        p = np.exp(s - s.max())
-        np.testing.assert_allclose(np.asarray(own[b, t, n]), (p / p.sum()) @ v_new[b, kv],
-                                   atol=1e-5)
+    cache = SlotCache(f32(k_cache.swapaxes(3, 4)), f32(v_cache), jax.numpy.asarray(length))
+    for layer in range(L):
+        out = np.asarray(decode_attention(f32(q), f32(k_new), f32(v_new), cache,
+                                          jax.numpy.int32(layer)))
+        chex.assert_shape(out, (B, N, H))
+        for b, n in np.ndindex(B, N):
+            kv = n // (N // K)
+            keys = np.concatenate([k_cache[layer, b, kv, :length[b]], k_new[b, kv][None]])
+            values = np.concatenate([v_cache[layer, b, kv, :length[b]], v_new[b, kv][None]])
+            s = keys @ q[b, n] / np.sqrt(H)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[b, n], p @ values / p.sum(), atol=2e-5)
+
+
+WIDTH = 64  # prompt + response of the replayed sequences, padded: one compilation
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, ids):
+    model = nnx.merge(graphdef, params)
+    h = model.hidden_states(jax.numpy.maximum(ids, 0), (ids >= 0).astype(np.int32))
+    return h @ model.lm_head_weight()
+
+
+def replay(graphdef, params, prompt, sample, sampling, key, index):
+    """(tokens, log-probs) a sequence must get, recomputed without a cache: one
+    teacher-forced pass over prompt + sample, each token drawn from its own key (seed,
+    prompt key, sample index, token index) as the engine draws it, and its log-prob under
+    log_softmax(logits / temperature)."""
+    ids = np.full((1, WIDTH), -1, np.int32)
+    seq = prompt + sample.token_ids
+    ids[0, :len(seq)] = seq
+    logits = _logits(graphdef, params, ids)
+    logits = logits[0, len(prompt) - 1:len(seq) - 1]
+    base = jax.random.key(sampling.seed)
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, key), index), i)
+            for i in range(len(sample.token_ids))]
+    tokens, _ = sample_tokens(logits, jax.numpy.stack(keys), np.float32(sampling.temperature),
+                              np.int32(sampling.top_k), np.float32(sampling.top_p),
+                              kind=sampling_kind(sampling))
+    logp = jax.nn.log_softmax(logits / sampling.temperature, axis=-1)
+    return np.asarray(tokens).tolist(), np.asarray(logp)[np.arange(len(seq) - len(prompt)),
+                                                         sample.token_ids]
+
+
+def test_continuous_batching_refills_slots_and_keeps_each_sequences_tokens(tiny_checkpoints):
+    """40 prompts x 2 samples through 16 slots: slots are refilled mid-call and the batch
+    shrinks as the last sequences finish, yet every sequence gets the tokens its own keys
+    give (replayed without a cache), the log-probs of the teacher-forced pass, its own
+    max_tokens, and stops on a stop token."""
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024, max_num_seqs=16)
+    ps = prompts(4, count=40)
+    limits = [int(x) for x in np.random.default_rng(1).integers(1, 40, len(ps))]
+    sampling = SamplingParams(temperature=1.0, max_tokens=64, seed=2)
+    keys = list(range(100, 140))
+    out = gen.generate(ps, sampling, n=2, keys=keys, max_tokens=limits)
+    assert gen.stats["inserts"] > 16 and gen.stats["shrinks"] >= 1, gen.stats
+    assert gen.stats["utilization"] > 0.5
+    finishes = set()
+    for prompt, key, limit, group in zip(ps, keys, limits, out, strict=True):
+        for j, s in enumerate(group):
+            tokens, logprobs = replay(graphdef, params, prompt, s, sampling, key, j)
+            assert s.token_ids == tokens
+            np.testing.assert_allclose(s.logprobs, logprobs, atol=1e-4)
+            assert len(s.token_ids) <= limit
+            stopped = s.token_ids[-1] in STOP
+            assert s.finish_reason == ("stop" if stopped else "length")
+            assert stopped or len(s.token_ids) == limit
+            assert all(t not in STOP for t in s.token_ids[:-1])
+            finishes.add(s.finish_reason)
+    assert finishes == {"stop", "length"}
+    # The same sequence alone in a call: the same tokens.
+    alone = gen.generate([ps[7]], sampling, n=2, keys=[107], max_tokens=[limits[7]])[0]
+    assert [s.token_ids for s in alone] == [s.token_ids for s in out[7]]
+
+
+def test_per_request_limits_with_stop_tokens_ignored(tiny_checkpoints):
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
+    gen = Generator(graphdef, params, stop_token_ids=list(range(500)), max_model_len=1024)
+    limits = [1, 3, 17, 2, 9]
+    out = gen.generate(prompts(5), SamplingParams(max_tokens=8, ignore_eos=True),
+                       max_tokens=limits)
+    assert [len(g[0].token_ids) for g in out] == limits
+    assert {g[0].finish_reason for g in out} == {"length"}
+    with pytest.raises(ValueError, match=r"max_tokens\[1\] must be an integer >= 1"):
+        gen.generate([[1], [2]], SamplingParams(), max_tokens=[3, 0])
+    with pytest.raises(ValueError, match="2 max_tokens for 1 prompts"):
+        gen.generate([[1]], SamplingParams(), max_tokens=[3, 4])
+
+
+def test_batch_sizes_shrink_in_steps():
+    assert batch_sizes(64, 1) == [64, 48, 32, 24, 16, 8]
+    assert batch_sizes(256, 8) == [256, 192, 128, 96, 64, 32, 16, 8]
+    assert batch_sizes(8, 1) == [8] and batch_sizes(4, 1) == [4]
+    assert batch_sizes(48, 6) == [48, 36, 24, 12]
 
 
 @pytest.mark.parametrize("causal_max_len", [100, 0], ids=["causal_blocks", "sequential"])

@@ -22,11 +22,11 @@ from safetensors.numpy import load_file
 
 from configs import arith_tiny
 from dapo_jax import multihost, placement
-from dapo_jax.generation import Generator, SamplingParams
 from dapo_jax.launch import trainer_flags
 from dapo_jax.models import load_pretrained
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
+from rollout.generation import Generator, SamplingParams
 from tests import sidecar
 from tests.launching import env, read_metrics, wait_for
 
@@ -295,7 +295,7 @@ def test_a_dead_process_ends_the_job_with_a_clear_error(tmp_path):
 
 
 def _stop_ids(model: str) -> list[int]:
-    from dapo_jax.generation import stop_token_ids
+    from rollout.generation import stop_token_ids
 
     return stop_token_ids(model)
 

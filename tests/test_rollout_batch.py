@@ -1,15 +1,15 @@
-"""One scored rollout batch (`dapo_jax.train.rollout.rollout`) from a scripted engine: the
+"""One scored rollout batch (`rollout.worker.rollout`) from a scripted engine: the
 keys every sample is drawn with, and which finish reasons overlong filtering drops."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from dapo_jax.generation import Sample, SamplingParams
 from dapo_jax.prompts import Example, PromptSet
 from dapo_jax.rewards import RewardPool
-from dapo_jax.train.rollout import rollout
 from dapo_jax.train.shaping import overlong_filter
+from rollout.generation import Sample, SamplingParams
+from rollout.worker import rollout
 
 
 class ScriptedEngine:

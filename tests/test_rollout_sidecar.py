@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dapo_jax.generation import Generator, SamplingParams
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.checkpoint import save_hf
-from dapo_jax.rollout_client import RolloutClient, RolloutError
 from dapo_jax.weight_export import export_weights
+from rollout.client import RolloutClient, RolloutError
+from rollout.generation import Generator, SamplingParams
 from tests import side_envs, sidecar
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -179,7 +179,7 @@ def test_engine_error_stops_at_once_and_not_ready_is_retried():
     import threading
     import time
 
-    from dapo_jax.rollout_client import RolloutError
+    from rollout.client import RolloutError
 
     calls = {"n": 0}
 

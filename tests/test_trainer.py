@@ -301,7 +301,7 @@ def test_sidecar_backend_and_resume_from_path(tmp_path):
     step), then a new run resuming from the first run's step-1 checkpoint through the same
     sidecar (now holding version 2) pushes the restored weights as version 1 and reproduces
     step 2."""
-    from dapo_jax.rollout_client import RolloutClient
+    from rollout.client import RolloutClient
     from tests import sidecar
 
     first, second = tmp_path / "first", tmp_path / "second"

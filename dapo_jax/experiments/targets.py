@@ -36,7 +36,6 @@ import jax.numpy as jnp  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.experiments.hlo import Program  # noqa: E402
-from dapo_jax.generation import Generator  # noqa: E402
 from dapo_jax.models import Precision, QwenConfig, preset, read_config  # noqa: E402,E501
 from dapo_jax.models.kernels import (  # noqa: E402
     KernelUnavailable,
@@ -62,6 +61,7 @@ from dapo_jax.train.update import (  # noqa: E402
     rollout_copy_bytes,
     update_lowering,
 )
+from rollout.generation import Generator  # noqa: E402
 
 GIB = 2**30
 H100_DESCRIPTION = Path(__file__).resolve().parents[1] / "assets" / "targets" / \

@@ -24,6 +24,7 @@ from flax import nnx
 
 from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.kernels import check_attention_impl, fused_attention, resolve_attention_impl
+from dapo_jax.models.ragged import CACHE_AXES, SlotCache, decode_attention
 from dapo_jax.sharding import constrain, named_sharding
 
 # What a layer keeps for its backward pass, least recompute first (REMAT_ORDER): everything
@@ -46,7 +47,6 @@ _init = nnx.initializers.normal(0.02)
 # (over H for the scores, over S for the output) run over a non-minor axis and vectorise
 # along the minor one (3.5x faster scores on CPU than k [B, K, S, H]).
 KVLayer = tuple[jax.Array, jax.Array]
-KVCache = tuple[jax.Array, jax.Array]  # all layers': k [L, B, K, H, S], v [L, B, K, S, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,22 +129,15 @@ SEQUENTIAL_BLOCK = 1024  # longer: a loop over query blocks, memory flat in leng
 
 
 def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
-              cache: KVLayer | None = None, cache_mask_BTS: jax.Array | None = None,
               *, causal_max_len: int = CAUSAL_MAX_LEN) -> jax.Array:
-    """Grouped-query softmax attention of T queries over their own chunk's keys/values
-    (`new`, `mask_BTT`) and, given one, a read-only KV cache (`cache`, `cache_mask_BTS`),
-    one softmax across both: with m the joint row max,
-    out = (sum_s e^(c_s - m) v_s + sum_u e^(n_u - m) v_u) / (sum_s e^(c_s - m) + sum_u e^(n_u - m)).
+    """Grouped-query softmax attention of T queries over the chunk's keys/values (`new`, in
+    the `KVLayer` layout with T slots) under `mask_BTT`; the N query heads are K groups of
+    G = N / K sharing one kv head. Scores and softmax in float32 (on CPU 5-10% faster per
+    update than `jax.nn.dot_product_attention`, whose per-head vmaps transpose more). Decode
+    steps attend a cache through `dapo_jax.models.ragged.decode_attention` instead.
 
-    `new` and `cache` are in the `KVLayer` layout (T and S slots); the N query heads are K
-    groups of G = N / K sharing one kv head. Scores and softmax in float32. The cache is only
-    read, so a decode step writes every layer's new slot once, in place, after the layer
-    scan instead of passing each layer's cache through the scan's outputs (a full cache copy
-    per step). Training uses the same function without a cache (on CPU 5-10% faster per
-    update than `jax.nn.dot_product_attention`, whose per-head vmaps transpose more).
-
-    Without a cache `mask_BTT` must be causal (token t attends at most tokens <= t), and long
-    chunks are processed in query blocks, each under `jax.checkpoint`:
+    `mask_BTT` must be causal (token t attends at most tokens <= t), and long chunks are
+    processed in query blocks, each under `jax.checkpoint`:
     - up to `causal_max_len` tokens, unrolled blocks of CAUSAL_BLOCK queries, each against
       the keys up to its own end: the fully masked blocks above the diagonal are not
       computed (update step on CPU at T = 512: 0.94x -> 1.02x of PyTorch's, which skips them
@@ -153,7 +146,7 @@ def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
       one block's scores, [B, N, block, T], live at a time instead of [B, N, T, T] (13 GB
       per layer for Qwen3-4B at T = 10240)."""
     B, T, N, H = q_BTNH.shape
-    if cache is None and T > CAUSAL_BLOCK:
+    if T > CAUSAL_BLOCK:
         if T <= causal_max_len:
             return _causal_blocks(q_BTNH, new, mask_BTT)
         if T > SEQUENTIAL_BLOCK:
@@ -171,16 +164,7 @@ def attention(q_BTNH: jax.Array, new: KVLayer, mask_BTT: jax.Array,
         return jnp.einsum("BKGTS,BKSH->BKGTH", p_BKGTS.astype(v_BKSH.dtype), v_BKSH,
                           preferred_element_type=jnp.float32)
 
-    s_new = scores(new[0], mask_BTT)
-    if cache is None:
-        out = values(jax.nn.softmax(s_new, axis=-1), new[1])
-    else:
-        s_cache = scores(cache[0], cache_mask_BTS)
-        m = jnp.maximum(jnp.max(s_cache, -1, keepdims=True),
-                        jnp.max(s_new, -1, keepdims=True))
-        p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
-        denom = jnp.sum(p_cache, -1, keepdims=True) + jnp.sum(p_new, -1, keepdims=True)
-        out = (values(p_cache, cache[1]) + values(p_new, new[1])) / denom
+    out = values(jax.nn.softmax(scores(new[0], mask_BTT), axis=-1), new[1])
     return out.astype(q_BTNH.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -258,22 +242,25 @@ class Attention(nnx.Module):
         return constrain(out_BTD, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
-                 segment_ids_BT: jax.Array, cache: KVLayer | None = None,
-                 cache_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
-        """Attends within x (`mask_BTT`, built from `segment_ids_BT`) and, given a layer's
-        cache, also over the cache (`cache_mask_BTS`). Returns the output and this chunk's
+                 segment_ids_BT: jax.Array, cache: SlotCache | None = None,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
+        """Attends within x (`mask_BTT`, built from `segment_ids_BT`), or, given the
+        engine's cache, one token per row over itself and its row's live cache columns of
+        layer `layer` (`dapo_jax.models.ragged`). Returns the output and this chunk's
         k [B, K, H, T] and v [B, K, T, H] (the cache layout) for the caller to store.
-        Without a cache a fused kernel may compute it from the segment ids instead
-        (`dapo_jax.models.kernels`; `auto` is resolved for the platform traced for)."""
+        Without a cache (training, prefill) a fused kernel may compute it from the segment
+        ids instead (`dapo_jax.models.kernels`; `auto` is resolved for the platform traced
+        for)."""
         q, k, v = self.project_qkv(x_BTD, positions_BT)
         new = (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2))
-        # Only a chunk without a cache (training, prefill) can use a kernel.
-        impl = "xla" if cache is not None else resolve_attention_impl(
-            self.attention_impl, head_dim=q.shape[-1], dtype=q.dtype)
+        if cache is not None:
+            out_BNH = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, layer)
+            return self.project_out(out_BNH[:, None]), new
+        impl = resolve_attention_impl(self.attention_impl, head_dim=q.shape[-1], dtype=q.dtype)
         if impl != "xla":
             out_BTNH = fused_attention(q, k, v, segment_ids_BT, impl)
         else:
-            out_BTNH = attention(q, new, mask_BTT, cache, cache_mask_BTS)
+            out_BTNH = attention(q, new, mask_BTT)
         return self.project_out(out_BTNH), new
 
 
@@ -306,10 +293,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, precision, rngs)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT: jax.Array,
-                 segment_ids_BT: jax.Array, cache: KVLayer | None = None,
-                 cache_mask_BTS: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
+                 segment_ids_BT: jax.Array, cache: SlotCache | None = None,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, KVLayer]:
         attn_BTD, kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTT,
-                                 segment_ids_BT, cache, cache_mask_BTS)
+                                 segment_ids_BT, cache, layer)
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), kv
 
@@ -380,38 +367,37 @@ class Qwen(nnx.Module):
         input_ids_BT: jax.Array,
         positions_BT: jax.Array,
         segment_ids_BT: jax.Array,
-        cache: KVCache | None = None,
-        cache_mask_BS: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Final-norm hidden states of T tokens and their keys/values in the `KVCache`
-        layout with T slots, for the caller to write into its cache. A token attends the
-        chunk's earlier tokens of its own segment (`segment_ids_BT`, 0 = padding, which is
-        attended by nothing) and, given a cache, every slot that `cache_mask_BS` marks (the
-        cache is only read)."""
+        cache: SlotCache | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Final-norm hidden states of T tokens and their keys/values, all layers', in the
+        cache layout with T slots (k [L, B, K, H, T], v [L, B, K, T, H]) for the caller to
+        store. A token attends the chunk's earlier tokens of its own segment
+        (`segment_ids_BT`, 0 = padding, which is attended by nothing); given the engine's
+        `SlotCache` (T = 1: a decode step), each row's token attends itself and its row's
+        live cache columns instead (the cache is only read: the caller writes the new
+        column once for all layers, not a cache copy through the layer scan)."""
         T = input_ids_BT.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
         seg = segment_ids_BT.astype(jnp.int32)
         mask_BTT = causal_TT[None] & (seg[:, :, None] == seg[:, None, :]) & \
             (seg[:, None, :] > 0)
-        cache_mask_BTS = None if cache is None else jnp.broadcast_to(
-            cache_mask_BS.astype(jnp.bool_)[:, None, :],
-            (cache_mask_BS.shape[0], T, cache_mask_BS.shape[1]))
         x_BTD = self.embed_tokens(input_ids_BT)
 
-        def step(layer, x, *kv):
-            return layer(x, positions_BT, mask_BTT, seg, kv or None, cache_mask_BTS)
+        def step(layer, x, index):
+            return layer(x, positions_BT, mask_BTT, seg, cache, index)
 
-        x_BTD, new_kv = self.scan_layers(step, x_BTD, *(cache or ()))
+        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        x_BTD, new_kv = self.scan_layers(step, x_BTD, layers)
         return self.final_norm(x_BTD), new_kv
 
-    def init_cache(self, batch: int, slots: int) -> KVCache:
-        """Zeroed `KVCache` with S = `slots`, in the compute dtype."""
+    def init_cache(self, batch: int, slots: int) -> SlotCache:
+        """An empty `SlotCache` of `batch` rows and S = `slots` columns, in the compute
+        dtype."""
         c, dtype = self.config, self.precision.dtype
         k = jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, slots), dtype)
         v = jnp.zeros((c.num_layers, batch, c.num_kv_heads, slots, c.head_dim), dtype)
-        k = constrain(k, ("layers", "batch", "kv_heads", "head_dim", "length"))
-        v = constrain(v, ("layers", "batch", "kv_heads", "length", "head_dim"))
-        return k, v
+        return SlotCache(constrain(k, CACHE_AXES[0]), constrain(v, CACHE_AXES[1]),
+                         jnp.zeros((batch,), jnp.int32))
 
     def __call__(self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array,
                  positions_BT: jax.Array | None = None) -> jax.Array:

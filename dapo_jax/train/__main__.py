@@ -20,11 +20,11 @@ def main(argv: list[str]) -> None:
     apply_trainer_xla_flags(_CONFIG.value)
     from dapo_jax.prompts import DataError
     from dapo_jax.rewards import RewardError
-    from dapo_jax.rollout_client import RolloutError
     from dapo_jax.train.checkpointing import CheckpointError
     from dapo_jax.train.config import ConfigError
     from dapo_jax.train.dynamic_sampling import DynamicSamplingError
     from dapo_jax.train.loop import RunDirInUse, run
+    from rollout.client import RolloutError
 
     try:
         run(_CONFIG.value)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from dapo_jax.generation import SamplingParams
 from dapo_jax.models.kernels import check_attention_impl
 from dapo_jax.models.qwen import REMAT_ORDER
 from dapo_jax.multihost import DistributedConfig
 from dapo_jax.sharding import resolve_mesh_shape
 from dapo_jax.train import objective
 from dapo_jax.train.dynamic_sampling import TYPES as DS_TYPES
+from rollout.generation import SamplingParams
 
 
 class ConfigError(ValueError):

@@ -27,7 +27,6 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from dapo_jax import evaluation, multihost
-from dapo_jax.generation import SamplingParams, stop_token_ids
 from dapo_jax.models import Precision, QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
@@ -38,15 +37,6 @@ from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
 from dapo_jax.train.metrics_log import MetricsLog, device_memory, route_library_logs
-from dapo_jax.train.rollout import (
-    Engine,
-    GenerationBatch,
-    InProcessEngine,
-    RolloutWorker,
-    SidecarEngine,
-    WorkerSettings,
-    reward_metrics,
-)
 from dapo_jax.train.step import StepSettings, train_step
 from dapo_jax.train.update import (
     OUT_OF_MEMORY,
@@ -62,6 +52,9 @@ from dapo_jax.train.update import (
     rollout_copy_bytes,
     update_lowering,
 )
+from rollout.engines import Engine, InProcessEngine, SidecarEngine
+from rollout.generation import SamplingParams, stop_token_ids
+from rollout.worker import GenerationBatch, RolloutWorker, WorkerSettings, reward_metrics
 
 
 @dataclasses.dataclass

@@ -1,18 +1,7 @@
-"""Prompts -> rollouts -> rewards: the generation engines the trainer talks to, and one
-rollout of a batch of prompts (generate n responses each, refuse stale weights, score).
-
-Engines (weight sync is two halves: `prepare` on the trainer's thread, before the next
-update donates the parameters; `load` on the generating thread, between requests):
-- `InProcessEngine`: the JAX generation engine in this process, on the trainer's mesh or on
-  its own generation mesh (devices the trainer does not use); `prepare` casts the new
-  parameters to the rollout dtype (`generator.model_dtype`) and moves them device to device
-  onto the generation mesh's shardings, `load` swaps them in.
-- `SidecarEngine`: rollout sidecars over HTTP (`rollout/`); `prepare` writes an orbax export
-  in the rollout dtype, `load` pushes it to every sidecar.
-
-The rollout worker (`RolloutWorker`) is the producer of generation batches: inline on the
-trainer's thread (synchronous DAPO) or in its own thread running ahead of the trainer
-(`trainer.fully_async`).
+"""Prompts -> rollouts -> rewards: one rollout of a batch of prompts (generate n responses
+each, refuse stale weights, score) and the rollout worker (`RolloutWorker`), the producer of
+generation batches: inline on the trainer's thread (synchronous DAPO) or in its own thread
+running ahead of the trainer (`trainer.fully_async`). The engines are `rollout.engines`.
 
 With several JAX processes (`SPLITS`) each process's worker produces its part of every
 batch with no exchange between processes (collectives from two threads of a process would
@@ -24,130 +13,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
-import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dapo_jax import multihost
-from dapo_jax.generation import Generator, Sample, SamplingParams
-from dapo_jax.placement import TOKEN_ENV
 from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState
 from dapo_jax.rewards import RewardPool, RewardResult, failure_counts
-
-
-# ----------------------------------------------------------------------------- engines
-class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
-                 keys: list[int]) -> list[list[Sample]]: ...
-
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
-        """The trainer's thread: the new weights in the form `load` takes (the parameters
-        are donated by the next update, so nothing may read them later)."""
-
-    def load(self, weights: Any, version: int) -> None:
-        """The generating thread, between requests: serve `weights` as `version`."""
-
-
-def _cast(params: Any, dtype: str) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype), params)
-
-
-cast_params = jax.jit(_cast, static_argnames="dtype")
-
-
-class InProcessEngine:
-    """The JAX generation engine in this process, serving the weights in `dtype`. With a
-    `mesh` other than the trainer's (a generation sub-mesh), the weights are copied device
-    to device onto it, each leaf keeping its partition spec."""
-
-    def __init__(self, graphdef: nnx.GraphDef, params: Any, dtype: str, *,
-                 mesh: jax.sharding.Mesh | None, own_mesh: bool, **generator_kw: Any):
-        self.dtype = dtype
-        self.mesh = mesh
-        self.own_mesh = own_mesh
-        self._gather: Any = None
-        self.generator = Generator(graphdef, self.prepare(None, params, 0, 0), mesh=mesh,
-                                   **generator_kw)
-
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
-        del model, step, version
-        if self.own_mesh:  # device to device, no host round trip
-            target = jax.tree.map(
-                lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params)
-            if jax.process_count() > 1:
-                params = self._local_copy(params)
-            params = jax.device_put(params, target)
-        # On the trainer's mesh, in the trainer's dtype, these are the trainer's own arrays:
-        # the next update donates them, and they are loaded before it (the synchronous loop
-        # generates between updates; an asynchronous one needs its own mesh).
-        same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
-        return params if same else cast_params(params, dtype=self.dtype)
-
-    def _local_copy(self, params: Any) -> Any:
-        """A whole copy of the trainer's parameters (sharded over every process) on one of
-        this process's devices, in the rollout dtype: the generation mesh holds this
-        process's devices only, and an array moves between processes only inside a
-        collective. One all-gather on the trainer's mesh (the trainer's thread), then this
-        process's replica is used as is."""
-        if self._gather is None:  # built once: the trainer's mesh does not change
-            mesh = jax.tree.leaves(params)[0].sharding.mesh
-            self._gather = jax.jit(functools.partial(_cast, dtype=self.dtype),
-                                   out_shardings=jax.sharding.NamedSharding(
-                                       mesh, jax.sharding.PartitionSpec()))
-        return jax.tree.map(lambda x: x.addressable_data(0), self._gather(params))
-
-    def load(self, weights: Any, version: int) -> None:
-        self.generator.set_params(weights, version)
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
-                 keys: list[int]) -> list[list[Sample]]:
-        return self.generator.generate(prompts, sampling, n, keys)
-
-
-class SidecarEngine:
-    """Rollout sidecars over HTTP; weight sync is an orbax export in `dtype` pushed to each.
-    A sidecar that does not answer is retried for `retry_window_s` (a launcher restarts a
-    dead one within its start-up timeout).
-
-    With several JAX processes, process 0 is the only client (split "primary"): it sends
-    every prompt (spread over the sidecars as with one process) and the worker shares the
-    samples with the others; every process writes its shards of the export (a filesystem
-    all hosts and sidecars see), then process 0 pushes it."""
-
-    def __init__(self, urls: list[str], token: str, export_dir: Path, dtype: str,
-                 retry_window_s: float):
-        from dapo_jax.rollout_client import RolloutClient
-
-        self.client = RolloutClient(urls, token=token or os.environ.get(TOKEN_ENV) or None,
-                                    retry_window_s=retry_window_s)
-        self.export_dir = export_dir
-        self.dtype = dtype
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
-                 keys: list[int]) -> list[list[Sample]]:
-        return self.client.generate(prompts, sampling, n, keys)
-
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
-        from dapo_jax.weight_export import export_weights
-
-        nnx.update(model, params)
-        path = export_weights(model, self.export_dir, step=step, version=version,
-                              dtype=self.dtype)
-        multihost.barrier(f"export_{step}")  # process 0 has renamed it into place
-        return path
-
-    def load(self, weights: Any, version: int) -> None:
-        if multihost.is_primary():
-            self.client.update_weights(str(weights), version)
-
+from rollout.engines import Engine
+from rollout.generation import Sample, SamplingParams
 
 # ----------------------------------------------------------------------------- rollouts
 # How the processes of a multi-process trainer share a batch of prompts (one process: each

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,8 +22,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dapo_jax.generation import Sample, SamplingParams
 from rollout import protocol
+from rollout.generation import Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,12 @@ class RolloutClient:
                                f"version {self.version}")
 
     def _generate_one(self, url: str, prompts: list[list[int]], sampling: SamplingParams,
-                      n: int, keys: list[int]) -> list[list[Sample]]:
-        request = {"prompt_token_ids": prompts, "n": n, "prompt_keys": keys, "sampling_params": {
-            "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k, "max_tokens": sampling.max_tokens, "seed": sampling.seed}}
+                      n: int, keys: list[int], max_tokens: list[int] | None
+                      ) -> list[list[Sample]]:
+        request = {"prompt_token_ids": prompts, "n": n, "prompt_keys": keys,
+                   "sampling_params": dataclasses.asdict(sampling)}
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
 
         def attempt() -> list[list[Sample]]:
             body = self._call(url, "POST", "/generate", request)
@@ -134,19 +137,23 @@ class RolloutClient:
         return self._with_retries(url, attempt)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
-                 n: int = 1, keys: Sequence[int] | None = None) -> list[list[Sample]]:
+                 n: int = 1, keys: Sequence[int] | None = None,
+                 max_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
         """`n` samples per prompt, split across the sidecars; order follows `prompts`.
         `keys` name the prompts' identities for sampling (`Generator.generate`; default:
-        positions in `prompts`), the same whichever sidecar serves a prompt."""
+        positions in `prompts`), the same whichever sidecar serves a prompt; `max_tokens`
+        each prompt's own limit (default: `sampling.max_tokens`)."""
         prompts = [list(p) for p in prompts]
         keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
+        limits = None if max_tokens is None else [int(m) for m in max_tokens]
         k = len(self.urls)
         size = -(-len(prompts) // k)
-        chunks = [(url, prompts[i * size:(i + 1) * size], keys[i * size:(i + 1) * size])
+        part = lambda xs, i: None if xs is None else xs[i * size:(i + 1) * size]
+        chunks = [(url, part(prompts, i), part(keys, i), part(limits, i))
                   for i, url in enumerate(self.urls)]
         chunks = [c for c in chunks if c[1]]
         with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-            parts = pool.map(lambda c: self._generate_one(c[0], c[1], sampling, n, c[2]),
+            parts = pool.map(lambda c: self._generate_one(c[0], c[1], sampling, n, c[2], c[3]),
                              chunks)
             return [group for part in parts for group in part]
 
