@@ -86,10 +86,10 @@ def static_worker(job_file: str) -> None:
     sequences at a time, each batch to its longest pinned length (a stop id outside the
     sampled range: the random model draws it at 1/vocab per token, so rows rarely stop)."""
     sys.path.insert(0, os.getcwd())
+    from dapo_jax.generation import Generator, SamplingParams  # the baseline's layout
     from flax import nnx
 
     from dapo_jax.models import init_model, preset
-    from rollout.generation import Generator, SamplingParams
 
     job = json.loads(Path(job_file).read_text())
     cfg = preset(job["preset"])

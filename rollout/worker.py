@@ -16,7 +16,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -175,14 +175,52 @@ class GenerationBatch:
                    {k: max(p.timings.get(k, 0.0) for p in parts) for k in first.timings})
 
 
+def staleness(step: int, version: int) -> int:
+    """SkyRL's staleness of a group generated with weights `version` and trained at `step`:
+    it was scheduled at step i = version + 1 (the step those weights were training for), so
+    staleness = step - i = step - 1 - version (0 in the synchronous loop)."""
+    return step - 1 - version
+
+
+@dataclasses.dataclass
+class Position:
+    """Where the untrained generation batches start (what the checkpoint saves): the prompt
+    order's position after the last new batch the trainer took, the next new batch's
+    number, and the batches handed back to be generated again (number -> prompts) not
+    trained yet."""
+
+    sampler: SamplerState = dataclasses.field(default_factory=SamplerState)
+    number: int = 0
+    redo: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def to_host(self) -> dict[str, Any]:
+        return {"sampler": dataclasses.asdict(self.sampler), "generation_batches": self.number,
+                "regenerate": [[k, list(v)] for k, v in sorted(self.redo.items())]}
+
+    @classmethod
+    def from_host(cls, host: dict[str, Any]) -> Position:
+        return cls(SamplerState(**host["sampler"]), host.get("generation_batches", 0),
+                   {int(k): tuple(v) for k, v in host.get("regenerate", [])})
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings:
     batch_size: int  # prompts per generation batch (trainer.train_batch_size)
     group_size: int  # responses per prompt
     sampling: SamplingParams  # the seed is batch_seed(seed, number)
     seed: int
-    ahead: int  # trainer.fully_async.max_staleness_steps when async, else 0 (inline)
+    ahead: int  # trainer.fully_async.max_staleness_steps when async, else 0 (inline): the
+    # staleness bound too
     split: str  # one of SPLITS: this process's part of each batch
+
+
+class Taken(NamedTuple):
+    """What `RolloutWorker.next` took: the batch to train, the seconds the trainer waited,
+    and the batches handed back on the way (too stale; their generation time was spent)."""
+
+    batch: GenerationBatch
+    waited: float
+    handed_back: tuple[GenerationBatch, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,24 +251,34 @@ class RolloutWorker:
     the steps take their b batches: it had at most k * b - 1 queued before it, taken within
     k - 1 steps if the trainer is still drawing step i's batches and within k if it is
     updating. (With one batch a step, b = 1, that is a guarantee; a step that takes fewer
-    than b can leave a batch one step too stale: the trainer hands it back with
-    `regenerate`, and the worker generates the same prompts, with the same seed, again with
-    the newest weights.)
+    than b can leave a batch one step too stale: `next(step)` hands it back
+    (`regenerate`), and the worker generates the same prompts, with the same seed, again
+    with the newest weights.)
+
+    The scheduling state lives here: the schedule (`sampler`, `number`, batches to redo)
+    and the trainer's position (`position`: what it has taken, what is handed back), which
+    `state()` gives the checkpoint and `position=` restores.
 
     One user of the engine at a time (`engine_lock`): the worker, or the trainer's held-out
     evaluation (`serving`). An error in the worker's thread is raised by the trainer's next
     `next()`; so are reward failures over the pool's bound (`RewardPool.check`)."""
 
-    def __init__(self, engine: Engine, prompt_set: PromptSet, sampler: PromptSampler,
-                 tokenizer: Any, rewards: RewardPool, settings: WorkerSettings, *,
-                 version: int, number: int,
-                 redo: tuple[tuple[tuple[int, ...], int], ...] = ()):
+    def __init__(self, engine: Engine, prompt_set: PromptSet, tokenizer: Any,
+                 rewards: RewardPool, settings: WorkerSettings, *, version: int,
+                 position: Position | None = None):
         if settings.split not in SPLITS:
             raise ValueError(f"split {settings.split!r} is not one of {SPLITS}")
-        self.engine, self.prompt_set, self.sampler = engine, prompt_set, sampler
+        position = position or Position()
+        self.engine, self.prompt_set = engine, prompt_set
         self.tokenizer, self.rewards, self.s = tokenizer, rewards, settings
+        # The trainer's position (trainer thread only): what `state()` returns.
+        self.position = Position(dataclasses.replace(position.sampler), position.number,
+                                 dict(position.redo))
+        # The schedule's position, ahead of the trainer's by the batches scheduled.
+        self.sampler = PromptSampler(len(prompt_set.examples), seed=settings.seed,
+                                     state=dataclasses.replace(position.sampler))
         self.version = version  # what the engine serves
-        self.number = number  # the next new batch's number
+        self.number = position.number  # the next new batch's number
         self.engine_lock = threading.Lock()
         self._cond = threading.Condition()
         self._todo: collections.deque[_Job] = collections.deque()  # scheduled, not started
@@ -242,7 +290,8 @@ class RolloutWorker:
         self._idle = 0.0  # seconds the engine waited between generation batches
         self._per_step: collections.deque[int] = collections.deque([1], maxlen=8)
         # Batches to generate again (prompts, number), scheduled before new prompts.
-        self._redo: collections.deque[tuple[tuple[int, ...], int]] = collections.deque(redo)
+        self._redo: collections.deque[tuple[tuple[int, ...], int]] = collections.deque(
+            (v, k) for k, v in sorted(position.redo.items()))
         self._last_end = time.perf_counter()
         self._thread: threading.Thread | None = None
         if settings.ahead > 0:
@@ -257,9 +306,28 @@ class RolloutWorker:
         with self._cond:
             self._published = (weights, version)
 
-    def next(self) -> tuple[GenerationBatch, float]:
-        """The oldest finished batch (every process's parts of it), and the seconds the
-        caller waited for it."""
+    def next(self, step: int) -> Taken:
+        """The oldest finished batch fresh enough to train at `step` (every process's parts
+        of it). A batch staler than the bound (`ahead`) is never trained: it is handed back
+        (`regenerate`) and generated again, with its own seed and the newest weights,
+        before new prompts."""
+        waited, stale = 0.0, []
+        while True:
+            batch, wait = self._take()
+            waited += wait
+            if staleness(step, batch.version) <= self.s.ahead:
+                return Taken(batch, waited, tuple(stale))
+            stale.append(batch)
+            self.regenerate(batch.indices, batch.number)
+
+    def state(self) -> dict[str, Any]:
+        """The trainer's position (`Position.to_host`): where a resumed run's worker starts
+        (`Position.from_host`), so every batch not trained is generated again, none twice."""
+        return self.position.to_host()
+
+    def _take(self) -> tuple[GenerationBatch, float]:
+        """The oldest finished batch, and the seconds the caller waited for it; moves the
+        trainer's position past it."""
         start = time.perf_counter()
         if self._thread is None:
             self._schedule()
@@ -278,10 +346,17 @@ class RolloutWorker:
         waited = time.perf_counter() - start
         batch = self._gather(mine)
         self.rewards.check(batch.failures, len(batch.data["score"]))
+        pos = self.position
+        if batch.number in pos.redo:
+            del pos.redo[batch.number]
+        else:  # new batches come in number order
+            pos.sampler, pos.number = batch.after, batch.number + 1
         return batch, waited
 
     def regenerate(self, indices: tuple[int, ...], number: int) -> None:
-        """Generate batch `number`'s prompts again (it came back too stale to train)."""
+        """Generate batch `number`'s prompts again (it came back too stale to train); the
+        trainer's position keeps it until it trains."""
+        self.position.redo[number] = tuple(indices)
         with self._cond:
             self._redo.append((tuple(indices), number))
         if self._thread is not None:

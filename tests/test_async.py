@@ -129,32 +129,86 @@ class _Tokenizer:
 
 def test_a_batch_handed_back_is_generated_again_first_with_its_seed_and_new_weights():
     """Inline worker (the same code as the thread): regenerate(prompts, number) puts that
-    batch before new prompts; it carries the newest weights and its own seed; the loop's
-    checkpoint position keeps batches handed back until they train."""
+    batch before new prompts; it carries the newest weights and its own seed; the worker's
+    state() (the checkpoint's) keeps batches handed back until they train, and a worker
+    started from it schedules what was not trained, none twice."""
     from dapo_jax.prompts import Example, PromptSet
     from rollout.generation import SamplingParams
-    from rollout.worker import RolloutWorker, WorkerSettings, batch_seed
+    from rollout.worker import Position, RolloutWorker, WorkerSettings, batch_seed
 
     prompts = PromptSet([Example((("user", str(i)),), str(i)) for i in range(10)],
                         [[i] for i in range(10)], 0, 0)
-    worker = RolloutWorker(
-        _Engine(), prompts, PromptSampler(10, seed=0), _Tokenizer(), _Rewards(),
-        WorkerSettings(batch_size=3, group_size=2, sampling=SamplingParams(), seed=5, ahead=0,
-                       split="collective"),
-        version=0, number=0)
-    first, _ = worker.next()
-    second, _ = worker.next()
+    settings = WorkerSettings(batch_size=3, group_size=2, sampling=SamplingParams(), seed=5,
+                              ahead=0, split="collective")
+    worker = RolloutWorker(_Engine(), prompts, _Tokenizer(), _Rewards(), settings, version=0)
+    first = worker.next(1).batch
+    second = worker.next(1).batch
     assert (first.number, second.number) == (0, 1) and first.version == 0
     worker.publish("w1", 1)
     worker.regenerate(first.indices, first.number)
-    again, _ = worker.next()
+    worker.regenerate(second.indices, second.number)
+    assert sorted(Position.from_host(worker.state()).redo) == [0, 1]
+    again = worker.next(2).batch
     assert (again.number, again.indices, again.version) == (0, first.indices, 1)
     assert again.data["response_ids"][0] == [first.indices[0], batch_seed(5, 0)]
     assert again.after == second.after  # the prompt order did not move
-    third, _ = worker.next()
-    assert third.number == 2 and set(third.indices).isdisjoint(first.indices + second.indices)
-    pos = loop.Position(third.after, 3, {1: second.indices})
-    assert loop.Position.from_host(json.loads(json.dumps(pos.to_host()))) == pos
+    state = json.loads(json.dumps(worker.state()))  # what a checkpoint holds
+    assert Position.from_host(state) == Position(second.after, 2, {1: second.indices})
+    third = worker.next(2).batch
+    assert third.number == 1 and third.indices == second.indices
+    fourth = worker.next(2).batch
+    assert fourth.number == 2 and set(fourth.indices).isdisjoint(first.indices + second.indices)
+
+    engine = _Engine()
+    engine.load("w1", 1)  # a resumed run's engine serves the checkpoint's weights
+    resumed = RolloutWorker(engine, prompts, _Tokenizer(), _Rewards(), settings,
+                            version=1, position=Position.from_host(state))
+    assert [(b.number, b.indices) for b in (resumed.next(2).batch, resumed.next(2).batch)] == [
+        (1, second.indices), (2, fourth.indices)]
+
+
+class _StartedEngine(_Engine):
+    """Says when its first generation started (its weight version is fixed then)."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.started = threading.Event()
+
+    def generate(self, prompts, sampling, n, keys):
+        self.started.set()
+        return super().generate(prompts, sampling, n, keys)
+
+
+def test_a_batch_staler_than_the_bound_is_handed_back_not_trained():
+    """next(step) never returns a batch staler than the bound (ahead = 1): it hands it back,
+    the worker generates the same prompts again with the newest weights after what was
+    already scheduled, and the checkpoint's state keeps it until it trains."""
+    from dapo_jax.prompts import Example, PromptSet
+    from rollout.generation import SamplingParams
+    from rollout.worker import Position, RolloutWorker, WorkerSettings
+
+    prompts = PromptSet([Example((("user", str(i)),), str(i)) for i in range(10)],
+                        [[i] for i in range(10)], 0, 0)
+    engine = _StartedEngine()
+    worker = RolloutWorker(engine, prompts, _Tokenizer(), _Rewards(), WorkerSettings(
+        batch_size=3, group_size=2, sampling=SamplingParams(), seed=5, ahead=1,
+        split="share"), version=0)
+    try:
+        assert engine.started.wait(60)  # batch 0 is being generated with version 0
+        worker.publish("w2", 2)
+        taken = worker.next(3)  # batch 0: staleness 3 - 1 - 0 = 2 > 1
+        assert [(b.number, b.version) for b in taken.handed_back] == [(0, 0)]
+        assert (taken.batch.number, taken.batch.version) == (1, 2)
+        assert sorted(Position.from_host(worker.state()).redo) == [0]
+        assert worker.next(3).batch.number == 2  # scheduled before the hand-back
+        again = worker.next(3)
+        assert again.handed_back == () and (again.batch.number, again.batch.version) == (0, 2)
+        assert again.batch.indices == taken.handed_back[0].indices
+        assert Position.from_host(worker.state()).redo == {}
+    finally:
+        worker.close()
 
 
 class _SlowEngine(_Engine):
@@ -179,17 +233,17 @@ def test_the_batches_a_worker_produces_do_not_depend_on_its_speed():
 
     def trace(engine) -> list[tuple[int, tuple[int, ...]]]:
         worker = RolloutWorker(
-            engine, prompts, PromptSampler(40, seed=0), _Tokenizer(), _Rewards(),
+            engine, prompts, _Tokenizer(), _Rewards(),
             WorkerSettings(batch_size=4, group_size=2, sampling=SamplingParams(), seed=5,
-                           ahead=2, split="share"), version=0, number=0)
+                           ahead=2, split="share"), version=0)
         seen = []
         try:
             for step in range(6):
-                got, _ = worker.next()
+                got = worker.next(1).batch
                 seen.append((got.number, got.indices))
                 if step in (1, 2):  # handed back while the worker is some way ahead
                     worker.regenerate(got.indices, got.number)
-                got, _ = worker.next()
+                got = worker.next(1).batch
                 seen.append((got.number, got.indices))
                 worker.step_done(2 if step % 2 else 1)
         finally:

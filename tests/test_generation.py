@@ -292,7 +292,7 @@ def test_batch_sizes_shrink_in_steps():
     assert batch_sizes(64, 1) == [64, 48, 32, 24, 16, 8]
     assert batch_sizes(256, 8) == [256, 192, 128, 96, 64, 32, 16, 8]
     assert batch_sizes(8, 1) == [8] and batch_sizes(4, 1) == [4]
-    assert batch_sizes(48, 6) == [48, 36, 24, 12]
+    assert batch_sizes(48, 6) == [48, 36, 24, 18, 12]
 
 
 @pytest.mark.parametrize("causal_max_len", [100, 0], ids=["causal_blocks", "sequential"])

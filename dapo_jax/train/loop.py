@@ -30,7 +30,7 @@ from dapo_jax import evaluation, multihost
 from dapo_jax.models import Precision, QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
-from dapo_jax.prompts import PromptSampler, PromptSet, SamplerState, load_prompt_set
+from dapo_jax.prompts import PromptSet, load_prompt_set
 from dapo_jax.rewards import RewardPool
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train import config as config_lib
@@ -54,27 +54,14 @@ from dapo_jax.train.update import (
 )
 from rollout.engines import Engine, InProcessEngine, SidecarEngine
 from rollout.generation import SamplingParams, stop_token_ids
-from rollout.worker import GenerationBatch, RolloutWorker, WorkerSettings, reward_metrics
-
-
-@dataclasses.dataclass
-class Position:
-    """Where the untrained generation batches start (checkpointed): the prompt order's
-    position after the last new batch the trainer took, the next new batch's number, and
-    the batches handed back to be generated again (number -> prompts) not trained yet."""
-
-    sampler: SamplerState
-    number: int
-    redo: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-
-    def to_host(self) -> dict[str, Any]:
-        return {"sampler": dataclasses.asdict(self.sampler), "generation_batches": self.number,
-                "regenerate": [[k, list(v)] for k, v in sorted(self.redo.items())]}
-
-    @classmethod
-    def from_host(cls, host: dict[str, Any]) -> Position:
-        return cls(SamplerState(**host["sampler"]), host.get("generation_batches", 0),
-                   {int(k): tuple(v) for k, v in host.get("regenerate", [])})
+from rollout.worker import (
+    GenerationBatch,
+    Position,
+    RolloutWorker,
+    WorkerSettings,
+    reward_metrics,
+    staleness,
+)
 
 
 @dataclasses.dataclass
@@ -99,8 +86,6 @@ class Run:
     worker: RolloutWorker
     settings: StepSettings
     eval_sampling: SamplingParams
-    staleness_bound: int  # trainer.fully_async.max_staleness_steps, 0 when synchronous
-    position: Position  # where the untrained generation batches start (checkpointed)
     start_step: int = 0
     version: int = 0
     lock: Any = None  # the run directory's lock file, held while the run lives
@@ -314,7 +299,7 @@ def setup(cfg: ConfigDict) -> Run:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
     resume = resolve_resume(t.resume_mode, ckpt, t.resume_path)
     start_step = version = 0
-    position = Position(SamplerState(), 0)
+    position = Position()
     if resume is not None:
         source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
         params, opt_state, host = source.restore(resume[1], params, opt_state)
@@ -334,15 +319,12 @@ def setup(cfg: ConfigDict) -> Run:
                          timeout_s=cfg.reward.timeout_s,
                          max_failure_frac=cfg.reward.max_failure_frac)
     worker = RolloutWorker(
-        engine, train_set, PromptSampler(len(train_set.examples), seed=t.seed,
-                                         state=dataclasses.replace(position.sampler)),
-        tokenizer, rewards, WorkerSettings(
+        engine, train_set, tokenizer, rewards, WorkerSettings(
             batch_size=t.train_batch_size, group_size=g.n_samples_per_prompt,
             sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound,
             split="primary" if g.backend == "sidecar" else
             "share" if gen_mesh is not mesh else "collective"),
-        version=version, number=position.number,
-        redo=tuple((v, k) for k, v in sorted(position.redo.items())))
+        version=version, position=position)
     run = Run(
         cfg=cfg, run_dir=run_dir, primary=primary, tokenizer=tokenizer, train_set=train_set,
         val_set=val_set, max_steps=max_steps, model=model, params=params, opt_state=opt_state,
@@ -350,7 +332,7 @@ def setup(cfg: ConfigDict) -> Run:
         ckpt=ckpt, worker=worker,
         settings=StepSettings.from_config(cfg, sizes=sizes, pad_id=pad_id),
         eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed),
-        staleness_bound=bound, start_step=start_step, version=version, position=position,
+        start_step=start_step, version=version,
         lock=lock)
     return run
 
@@ -373,13 +355,6 @@ def evaluate_policy(run: Run, step: int) -> dict[str, float]:
     return {**result.metrics(), "eval/all/reward_failures": float(failures)}
 
 
-def staleness(step: int, version: int) -> int:
-    """SkyRL's staleness of a group generated with weights `version` and trained at `step`:
-    it was scheduled at step i = version + 1 (the step those weights were training for), so
-    staleness = step - i = step - 1 - version (0 in the synchronous loop)."""
-    return step - 1 - version
-
-
 def draw_batch(run: Run, step: int, timings: dict[str, float]
                ) -> tuple[dict[str, np.ndarray], DynamicSamplingState, list[GenerationBatch],
                           dict[str, float]]:
@@ -395,23 +370,14 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
     state = DynamicSamplingState()
     drawn: list[GenerationBatch] = []  # every batch this step took, for metrics
     waited, regenerated = 0.0, 0
-    pos = run.position
     bar = tqdm(desc="generation batches", leave=False, disable=not show_bars(run.primary))
     while True:
-        got: GenerationBatch
-        got, wait = run.worker.next()
+        got, wait, handed_back = run.worker.next(step)
         waited += wait
-        if got.number in pos.redo:
-            del pos.redo[got.number]
-        else:  # new batches come in number order
-            pos.sampler, pos.number = got.after, got.number + 1
-        for k, v in got.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-        if staleness(step, got.version) > run.staleness_bound:
-            regenerated += len(got.indices)
-            pos.redo[got.number] = got.indices
-            run.worker.regenerate(got.indices, got.number)
-            continue
+        regenerated += sum(len(b.indices) for b in handed_back)
+        for b in (*handed_back, got):
+            for k, v in b.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
         drawn.append(got)
         # The filter looks at correctness: raw scores, before overlong punishment.
         state, batch = accumulate(
@@ -472,7 +438,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             last = step == r.max_steps
             if t.ckpt_interval > 0 and (step % t.ckpt_interval == 0 or last):
                 r.ckpt.save(step, r.params, r.opt_state, {
-                    "step": step, "weight_version": r.version, **r.position.to_host()})
+                    "step": step, "weight_version": r.version, **r.worker.state()})
             if t.hf_save_interval > 0 and (step % t.hf_save_interval == 0 or last):
                 nnx.update(r.model, r.params)
                 save_hf(r.model, r.run_dir / "hf" / f"step_{step}", base_model=cfg.model.path,
@@ -511,7 +477,7 @@ def record_trained_groups(r: Run, step: int, batch: dict[str, np.ndarray],
             "step": step, "prompt_index": batch["prompt_index"][::n].tolist(),
             "weight_version": batch["weight_version"][::n].tolist(),
             "batches": [b.number for b in drawn],
-            "regenerate": sorted(r.position.redo)}) + "\n")
+            "regenerate": sorted(r.worker.position.redo)}) + "\n")
 
 
 class RunDirInUse(RuntimeError):
