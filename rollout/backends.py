@@ -107,7 +107,9 @@ class VllmEngine:
         params = [VllmSampling(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=limit, seed=request_seed(sampling.seed, key), logprobs=0,
-            stop_token_ids=self.stop_ids, ignore_eos=sampling.ignore_eos, detokenize=False)
+            # vLLM's ignore_eos spares only the eos; ours spares every stop token.
+            stop_token_ids=[] if sampling.ignore_eos else self.stop_ids,
+            ignore_eos=sampling.ignore_eos, detokenize=False)
             for key, limit in zip(keys, max_tokens, strict=True)]
         results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     use_tqdm=False)

@@ -43,7 +43,7 @@ class SamplingParams:
     top_k: int = -1  # -1: no top-k
     max_tokens: int = 64
     seed: int = 0
-    ignore_eos: bool = False  # vLLM's: stop tokens do not end a sequence (benchmarks)
+    ignore_eos: bool = False  # no stop token ends a sequence (benchmarks pin lengths)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
