@@ -285,7 +285,8 @@ def decode_step_report(report: FunctionReport, generator: Generator, params: Any
                                         g.sampling_params.max_generate_length).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    report.step_bytes = float(cost.get("bytes accessed", 0.0))
+    # A deviceless GPU compile has no cost analysis (the plugin needs its device for it).
+    report.step_bytes = float(cost.get("bytes accessed", 0.0)) if cost else math.nan
     prompt, response = length_mix(4096, np.random.default_rng(0),
                                   scale=max(1, g.sampling_params.max_generate_length // 1024))
     live = float(np.mean(np.minimum(prompt, t.max_prompt_length) +
@@ -295,13 +296,15 @@ def decode_step_report(report: FunctionReport, generator: Generator, params: Any
     weights = per_device_bytes(params)
     report.live_bytes = weights + B / dp * live * column
     pool = B / dp * S * column
+    counted = (f"XLA's cost analysis counts {report.step_bytes / 1e9:.2f} GB per device "
+               f"({report.step_bytes / report.live_bytes:.2f}x what it must read)"
+               if cost else "XLA has no cost analysis for this target")
     report.notes.append(
-        f"a decode step at batch {B} ({B // dp} rows per device), KV pool {S:,} columns: XLA "
-        f"counts {report.step_bytes / 1e9:.2f} GB per device; it must read the weights "
-        f"({weights / 1e9:.2f} GB) + the live KV at the mix's mean length of {live:,.0f} "
-        f"tokens ({(report.live_bytes - weights) / 1e9:.2f} GB) = {report.live_bytes / 1e9:.2f} "
-        f"GB ({report.step_bytes / report.live_bytes:.2f}x); the whole pool is "
-        f"{pool / 1e9:.2f} GB")
+        f"a decode step at batch {B} ({B // dp} rows per device), KV pool {S:,} columns "
+        f"({pool / 1e9:.2f} GB per device) must read the weights ({weights / 1e9:.2f} GB) + "
+        f"the live KV at the mix's mean length of {live:,.0f} tokens "
+        f"({(report.live_bytes - weights) / 1e9:.2f} GB) = {report.live_bytes / 1e9:.2f} GB "
+        f"per device; {counted}")
 
 
 def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
