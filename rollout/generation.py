@@ -287,8 +287,10 @@ def _insert(model: Any, state: dict[str, Any], prompt_RP: jax.Array, prompt_len_
     cache = state["cache"]
     put = lambda x, value: x.at[slot_R].set(value.astype(x.dtype), mode="drop")
     cache = cache._replace(
-        k=cache.k.at[:, slot_R, :, :, :P].set(k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[:, slot_R, :, :P, :].set(v.astype(cache.v.dtype), mode="drop"),
+        k=cache.k.at[:P, :, slot_R].set(k.transpose(4, 0, 1, 2, 3).astype(cache.k.dtype),
+                                        mode="drop"),
+        v=cache.v.at[:P, :, slot_R].set(v.transpose(3, 0, 1, 2, 4).astype(cache.v.dtype),
+                                        mode="drop"),
         length=put(cache.length, prompt_len_R))
     return dict(state, cache=cache, last=put(state["last"], tok_R),
                 count=put(state["count"], jnp.ones_like(slot_R)),
@@ -307,15 +309,17 @@ def _decode_step(model: Any, s: dict[str, Any], sampler: Sampler, kind: str
     rows = jnp.arange(B)
     run = _running(s)
     cache = s["cache"]
-    S = cache.k.shape[-1]
+    S = cache.k.shape[0]
     # Rows not running read nothing and write nowhere (an index past the end is dropped).
     reading = cache._replace(length=jnp.where(run, cache.length, 0))
     h, (k, v) = model.hidden_states_cached(s["last"][:, None], cache.length[:, None],
                                            jnp.ones((B, 1), jnp.int32), reading)
     col = jnp.where(run, cache.length, S)
     cache = cache._replace(
-        k=cache.k.at[:, rows, :, :, col].set(k[..., 0].swapaxes(0, 1), mode="drop"),
-        v=cache.v.at[:, rows, :, col, :].set(v[:, :, :, 0].swapaxes(0, 1), mode="drop"),
+        k=cache.k.at[col, :, rows].set(k[..., 0].swapaxes(0, 1).astype(cache.k.dtype),
+                                       mode="drop"),
+        v=cache.v.at[col, :, rows].set(v[:, :, :, 0].swapaxes(0, 1).astype(cache.v.dtype),
+                                       mode="drop"),
         length=cache.length + run)
     tok, logp, stop = _sample(model, h[:, 0], s, s["count"], sampler, kind)
     at = jnp.where(run, s["count"], M)
@@ -343,7 +347,7 @@ def _compact(state: dict[str, Any], slot_b: jax.Array, keep_b: jax.Array) -> dic
     cache = state["cache"]
     out = {f: state[f][slot_b] for f in SLOT_FIELDS} | {"slot_steps": state["slot_steps"]}
     out["limit"] = jnp.where(keep_b, out["limit"], 0)
-    out["cache"] = cache._replace(k=cache.k[:, slot_b], v=cache.v[:, slot_b],
+    out["cache"] = cache._replace(k=cache.k[:, :, slot_b], v=cache.v[:, :, slot_b],
                                   length=cache.length[slot_b])
     return out
 

@@ -197,7 +197,8 @@ def test_decode_attention_reads_each_rows_live_columns():
     length = rng.integers(0, S + 1, B)
     length[:2] = 0, S
     f32 = lambda a: jax.numpy.asarray(a, "float32")
-    cache = SlotCache(f32(k_cache.swapaxes(3, 4)), f32(v_cache), jax.numpy.asarray(length))
+    cache = SlotCache(f32(k_cache.transpose(3, 0, 1, 2, 4)),
+                      f32(v_cache.transpose(3, 0, 1, 2, 4)), jax.numpy.asarray(length))
     for layer in range(L):
         out = np.asarray(decode_attention(f32(q), f32(k_new), f32(v_new), cache,
                                           jax.numpy.int32(layer)))

@@ -247,7 +247,8 @@ class Attention(nnx.Module):
         """Attends within x (`mask_BTT`, built from `segment_ids_BT`), or, given the
         engine's cache, one token per row over itself and its row's live cache columns of
         layer `layer` (`dapo_jax.models.ragged`). Returns the output and this chunk's
-        k [B, K, H, T] and v [B, K, T, H] (the cache layout) for the caller to store.
+        k [B, K, H, T] and v [B, K, T, H] (the layouts `attention` reads) for the caller to
+        store.
         Without a cache (training, prefill) a fused kernel may compute it from the segment
         ids instead (`dapo_jax.models.kernels`; `auto` is resolved for the platform traced
         for)."""
@@ -369,11 +370,11 @@ class Qwen(nnx.Module):
         segment_ids_BT: jax.Array,
         cache: SlotCache | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Final-norm hidden states of T tokens and their keys/values, all layers', in the
-        cache layout with T slots (k [L, B, K, H, T], v [L, B, K, T, H]) for the caller to
-        store. A token attends the chunk's earlier tokens of its own segment
-        (`segment_ids_BT`, 0 = padding, which is attended by nothing); given the engine's
-        `SlotCache` (T = 1: a decode step), each row's token attends itself and its row's
+        """Final-norm hidden states of T tokens and their keys/values, all layers' (k [L, B,
+        K, H, T], v [L, B, K, T, H]) for the caller to store. A token attends the chunk's
+        earlier tokens of its own segment (`segment_ids_BT`, 0 = padding, which is attended
+        by nothing); given the engine's `SlotCache` (T = 1: a decode step), each row's token
+        attends itself and its row's
         live cache columns instead (the cache is only read: the caller writes the new
         column once for all layers, not a cache copy through the layer scan)."""
         T = input_ids_BT.shape[1]
@@ -394,9 +395,9 @@ class Qwen(nnx.Module):
         """An empty `SlotCache` of `batch` rows and S = `slots` columns, in the compute
         dtype."""
         c, dtype = self.config, self.precision.dtype
-        k = jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, slots), dtype)
-        v = jnp.zeros((c.num_layers, batch, c.num_kv_heads, slots, c.head_dim), dtype)
-        return SlotCache(constrain(k, CACHE_AXES[0]), constrain(v, CACHE_AXES[1]),
+        shape = (slots, c.num_layers, batch, c.num_kv_heads, c.head_dim)
+        return SlotCache(constrain(jnp.zeros(shape, dtype), CACHE_AXES),
+                         constrain(jnp.zeros(shape, dtype), CACHE_AXES),
                          jnp.zeros((batch,), jnp.int32))
 
     def __call__(self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array,
