@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dapo_jax.models.ragged import KV_BLOCK
+from dapo_jax.models.ragged import KV_BLOCK, pool_orders, write_column, write_prefix
 from dapo_jax.multihost import to_host
 from dapo_jax.sharding import constrain, mesh_context
 
@@ -285,12 +285,11 @@ def _insert(model: Any, state: dict[str, Any], prompt_RP: jax.Array, prompt_len_
     ident = dict(prompt_key=prompt_key_R, sample=sample_R)
     tok_R, logp_R, stop_R = _sample(model, h_RD, ident, jnp.zeros_like(slot_R), sampler, kind)
     cache = state["cache"]
+    k_order, v_order = pool_orders()
     put = lambda x, value: x.at[slot_R].set(value.astype(x.dtype), mode="drop")
     cache = cache._replace(
-        k=cache.k.at[:P, :, slot_R].set(k.transpose(4, 0, 1, 2, 3).astype(cache.k.dtype),
-                                        mode="drop"),
-        v=cache.v.at[:P, :, slot_R].set(v.transpose(3, 0, 1, 2, 4).astype(cache.v.dtype),
-                                        mode="drop"),
+        k=write_prefix(cache.k, k_order, slot_R, k.transpose(0, 1, 4, 2, 3)),
+        v=write_prefix(cache.v, v_order, slot_R, v.swapaxes(2, 3)),
         length=put(cache.length, prompt_len_R))
     return dict(state, cache=cache, last=put(state["last"], tok_R),
                 count=put(state["count"], jnp.ones_like(slot_R)),
@@ -309,17 +308,16 @@ def _decode_step(model: Any, s: dict[str, Any], sampler: Sampler, kind: str
     rows = jnp.arange(B)
     run = _running(s)
     cache = s["cache"]
-    S = cache.k.shape[0]
+    k_order, v_order = pool_orders()
+    S = cache.k.shape[k_order.index("S")]
     # Rows not running read nothing and write nowhere (an index past the end is dropped).
     reading = cache._replace(length=jnp.where(run, cache.length, 0))
     h, (k, v) = model.hidden_states_cached(s["last"][:, None], cache.length[:, None],
                                            jnp.ones((B, 1), jnp.int32), reading)
     col = jnp.where(run, cache.length, S)
     cache = cache._replace(
-        k=cache.k.at[col, :, rows].set(k[..., 0].swapaxes(0, 1).astype(cache.k.dtype),
-                                       mode="drop"),
-        v=cache.v.at[col, :, rows].set(v[:, :, :, 0].swapaxes(0, 1).astype(cache.v.dtype),
-                                       mode="drop"),
+        k=write_column(cache.k, k_order, rows, col, k[..., 0]),
+        v=write_column(cache.v, v_order, rows, col, v[:, :, :, 0]),
         length=cache.length + run)
     tok, logp, stop = _sample(model, h[:, 0], s, s["count"], sampler, kind)
     at = jnp.where(run, s["count"], M)
@@ -347,7 +345,9 @@ def _compact(state: dict[str, Any], slot_b: jax.Array, keep_b: jax.Array) -> dic
     cache = state["cache"]
     out = {f: state[f][slot_b] for f in SLOT_FIELDS} | {"slot_steps": state["slot_steps"]}
     out["limit"] = jnp.where(keep_b, out["limit"], 0)
-    out["cache"] = cache._replace(k=cache.k[:, :, slot_b], v=cache.v[:, :, slot_b],
+    k_order, v_order = pool_orders()
+    out["cache"] = cache._replace(k=jnp.take(cache.k, slot_b, axis=k_order.index("B")),
+                                  v=jnp.take(cache.v, slot_b, axis=v_order.index("B")),
                                   length=cache.length[slot_b])
     return out
 

@@ -261,6 +261,37 @@ def test_hlo_reading():
     assert hlo_lib.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)])]
 
 
+def test_loop_copies_are_counted_in_loop_bodies_only():
+    """A copy (layout change) of a big array inside a while body counts; one in the entry
+    computation (once per call) and small ones do not."""
+    text = "\n".join([
+        "%body (b: (s32[], bf16[64,8,128])) -> (s32[], bf16[64,8,128]) {",
+        "  %b = (s32[], bf16[64,8,128]{2,1,0}) parameter(0)",
+        "  %x = bf16[64,8,128]{2,1,0} get-tuple-element(%b), index=1",
+        "  %relaid = bf16[64,8,128]{2,0,1} copy(%x)",
+        "  %small = bf16[8,128]{0,1} copy(%y)",
+        "  ROOT %t = (s32[], bf16[64,8,128]{2,1,0}) tuple(%i, %relaid)",
+        "}",
+        "ENTRY %main (p: bf16[64,8,128]) -> bf16[64,8,128] {",
+        "  %p = bf16[64,8,128]{2,1,0} parameter(0)",
+        "  %once = bf16[64,8,128]{2,0,1} copy(%p)",
+        "  %w = (s32[], bf16[64,8,128]{2,1,0}) while(%init), condition=%cond, body=%body",
+        "  ROOT %r = bf16[64,8,128]{2,1,0} get-tuple-element(%w), index=1",
+        "}",
+    ])
+    program = hlo_lib.Program.parse(text)
+    assert program.loop_copy_bytes(min_bytes=1e4) == 64 * 8 * 128 * 2
+    assert program.loop_copy_bytes(min_bytes=1e6) == 0
+
+
+@pytest.mark.parametrize("name", [f"{c}_v5p_v5p" for c in GPU_SEEDS] +
+                         [f"{c}_h100" for c in GPU_SEEDS])
+def test_the_decode_loop_keeps_the_kv_pool_in_place(compiled, name):
+    """No copy of half a KV pool or more inside the engine's loops (XLA:TPU re-laid the
+    pool out in every decode step before the pool's columns led its layout)."""
+    f = compiled[name]["functions"]["generate"]
+    assert f["loop_copy_bytes"] == 0, f["warnings"]
+
 
 def test_program_flops_count_every_loop_iteration():
     """Dot FLOPs of a compiled program (this CPU's): the gradient of a 6-layer scan of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -15,7 +16,14 @@ from flax import nnx
 
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.qwen import attention
-from dapo_jax.models.ragged import KV_BLOCK, SlotCache, decode_attention
+from dapo_jax.models.ragged import (
+    KV_BLOCK,
+    POOL_ORDERS,
+    SlotCache,
+    arrange,
+    decode_attention,
+    pool_orders,
+)
 from dapo_jax.sharding import make_mesh
 from dapo_jax.train.update import sequence_logprobs
 from rollout.generation import (
@@ -197,11 +205,24 @@ def test_decode_attention_reads_each_rows_live_columns():
     length = rng.integers(0, S + 1, B)
     length[:2] = 0, S
     f32 = lambda a: jax.numpy.asarray(a, "float32")
-    cache = SlotCache(f32(k_cache.transpose(3, 0, 1, 2, 4)),
-                      f32(v_cache.transpose(3, 0, 1, 2, 4)), jax.numpy.asarray(length))
+    # The pools in each platform's order (the TPU's traced here too: same numbers).
+    for k_order, v_order in {pool_orders(), *POOL_ORDERS.values()}:
+        cache = SlotCache(arrange(f32(k_cache), k_order, "LBKSH"),
+                          arrange(f32(v_cache), v_order, "LBKSH"), jax.numpy.asarray(length))
+        check_decode_attention(q, k_new, v_new, cache, (k_order, v_order), k_cache, v_cache,
+                               length)
+
+
+def check_decode_attention(q, k_new, v_new, cache, orders, k_cache, v_cache, length):
+    from unittest import mock
+
+    f32 = lambda a: jax.numpy.asarray(a, "float32")
+    L, B, K, S, H = k_cache.shape
+    N = q.shape[1]
     for layer in range(L):
-        out = np.asarray(decode_attention(f32(q), f32(k_new), f32(v_new), cache,
-                                          jax.numpy.int32(layer)))
+        with mock.patch("dapo_jax.models.ragged.pool_orders", lambda: orders):
+            out = np.asarray(decode_attention(f32(q), f32(k_new), f32(v_new), cache,
+                                              jax.numpy.int32(layer)))
         chex.assert_shape(out, (B, N, H))
         for b, n in np.ndindex(B, N):
             kv = n // (N // K)
@@ -210,6 +231,35 @@ def test_decode_attention_reads_each_rows_live_columns():
             s = keys @ q[b, n] / np.sqrt(H)
             p = np.exp(s - s.max())
             np.testing.assert_allclose(out[b, n], p @ values / p.sum(), atol=2e-5)
+
+
+def test_the_tpu_pool_order_generates_what_this_cpus_does(tiny_checkpoints):
+    """The engine with the TPU's pool order (columns leading), traced here: the same
+    tokens and log-probs as with the CPU's, through prefill writes, column writes across a
+    block boundary, refills and shrinking."""
+    from unittest import mock
+
+    model = load_pretrained(tiny_checkpoints["qwen3_tied"])
+    prompts = [[5 + i, 17, 99, 230][: 1 + i % 4] for i in range(12)]
+    sampling = SamplingParams(temperature=1.0, max_tokens=KV_BLOCK + 20, seed=3,
+                              ignore_eos=True)
+    limits = [KV_BLOCK + 20 - 9 * i for i in range(12)]
+
+    def run(orders):
+        gen = Generator(*nnx.split(model), stop_token_ids=[7], max_model_len=512,
+                        max_num_seqs=8)
+        with contextlib.ExitStack() as stack:
+            for where in ("dapo_jax.models.ragged", "dapo_jax.models.qwen",
+                          "rollout.generation"):
+                stack.enter_context(mock.patch(f"{where}.pool_orders", lambda: orders))
+            return gen.generate(prompts, sampling, max_tokens=limits), gen.stats
+
+    (cpu, cpu_stats), (tpu, _) = run(pool_orders()), run(POOL_ORDERS["tpu"])
+    assert cpu_stats["inserts"] > 1 and cpu_stats["shrinks"] >= 1
+    assert [len(g[0].token_ids) for g in cpu] == limits
+    for a, b in zip(cpu, tpu, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        np.testing.assert_allclose(a[0].logprobs, b[0].logprobs, atol=1e-5)
 
 
 WIDTH = 64  # prompt + response of the replayed sequences, padded: one compilation

@@ -260,6 +260,19 @@ class Program:
                     total += self.flops(callee)
         return total
 
+    def loop_copy_bytes(self, min_bytes: float) -> float:
+        """Bytes of the copies of at least `min_bytes` each in loop bodies: layout changes
+        XLA repeats in every iteration (e.g. a KV pool re-laid out for each decode step)."""
+        total = 0.0
+        for insts in self.computations.values():
+            for inst in insts:
+                body = self._attr(inst.attrs, "body") if inst.op == "while" else None
+                for i in self.computations.get(body or "", []):
+                    if i.op == "copy" and len(i.shapes) == 1:
+                        size = _BYTES.get(i.shapes[0][0], 4) * math.prod(i.shapes[0][1])
+                        total += size if size >= min_bytes else 0.0
+        return total
+
     def collective_bytes(self) -> float:
         """Bytes the collectives produce, per device and call: each collective's output size
         (an async all-gather's or collective-permute's start returns (operand, output): only

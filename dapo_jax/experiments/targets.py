@@ -212,6 +212,8 @@ class FunctionReport:
     # and the weights + KV it would read with every row at the mix's mean live length.
     step_bytes: float = 0.0
     live_bytes: float = 0.0
+    # Copies of at least `loop_copy_min_bytes` (compile_report's) inside loop bodies.
+    loop_copy_bytes: float = 0.0
     error: str = ""  # a compile-time out-of-memory: the compiler's words
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # decisions, e.g. remat=auto's
@@ -222,14 +224,16 @@ class FunctionReport:
 
 def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
                    requested_kernel: str, global_rows: int, local_rows: int,
-                   resident_bytes: float = 0.0) -> FunctionReport:
+                   resident_bytes: float = 0.0,
+                   loop_copy_min_bytes: float = math.inf) -> FunctionReport:
     """Lowers and compiles `lower()` for `target` and reads the program: memory, collective
     bytes, attention kernels. A compile-time out-of-memory is reported (fits False, the
     compiler's message), any other error is raised. Warns when `requested_kernel` (a
     resolved attention_impl other than xla) is absent, or when a kernel's results have the
     global batch (`global_rows` != `local_rows`: it was not partitioned). It fits when its
     peak plus `resident_bytes` (what the process holds beside the call) is within the chip's
-    memory."""
+    memory. Copies of at least `loop_copy_min_bytes` in loop bodies are counted
+    (`loop_copy_bytes`) and warned about."""
     report = FunctionReport(name, memory_bytes=target.memory_bytes,
                             resident_bytes=resident_bytes)
     start = time.perf_counter()
@@ -258,6 +262,10 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
     report.collective_bytes = program.collective_bytes()
     report.flops = program.flops()
     report.async_collectives, report.overlapped_collectives = program.async_collectives()
+    report.loop_copy_bytes = program.loop_copy_bytes(loop_copy_min_bytes)
+    if report.loop_copy_bytes:
+        report.warnings.append(f"a loop copies {report.loop_copy_bytes / 1e9:.3g} GB per "
+                               "iteration (a layout change XLA repeats every iteration)")
     calls = program.kernel_calls()
     report.attention = ",".join(sorted({c for c, _ in calls})) or "xla"
     if requested_kernel != "xla" and not calls:
@@ -481,11 +489,20 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
             lower = lambda gen=generator, n=seqs: gen.lower(
                 engine_params, n, t.max_prompt_length, g.sampling_params.max_generate_length)
             resident = masters + moments if in_process else 0.0
+            # A copy of half the K (or V) pool in the decode loop is a per-step relayout.
+            B, _, S, _ = generator.shapes(seqs, t.max_prompt_length,
+                                          g.sampling_params.max_generate_length)
+            kv_shards = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] \
+                == 0 else 1
+            copy_min = S * model.num_layers * B / dp * model.num_kv_heads / kv_shards * \
+                model.head_dim * jnp.dtype(g.model_dtype).itemsize / 2
         else:
             raise TargetError(f"unknown function {name!r}: one of {', '.join(FUNCTIONS)}")
         reports[name] = compile_report(name, lower, target, requested_kernel=requested,
                                        global_rows=rows, local_rows=rows // dp,
-                                       resident_bytes=resident)
+                                       resident_bytes=resident,
+                                       loop_copy_min_bytes=copy_min if name == "generate"
+                                       else math.inf)
         reports[name].remat = remat
         if name == "generate" and not reports[name].error:
             decode_step_report(reports[name], generator, engine_params, seqs, target, cfg,

@@ -24,7 +24,7 @@ from flax import nnx
 
 from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.kernels import check_attention_impl, fused_attention, resolve_attention_impl
-from dapo_jax.models.ragged import CACHE_AXES, SlotCache, decode_attention
+from dapo_jax.models.ragged import SlotCache, decode_attention, pool_axes, pool_orders
 from dapo_jax.sharding import constrain, named_sharding
 
 # What a layer keeps for its backward pass, least recompute first (REMAT_ORDER): everything
@@ -395,10 +395,10 @@ class Qwen(nnx.Module):
         """An empty `SlotCache` of `batch` rows and S = `slots` columns, in the compute
         dtype."""
         c, dtype = self.config, self.precision.dtype
-        shape = (slots, c.num_layers, batch, c.num_kv_heads, c.head_dim)
-        return SlotCache(constrain(jnp.zeros(shape, dtype), CACHE_AXES),
-                         constrain(jnp.zeros(shape, dtype), CACHE_AXES),
-                         jnp.zeros((batch,), jnp.int32))
+        dims = dict(L=c.num_layers, B=batch, S=slots, K=c.num_kv_heads, H=c.head_dim)
+        k, v = (constrain(jnp.zeros(tuple(dims[a] for a in o), dtype), pool_axes(o))
+                for o in pool_orders())
+        return SlotCache(k, v, jnp.zeros((batch,), jnp.int32))
 
     def __call__(self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array,
                  positions_BT: jax.Array | None = None) -> jax.Array:

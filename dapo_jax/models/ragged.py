@@ -18,12 +18,14 @@ kv heads over `tensor` when they divide it): the sort and the gathers are device
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from dapo_jax.models.kernels import target_platform
 from dapo_jax.sharding import logical_to_spec
 
 KV_BLOCK = 128  # columns read per loop iteration; S is a multiple of it
@@ -31,19 +33,60 @@ ROW_GROUP = 16  # rows per group: larger groups waste more on unequal lengths, s
 
 
 class SlotCache(NamedTuple):
-    """k and v [S, L, B, K, H]; `length` [B]: the columns [0, length) a row attends (0 for a
-    slot not decoding). The column axis leads: that is the layout XLA:TPU gathers a block
-    of columns of (layer, row) pairs in, so the decode loop keeps the pool as it is; with
-    the columns inside (k [L, B, K, H, S] as the training attention lays it out, or
-    [L, B, S, K, H]) it copied the whole pool into that layout in every decode step
-    (checked in the compiled v5p-8 program: 2 x 37.6 GB a step at the 1.7B seed shape)."""
+    """The K and V pools, each holding L layers x B rows x S columns x K kv heads x H
+    head_dim in the platform's dimension order (`pool_orders`); `length` [B]: the columns
+    [0, length) a row attends (0 for a slot not decoding)."""
 
     k: jax.Array
     v: jax.Array
     length: jax.Array
 
 
-CACHE_AXES = ("length", "layers", "batch", "kv_heads", "head_dim")
+# The pools' dimension orders, per platform traced for (letters: L layers, B rows, S
+# columns, K kv heads, H head_dim). XLA:TPU gathers a block of columns of (layer, row)
+# pairs in an S-major layout: with the columns inside (this CPU's order, or [L, B, S, K, H])
+# it re-laid the whole pool out in every decode step (2 x 37.6 GB per device at the 1.7B
+# v5p seed shape, in the compiled program). On the CPU a (layer, row) block is contiguous
+# in L B K H S / L B K S H: the S-major order made the engine 3.3x slower here. The GPU
+# program keeps either order in place; it takes the CPU's.
+POOL_ORDERS = {"tpu": ("SLBKH", "SLBKH")}
+DEFAULT_POOL_ORDERS = ("LBKHS", "LBKSH")
+_AXES = {"L": "layers", "B": "batch", "S": "length", "K": "kv_heads", "H": "head_dim"}
+CANONICAL = "LBSKH"  # the order the engine hands values in
+
+
+def pool_orders() -> tuple[str, str]:
+    """The K and V pools' orders for the platform traced for (`kernels.target_platform`)."""
+    return POOL_ORDERS.get(target_platform(), DEFAULT_POOL_ORDERS)
+
+
+def pool_axes(order: str) -> tuple[str, ...]:
+    """Logical axis names (`dapo_jax.sharding`) of a pool in `order`."""
+    return tuple(_AXES[a] for a in order)
+
+
+def arrange(x: jax.Array, order: str, source: str = CANONICAL) -> jax.Array:
+    """`x`, whose dimensions are `source`'s letters, transposed to `order`'s."""
+    return x.transpose([source.index(a) for a in order])
+
+
+def write_prefix(pool: jax.Array, order: str, rows_R: jax.Array, x_LRTKH: jax.Array
+                 ) -> jax.Array:
+    """`pool` with rows `rows_R` (an index >= B: dropped) holding x at columns [0, T)."""
+    index = tuple(rows_R if a == "B" else slice(0, x_LRTKH.shape[2]) if a == "S" else
+                  slice(None) for a in order)
+    return pool.at[index].set(arrange(x_LRTKH, order).astype(pool.dtype), mode="drop")
+
+
+def write_column(pool: jax.Array, order: str, rows_B: jax.Array, col_B: jax.Array,
+                 x_LBKH: jax.Array) -> jax.Array:
+    """`pool` with x[:, b] at (row rows_B[b], column col_B[b]) (a column >= S: dropped)."""
+    index = tuple(rows_B if a == "B" else col_B if a == "S" else slice(None) for a in order)
+    # NumPy's rule: the two indexed axes become one, in place when adjacent, else first.
+    rest = order.replace("S", "")
+    if abs(order.index("B") - order.index("S")) != 1:
+        rest = "B" + rest.replace("B", "")
+    return pool.at[index].set(arrange(x_LBKH, rest, "LBKH").astype(pool.dtype), mode="drop")
 
 
 def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache: SlotCache,
@@ -54,15 +97,18 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache
     out = (sum_c e^(s_c - m) v_c + e^(s_new - m) v_new) / (sum_c e^(s_c - m) + e^(s_new - m)),
     s = q.k / sqrt(H). Returns [B, N, H] in q's dtype."""
     mesh = jax.sharding.get_abstract_mesh()
+    orders = pool_orders()
     if mesh.empty or mesh.size == 1:
-        return _decode_attention(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer)
+        return _decode_attention(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer,
+                                 orders)
     kv_spec = logical_to_spec(("batch", "kv_heads", "head_dim"), k_BKH.shape, mesh)
     # Query heads follow the kv heads' split, so a device's queries meet its own kv heads.
     q_spec = kv_spec
-    k_spec = v_spec = logical_to_spec(CACHE_AXES, cache.k.shape, mesh)
+    k_spec, v_spec = (logical_to_spec(pool_axes(o), c.shape, mesh)
+                      for o, c in zip(orders, (cache.k, cache.v), strict=True))
     len_spec = jax.sharding.PartitionSpec(kv_spec[0])
     out = jax.shard_map(
-        _decode_attention, mesh=mesh,
+        functools.partial(_decode_attention, orders=orders), mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, k_spec, v_spec, len_spec, jax.sharding.PartitionSpec()),
         out_specs=q_spec, check_vma=False,
     )(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer)
@@ -70,13 +116,15 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache
 
 
 def _decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
-                      k_SLBKH: jax.Array, v_SLBKH: jax.Array, length_B: jax.Array,
-                      layer: jax.Array) -> jax.Array:
+                      k_pool: jax.Array, v_pool: jax.Array, length_B: jax.Array,
+                      layer: jax.Array, orders: tuple[str, str]) -> jax.Array:
     B, N, H = q_BNH.shape
     K = k_BKH.shape[1]
     R = math.gcd(B, ROW_GROUP)
     scale = H ** -0.5
     q_BKGH = q_BNH.reshape(B, K, N // K, H)
+    # A block's dimensions: the pool's order without layer and row, S (C) its columns.
+    k_block, v_block = (o.replace("L", "").replace("B", "").replace("S", "C") for o in orders)
     # Rows of similar length share a group, so a group's loop stops near each row's end.
     groups_gR = jnp.argsort(length_B).reshape(B // R, R).astype(jnp.int32)
 
@@ -91,17 +139,17 @@ def _decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
         def block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             m, total, acc = carry
             start = j * KV_BLOCK
-            k_RCKH = _rows_block(k_SLBKH, rows_R, layer, start)
-            v_RCKH = _rows_block(v_SLBKH, rows_R, layer, start)
+            k_blk = _rows_block(k_pool, orders[0], rows_R, layer, start)
+            v_blk = _rows_block(v_pool, orders[1], rows_R, layer, start)
             live_RC = start + jnp.arange(KV_BLOCK) < length_R[:, None]
-            s = jnp.einsum("RKGH,RCKH->RKGC", q, k_RCKH.astype(jnp.float32)) * scale
+            s = jnp.einsum(f"RKGH,R{k_block}->RKGC", q, k_blk.astype(jnp.float32)) * scale
             s = jnp.where(live_RC[:, None, None], s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             carry_scale = jnp.exp(m - m_new)
             total = total * carry_scale + jnp.sum(p, axis=-1)
             acc = acc * carry_scale[..., None] + jnp.einsum(
-                "RKGC,RCKH->RKGH", p, v_RCKH.astype(jnp.float32))
+                f"RKGC,R{v_block}->RKGH", p, v_blk.astype(jnp.float32))
             return m_new, total, acc
 
         blocks = (jnp.max(length_R) + KV_BLOCK - 1) // KV_BLOCK
@@ -114,15 +162,17 @@ def _decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
     return out_BKGH.reshape(B, N, H).astype(q_BNH.dtype)
 
 
-def _rows_block(cache: jax.Array, rows_R: jax.Array, layer: jax.Array, start: jax.Array
-                ) -> jax.Array:
-    """cache[start:start + KV_BLOCK, layer, rows_R]: [R, KV_BLOCK, K, H] (one slab per row:
-    a gather of R blocks, not of whole rows)."""
-    _, _, _, K, H = cache.shape
+def _rows_block(pool: jax.Array, order: str, rows_R: jax.Array, layer: jax.Array,
+                start: jax.Array) -> jax.Array:
+    """pool[layer, rows_R, start:start + KV_BLOCK] in the pool's order without L and B
+    (one slab per row: a gather of R blocks, not of whole rows)."""
+    dims = dict(zip(order, pool.shape, strict=True))
+    sizes = tuple(1 if a in "LB" else KV_BLOCK if a == "S" else dims[a] for a in order)
+    squeeze = tuple(i for i, a in enumerate(order) if a in "LB")
 
     def one(row: jax.Array) -> jax.Array:
-        zero = jnp.int32(0)
-        return jax.lax.dynamic_slice(cache, (start, layer, row, zero, zero),
-                                     (KV_BLOCK, 1, 1, K, H))[:, 0, 0]
+        at = {"L": layer, "B": row, "S": start}
+        starts = tuple(at.get(a, jnp.int32(0)) for a in order)
+        return jax.lax.dynamic_slice(pool, starts, sizes).squeeze(squeeze)
 
     return jax.vmap(one)(rows_R)
