@@ -11,14 +11,15 @@ Workloads (stop tokens ignored, each sequence's length pinned by its own max_tok
   long tail, scaled to this CPU);
 - full: every sequence runs to the limit (where batching has nothing to win).
 
-Columns: generated tokens/s, useful fraction (generated tokens / (slots x decode steps):
-the static engine runs each batch of `--slots` sequences to its longest, vLLM is not
-measured) and wall per call. vLLM runs from .venv-vllm (scripts/setup_envs.sh) or
-DAPO_VLLM_PYTHON, with its own scheduler; without either the column is left out. The
-baseline runs `generate` of revision `--baseline` (before the continuous-batching engine:
-one static batch of `--slots` rows at a time, to the batch's longest length; it has no
-per-request limits, so each batch's limit is its longest pinned length and only the pinned
-tokens count); `--baseline ''` leaves it out.
+Columns: generated tokens/s (the best of 3 timed calls after a warm-up, 1 for the baseline:
+single calls of the JAX engine vary by up to 20% here), useful fraction (generated tokens /
+(slots x decode steps): the static engine runs each batch of `--slots` sequences to its
+longest, vLLM is not measured) and wall per call. vLLM runs from .venv-vllm
+(scripts/setup_envs.sh) or DAPO_VLLM_PYTHON, with its own scheduler; without either the
+column is left out. The baseline runs `generate` of revision `--baseline` (before the
+continuous-batching engine: one static batch of `--slots` rows at a time, to the batch's
+longest length; it has no per-request limits, so each batch's limit is its longest pinned
+length and only the pinned tokens count); `--baseline ''` leaves it out.
 """
 
 from __future__ import annotations
@@ -154,12 +155,12 @@ def main() -> None:
             if a.baseline:
                 row["static"] = static_baseline(a, prompts, lengths)
             call = dict(prompts=prompts, sampling=sampling, max_tokens=lengths)
-            wall, out = timed(lambda c=call: gen.generate(**c))
+            wall, out = timed(lambda c=call: gen.generate(**c), repeats=3)
             assert generated(out) == sum(lengths), "per-request limits not honoured"
             row["jax"] = {"tok_s": sum(lengths) / wall, "useful": gen.stats["utilization"],
                           "wall": wall}
             if vllm:
-                wall, out = timed(lambda c=call: vllm[1].generate(**c))
+                wall, out = timed(lambda c=call: vllm[1].generate(**c), repeats=3)
                 assert generated(out) == sum(lengths), "vLLM did not honour max_tokens"
                 row["vllm"] = {"tok_s": sum(lengths) / wall, "useful": float("nan"),
                                "wall": wall}
