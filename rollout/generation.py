@@ -528,9 +528,12 @@ class Generator:
                 free = [i for i, h in enumerate(holder) if h is None]
                 R = self.refill_rows(B)
                 while waiting and free and (len(free) >= R or len(waiting) <= len(free)):
-                    group = [waiting.popleft() for _ in range(min(R, len(free), len(waiting)))]
+                    # An empty pool fills in one prefill (one program of B rows), later
+                    # refills R at a time.
+                    size = B if len(free) == B else R
+                    group = [waiting.popleft() for _ in range(min(size, len(free), len(waiting)))]
                     state = self._insert_group(state, [rows[i] for i in group],
-                                               free[:len(group)], R, P, sampler, kind)
+                                               free[:len(group)], size, P, sampler, kind)
                     for slot, i in zip(free, group, strict=False):
                         holder[slot] = i
                     free = free[len(group):]
@@ -609,11 +612,12 @@ class Generator:
     def lower(self, params: Any, rows: int, prompt_len: int, max_tokens: int,
               kind: str = "full") -> Any:
         """`jax.jit(...).lower` of one cycle of the engine on abstract `params` (sharded
-        `jax.ShapeDtypeStruct`s), for the compile tool: a refill group's prefill placed into
-        the KV pool of a call of `rows` sequences with prompts up to `prompt_len` and
-        `max_tokens` new tokens, then its decode loop."""
+        `jax.ShapeDtypeStruct`s), for the compile tool: the first fill's prefill (every
+        slot's prompt at once, the largest prefill a call runs) placed into the KV pool of a
+        call of `rows` sequences with prompts up to `prompt_len` and `max_tokens` new
+        tokens, then its decode loop."""
         B, P, S, M = self.shapes(rows, prompt_len, max_tokens)
-        R = self.refill_rows(B)
+        R = B
 
         def cycle(graphdef: nnx.GraphDef, params: nnx.State, group: tuple[jax.Array, ...],
                   sampler: Sampler, target: jax.Array) -> dict[str, Any]:

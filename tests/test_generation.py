@@ -240,10 +240,10 @@ def test_the_tpu_pool_order_generates_what_this_cpus_does(tiny_checkpoints):
     from unittest import mock
 
     model = load_pretrained(tiny_checkpoints["qwen3_tied"])
-    prompts = [[5 + i, 17, 99, 230][: 1 + i % 4] for i in range(12)]
+    prompts = [[5 + i, 17, 99, 230][: 1 + i % 4] for i in range(24)]
     sampling = SamplingParams(temperature=1.0, max_tokens=KV_BLOCK + 20, seed=3,
                               ignore_eos=True)
-    limits = [KV_BLOCK + 20 - 9 * i for i in range(12)]
+    limits = [KV_BLOCK + 20 - 5 * i for i in range(24)]
 
     def run(orders):
         gen = Generator(*nnx.split(model), stop_token_ids=[7], max_model_len=512,
