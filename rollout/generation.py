@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dapo_jax.models.ragged import KV_BLOCK, pool_orders, write_column, write_prefix
 from dapo_jax.multihost import to_host
-from dapo_jax.sharding import constrain, mesh_context
+from dapo_jax.sharding import batch_sharding, constrain, mesh_context
 
 MIN_BUCKET = 16
 
@@ -443,8 +443,11 @@ class Generator:
         (every process passes the same host values; each places its own devices' shards)."""
         if self.mesh is None:
             return values
-        spec = PartitionSpec(("data", "fsdp")) if batched else PartitionSpec()
-        return jax.device_put(values, NamedSharding(self.mesh, spec))
+        return jax.device_put(values, self._sharding(batched))
+
+    def _sharding(self, batched: bool) -> NamedSharding:
+        return batch_sharding(self.mesh) if batched else NamedSharding(self.mesh,
+                                                                       PartitionSpec())
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
@@ -653,8 +656,7 @@ class Generator:
     def _abstract(self, shape: tuple[int, ...], dtype: Any, batched: bool
                   ) -> jax.ShapeDtypeStruct:
         """An abstract input as `_place` lays it out on the mesh."""
-        sharding = None if self.mesh is None else NamedSharding(
-            self.mesh, PartitionSpec(("data", "fsdp")) if batched else PartitionSpec())
+        sharding = None if self.mesh is None else self._sharding(batched)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     def _abstract_sampler(self) -> Sampler:

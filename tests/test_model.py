@@ -10,7 +10,7 @@ from flax import nnx
 
 from dapo_jax.models import load_pretrained
 from dapo_jax.models.qwen import REMAT_ORDER
-from dapo_jax.sharding import make_mesh
+from dapo_jax.sharding import batch_sharding, make_mesh
 from tests import hf_models
 
 VARIANTS = list(hf_models.VARIANTS)
@@ -47,10 +47,10 @@ def test_logits_match_on_8_devices(tiny_checkpoints, rl_batch, variant, shape):
     # FSDP shards the embedding dim; tensor parallel the vocab.
     assert embed.sharding.spec == jax.sharding.PartitionSpec(
         "tensor" if shape[2] > 1 else None, "fsdp")
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    rows = batch_sharding(mesh)
     with jax.set_mesh(mesh):
-        logits = forward(model, jax.device_put(ids, batch_sharding),
-                         jax.device_put(mask, batch_sharding))
+        logits = forward(model, jax.device_put(ids, rows),
+                         jax.device_put(mask, rows))
     ref = hf_models.hf_logits(hf_models.load_hf(tiny_checkpoints[variant]), ids, mask)
     _assert_close_on_real_tokens(logits, ref, mask)
     single = forward(load_pretrained(tiny_checkpoints[variant]), jnp.asarray(ids),

@@ -24,7 +24,7 @@ from configs import arith_tiny
 from dapo_jax import multihost, placement
 from dapo_jax.launch import trainer_flags
 from dapo_jax.models import load_pretrained
-from dapo_jax.sharding import make_mesh
+from dapo_jax.sharding import batch_sharding, make_mesh
 from dapo_jax.train import config as config_lib
 from rollout.generation import Generator, SamplingParams
 from tests import sidecar
@@ -47,8 +47,8 @@ def test_single_process_exchanges_are_the_identity():
         [i * i for i in range(10)]
     assert multihost.from_primary(lambda: {"a": [1, 2]}) == {"a": [1, 2]}
     assert multihost.allgather_objects(("x", 3)) == [("x", 3)]
-    x = jax.device_put(np.arange(16.0).reshape(8, 2), jax.sharding.NamedSharding(
-        make_mesh((1, -1, 1)), jax.sharding.PartitionSpec(("data", "fsdp"))))
+    x = jax.device_put(np.arange(16.0).reshape(8, 2),
+                       batch_sharding(make_mesh((1, -1, 1))))
     np.testing.assert_array_equal(multihost.to_host(x), np.arange(16.0).reshape(8, 2))
 
 

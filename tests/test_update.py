@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from dapo_jax.models import init_model, preset
-from dapo_jax.sharding import make_mesh
+from dapo_jax.sharding import batch_sharding, make_mesh
 from dapo_jax.train.update import (
     LossConfig,
     OptimizerConfig,
@@ -50,7 +50,7 @@ def sgd_gradient(loss_cfg, num_micro, mesh=None, batch=None):
                          mesh=mesh)
     batch = batch if batch is not None else make_batch()
     if mesh is not None:
-        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        sh = batch_sharding(mesh)
         batch = {k: jax.device_put(v, sh) for k, v in batch.items()}
     params, _, metrics = fns.update(params, init_optimizer(opt, params), batch)
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, params)
@@ -127,7 +127,7 @@ def test_optimizer_state_follows_parameter_sharding():
 
     check(params, opt_state)
     fns = make_train_fns(graphdef, params, opt, LossConfig(), mesh=mesh)
-    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    sh = batch_sharding(mesh)
     batch = {k: jax.device_put(v, sh) for k, v in make_batch().items()}
     params, opt_state, _ = fns.update(params, opt_state, batch)
     check(params, opt_state)  # the step keeps both layouts

@@ -46,8 +46,9 @@ from dapo_jax.models.kernels import (  # noqa: E402
     platform_of,
     resolve_attention_impl,
 )
+from dapo_jax.models.qwen import abstract_params, parameter_layouts  # noqa: E402
 from dapo_jax.placement import with_xla_flags  # noqa: E402
-from dapo_jax.sharding import make_mesh  # noqa: E402
+from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh  # noqa: E402,E501
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
 from dapo_jax.train.loop import loss_config, memory_budget, optimizer_config  # noqa: E402
@@ -415,6 +416,12 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     mesh = make_mesh(cfg.mesh.shape, devices=list(target.devices))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
+    try:  # said once, in the first function's report
+        replicated = check_replication(
+            parameter_layouts(abstract_params(model, precision), mesh), mesh,
+            strict=cfg.mesh.strict)
+    except ReplicatedParameters as e:
+        raise TargetError(f"mesh.shape: {e}") from None
     optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
     loss = loss_config(cfg, sizes["max_seq_len"])
     seq = t.max_prompt_length + g.sampling_params.max_generate_length
@@ -512,4 +519,6 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                 f"the run generates in {g.sidecar_engine} sidecars (generator.backend="
                 f"sidecar): this is the in-process JAX engine at {seqs} sequences of "
                 f"{seq} tokens, for reference")
+    if reports and replicated:
+        next(iter(reports.values())).warnings.extend(replicated)
     return reports

@@ -21,11 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
 
 from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.kernels import check_attention_impl, fused_attention, resolve_attention_impl
 from dapo_jax.models.ragged import SlotCache, decode_attention, pool_axes, pool_orders
-from dapo_jax.sharding import constrain, named_sharding
+from dapo_jax.sharding import ParamLayout, constrain, named_sharding, param_layout
 
 # What a layer keeps for its backward pass, least recompute first (REMAT_ORDER): everything
 # (none); every matmul's output, attention's too (dots_saveable); only the projections'
@@ -411,18 +412,46 @@ class Qwen(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
 
+def logical_axes(path: tuple[Any, ...], var: nnx.Variable) -> tuple[str | None, ...]:
+    """A parameter's logical axes: its metadata's, after the stacked layers' axis."""
+    axes = tuple(var.get_metadata()["axes"])
+    if getattr(path[0], "key", None) == "layers":
+        axes = ("layers",) + axes
+    return axes
+
+
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """The state with each parameter replaced by its NamedSharding on `mesh`."""
 
     def to_sharding(path: tuple[Any, ...], var: nnx.Variable) -> nnx.Variable:
-        axes = tuple(var.get_metadata()["axes"])
-        if getattr(path[0], "key", None) == "layers":
-            axes = ("layers",) + axes
-        return var.replace(named_sharding(mesh, axes, var.get_value().shape))
+        return var.replace(named_sharding(mesh, logical_axes(path, var),
+                                          var.get_value().shape))
 
     return jax.tree_util.tree_map_with_path(
         to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
+
+
+def abstract_params(cfg: QwenConfig, precision: Precision = Precision()) -> nnx.State:
+    """The parameters of a `cfg` model as `jax.ShapeDtypeStruct`s: nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen(cfg, precision=precision,
+                                                  rngs=nnx.Rngs(0))))[1]
+
+
+def parameter_layouts(state: nnx.State, mesh: Mesh | AbstractMesh) -> list[ParamLayout]:
+    """Every parameter of `state` (concrete or abstract) as laid out on `mesh`
+    (`sharding.ParamLayout`: spec, bytes per device, dimensions replicated against their
+    rule), in path order."""
+    out: list[ParamLayout] = []
+
+    def add(path: tuple[Any, ...], var: nnx.Variable) -> nnx.Variable:
+        value = var.get_value()
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        out.append(param_layout(name, logical_axes(path, var), value.shape, value.dtype, mesh))
+        return var
+
+    jax.tree_util.tree_map_with_path(add, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return sorted(out, key=lambda p: p.path)
 
 
 def init_model(

@@ -48,6 +48,10 @@ def default_config() -> ConfigDict:
     })
     c.mesh = ConfigDict({
         "shape": (1, -1, 1),  # data x fsdp x tensor; one -1 fills the devices
+        # A parameter whose rule splits it over a mesh axis that does not divide it (28
+        # query heads on tensor=8) is replicated on every device: a warning per parameter,
+        # or with strict an error before anything loads.
+        "strict": False,
         # Several processes (one per host): "HOST:PORT" of process 0's coordinator, with
         # num_processes and this process's process_id; "auto": JAX detects all three
         # (SLURM, Cloud TPU, Kubernetes, MPI); "": one process.

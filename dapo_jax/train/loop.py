@@ -30,9 +30,10 @@ from dapo_jax import evaluation, multihost
 from dapo_jax.models import Precision, QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
+from dapo_jax.models.qwen import abstract_params, parameter_layouts
 from dapo_jax.prompts import PromptSet, load_prompt_set
 from dapo_jax.rewards import RewardPool
-from dapo_jax.sharding import make_mesh
+from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh
 from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
@@ -181,6 +182,21 @@ def attention_impl(cfg: ConfigDict, device: jax.Device) -> str:
         raise config_lib.ConfigError(str(e)) from None
 
 
+def check_layout(cfg: ConfigDict, meshes: list[jax.sharding.Mesh], primary: bool) -> None:
+    """A warning on stderr for each parameter a mesh (the trainer's, the in-process
+    engine's own) replicates against its rule; with `mesh.strict` a ConfigError instead,
+    before any weight is loaded."""
+    m = cfg.model
+    params = abstract_params(read_config(m.path), Precision(m.param_dtype, m.compute_dtype))
+    warn = (lambda line: print(f"warning: {line}", file=sys.stderr)) if primary else None
+    for mesh in meshes:
+        try:
+            check_replication(parameter_layouts(params, mesh), mesh, strict=cfg.mesh.strict,
+                              warn=warn)
+        except ReplicatedParameters as e:
+            raise config_lib.ConfigError(f"mesh.shape: {e}") from None
+
+
 def memory_budget(devices: list[jax.Device]) -> float:
     """Bytes per device the trainer's allocator may hold: the least `bytes_limit` of
     `devices` (a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of its memory, a TPU's HBM); on CPU,
@@ -259,6 +275,7 @@ def setup(cfg: ConfigDict) -> Run:
     # the trainer's.
     gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
                          own_devices) if own_devices else mesh
+    check_layout(cfg, [mesh] if gen_mesh is mesh else [mesh, gen_mesh], primary)
 
     from transformers import AutoTokenizer
 

@@ -30,7 +30,7 @@ from flax import nnx
 from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.logprobs import token_logprobs
 from dapo_jax.models.qwen import REMAT_ORDER, Precision, Qwen, state_shardings
-from dapo_jax.sharding import constrain, mesh_context
+from dapo_jax.sharding import batch_sharding, constrain, mesh_context
 from dapo_jax.train import objective
 
 Batch = dict[str, jax.Array]
@@ -182,8 +182,7 @@ class TrainFns:
         sharding). Arrays already on the devices stay where they are."""
         if self.mesh is None:
             return jax.device_put(rows)
-        spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-        return jax.device_put(rows, jax.sharding.NamedSharding(self.mesh, spec))
+        return jax.device_put(rows, batch_sharding(self.mesh))
 
     def update(self, params: Any, opt_state: Any, batch: Any
                ) -> tuple[Any, Any, dict[str, jax.Array]]:
@@ -278,7 +277,7 @@ def make_train_fns(
         return TrainFns(jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs))
 
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch_sh = batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_sh = optimizer_shardings(optimizer, params)
     update_jit = jax.jit(update, donate_argnums=(0, 1),
@@ -362,7 +361,7 @@ def abstract_train_state(cfg: QwenConfig, precision: Precision, remat: str,
 def abstract_batch(rows: int, seq_len: int, mesh: jax.sharding.Mesh,
                    keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
     """A training (mini-)batch of `rows` x `seq_len`, sharded over the batch axes."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    sharding = batch_sharding(mesh)
     dtype = lambda k: jnp.int32 if k in ("input_ids", "segment_ids", "positions") else \
         jnp.float32
     return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype(k), sharding=sharding)
