@@ -54,10 +54,11 @@ def main() -> None:
     if a.steps < 3:
         p.error("--steps must be >= 3")
     from dapo_jax.train import loop
+    from dapo_jax.train.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = shrunk(a.config, a.steps, tmp)
-        loop.run(cfg)
+        loop.run(Settings.from_config(cfg))
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 1][1:-1]
     keys = sorted({k for r in rows for k in r if k.startswith("timing/")})

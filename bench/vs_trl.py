@@ -77,10 +77,11 @@ def write_work(steps: int, path: Path) -> None:
 
     from dapo_jax.prompts import PromptSampler
     from dapo_jax.train.loop import prompt_set
+    from dapo_jax.train.settings import Settings
 
     cfg = main_config(steps, "unused")
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    train = prompt_set(cfg, tok, "train")
+    train = prompt_set(Settings.from_config(cfg).data, tok, "train")
     sampler = PromptSampler(len(train.examples), seed=cfg.trainer.seed)
     order = [i for _ in range(steps) for i in sampler.next_batch(PROMPTS_PER_STEP)]
     texts = [tok.apply_chat_template([{"role": r, "content": c} for r, c in
@@ -95,6 +96,7 @@ def write_work(steps: int, path: Path) -> None:
 # ----------------------------------------------------------------------------- our side
 def ours(steps: int, run_dir: str, launched: float) -> dict:
     from dapo_jax.train import loop
+    from dapo_jax.train.settings import Settings
 
     setup, marks = loop.setup, {}
 
@@ -104,7 +106,7 @@ def ours(steps: int, run_dir: str, launched: float) -> dict:
         return r
 
     loop.setup = timed_setup
-    loop.run(main_config(steps, run_dir))
+    loop.run(Settings.from_config(main_config(steps, run_dir)))
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 1]
     return {"startup_s": marks["ready"] - launched,
@@ -181,7 +183,6 @@ def trl(steps: int, run_dir: str, launched: float, work: Path) -> dict:
 def held_out(model_dir: str) -> dict:
     """Held-out accuracy of an HF policy: the main job's held-out split and eval sampling
     (temperature 1, seeded), EVAL_SAMPLES samples per prompt, with our evaluator."""
-    import dataclasses
 
     from flax import nnx
     from transformers import AutoTokenizer
@@ -189,19 +190,20 @@ def held_out(model_dir: str) -> dict:
     from dapo_jax.evaluation import evaluate
     from dapo_jax.models import load_pretrained
     from dapo_jax.rewards import RewardPool
-    from dapo_jax.train.loop import prompt_set, sampling_params
+    from dapo_jax.train.loop import prompt_set
+    from dapo_jax.train.settings import Settings
     from rollout.generation import Generator, stop_token_ids
 
     cfg = main_config(1, "unused")
+    settings = Settings.from_config(cfg)
     base = cfg.model.path
     tok = AutoTokenizer.from_pretrained(base)
-    val = prompt_set(cfg, tok, "eval")
+    val = prompt_set(settings.data, tok, "eval")
     graphdef, params = nnx.split(load_pretrained(model_dir, dtype="float32"))
-    g = cfg.generator
     gen = Generator(graphdef, params, stop_token_ids=stop_token_ids(base),
                     max_model_len=cfg.trainer.max_prompt_length + MAX_NEW,
                     pad_token_id=tok.pad_token_id or 0)
-    sp = dataclasses.replace(sampling_params(g.eval_sampling_params), seed=cfg.trainer.seed)
+    sp = settings.rollout.eval_sampling
     rewards = RewardPool(cfg.reward.fn, workers=cfg.reward.num_workers)
     try:
         result = evaluate(gen.generate, val.ids, val.examples, sp, EVAL_SAMPLES, tok, rewards)

@@ -47,6 +47,7 @@ from ml_collections import ConfigDict, config_flags
 from dapo_jax import placement
 from dapo_jax.procs import kill_group, log_tail
 from dapo_jax.train import config as config_lib
+from dapo_jax.train.settings import Settings, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
@@ -73,27 +74,27 @@ def free_port() -> int:
 class Launch:
     """The sidecars and the trainer of one run, and their clean-up."""
 
-    def __init__(self, cfg: ConfigDict, flags: list[str], num_processes: int = 1):
-        self.cfg = cfg
+    def __init__(self, s: Settings, flags: list[str], num_processes: int = 1):
+        self.settings = s
         self.flags = flags
         self.num_processes = num_processes
-        self.run_dir = Path(cfg.trainer.run_dir).resolve()
+        self.run_dir = s.checkpoint.run_dir.resolve()
         self.logs = self.run_dir / "logs"
-        self.export_root = Path(cfg.generator.export_dir or self.run_dir / "exports").resolve()
+        self.export_root = Path(s.rollout.export_dir or self.run_dir / "exports").resolve()
         self.token = secrets.token_hex(16)
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
         self.specs = [placement.SidecarSpec(i, gpus, free_port(), self.logs / f"sidecar_{i}.log")
-                      for i, gpus in enumerate(placement.engine_gpus(cfg))] \
-            if cfg.generator.backend == "sidecar" else []
+                      for i, gpus in enumerate(placement.engine_gpus(s))] \
+            if s.rollout.backend == "sidecar" else []
         self.sidecars: dict[int, subprocess.Popen] = {}
         self.restarts = {s.index: 0 for s in self.specs}
         self.trainers: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ sidecars
     def start_sidecar(self, spec: placement.SidecarSpec) -> None:
-        cmd = placement.sidecar_command(self.cfg, spec, self.export_root)
-        env = placement.sidecar_env(self.cfg, spec, self.env, self.token)
+        cmd = placement.sidecar_command(self.settings, spec, self.export_root)
+        env = placement.sidecar_env(self.settings, spec, self.env, self.token)
         with open(spec.log, "ab") as log:
             log.write(f"\n==> {' '.join(cmd)}\n".encode())
             self.sidecars[spec.index] = subprocess.Popen(
@@ -111,7 +112,7 @@ class Launch:
             return False
 
     def wait_healthy(self, specs: list[placement.SidecarSpec]) -> None:
-        timeout = self.cfg.generator.sidecar_startup_timeout_s
+        timeout = self.settings.rollout.sidecar_startup_timeout_s
         deadline = time.monotonic() + timeout
         waiting = list(specs)
         while waiting:
@@ -139,15 +140,15 @@ class Launch:
             if code is None:
                 continue
             kill_group(self.sidecars[spec.index], grace_s=2.0)  # what is left of its workers
-            if self.restarts[spec.index] >= self.cfg.generator.sidecar_max_restarts:
+            if self.restarts[spec.index] >= self.settings.rollout.sidecar_max_restarts:
                 raise LaunchError(
                     f"sidecar {spec.index} (port {spec.port}) died with code {code} after "
                     f"{self.restarts[spec.index]} restart(s) (generator.sidecar_max_restarts="
-                    f"{self.cfg.generator.sidecar_max_restarts}); stopping the run. Last lines "
+                    f"{self.settings.rollout.sidecar_max_restarts}); stopping the run. Last lines "
                     f"of {spec.log}:\n{log_tail(spec.log)}")
             self.restarts[spec.index] += 1
             print(f"launch: sidecar {spec.index} died with code {code}; restart "
-                  f"{self.restarts[spec.index]} of {self.cfg.generator.sidecar_max_restarts}",
+                  f"{self.restarts[spec.index]} of {self.settings.rollout.sidecar_max_restarts}",
                   file=sys.stderr, flush=True)
             self.start_sidecar(spec)
             self.wait_healthy([spec])
@@ -162,7 +163,7 @@ class Launch:
             cmd += [f"--config.mesh.coordinator_address=127.0.0.1:{free_port()}",
                     f"--config.mesh.num_processes={n}"]
         for i in range(n):
-            env = {**placement.trainer_env(self.cfg, self.env, i, n),
+            env = {**placement.trainer_env(self.settings, self.env, i, n),
                    placement.TOKEN_ENV: self.token}
             out = None if i == 0 else open(self.logs / f"process_{i}.out", "ab")
             self.trainers.append(subprocess.Popen(
@@ -229,17 +230,17 @@ def trainer_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def check(cfg: ConfigDict, num_processes: int) -> None:
-    """What the launcher itself refuses, then the trainer's own validation (without JAX:
-    the launcher must not take GPU memory). Raises ConfigError naming the key."""
+def check(cfg: ConfigDict, num_processes: int) -> Settings:
+    """The trainer's own validation (without JAX: the launcher must not take GPU memory),
+    then what the launcher itself refuses. Raises ConfigError naming the key."""
     ConfigError = config_lib.ConfigError
-    if cfg.generator.backend != "sidecar" and num_processes == 1:
+    s = validate(cfg, num_devices=None)
+    if s.rollout.backend != "sidecar" and num_processes == 1:
         raise ConfigError("generator.backend: dapo_jax.launch starts rollout sidecars or "
                           f"several trainer processes, and the config has generator.backend="
-                          f"{cfg.generator.backend!r} and --num_processes=1: run `python -m "
+                          f"{s.rollout.backend!r} and --num_processes=1: run `python -m "
                           "dapo_jax.train` for one in-process trainer")
-    if num_processes > 1 and cfg.generator.backend == "jax" and \
-            not cfg.trainer.placement.colocate_all:
+    if num_processes > 1 and s.rollout.backend == "jax" and not s.placement.colocate_all:
         # Each process's devices would be its share of the trainer's GPUs and of the
         # generation meshes'; the trainer reads policy_num_gpus_per_node per process.
         raise ConfigError("trainer.placement.colocate_all: --num_processes with generation "
@@ -248,26 +249,25 @@ def check(cfg: ConfigDict, num_processes: int) -> None:
                           "with mesh.coordinator_address / num_processes / process_id "
                           "(policy_num_gpus_per_node then counts each process's trainer "
                           "devices)")
-    if num_processes > 1 and cfg.mesh.coordinator_address:
+    if num_processes > 1 and s.mesh.distributed.coordinator_address:
         raise ConfigError("mesh.coordinator_address: --num_processes starts its own "
                           "coordinator: leave it unset")
-    if cfg.generator.sidecar_urls:
+    if s.rollout.sidecar_urls:
         raise ConfigError("generator.sidecar_urls is set: the launcher starts its own "
                           "sidecars; use `python -m dapo_jax.train` with sidecars you run")
-    config_lib.validate(cfg, num_devices=None)
+    return s
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    cfg = _CONFIG.value
     try:
-        check(cfg, _NUM_PROCESSES.value)
+        settings = check(_CONFIG.value, _NUM_PROCESSES.value)
     except config_lib.ConfigError as e:
         # The user's to fix: one line naming the key, as `python -m dapo_jax.train` says it.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    launch = Launch(cfg, trainer_flags(sys.argv[1:]), _NUM_PROCESSES.value)
+    launch = Launch(settings, trainer_flags(sys.argv[1:]), _NUM_PROCESSES.value)
 
     def on_sigterm(signum, frame):
         raise _Stop

@@ -23,10 +23,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from ml_collections import ConfigDict
-
 from dapo_jax.procs import PARENT_PID_ENV
-from dapo_jax.train.config import trainer_memory_fraction
+from dapo_jax.train.settings import Settings
 
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 TOKEN_ENV = "ROLLOUT_TOKEN"
@@ -44,14 +42,14 @@ class SidecarSpec:
         return f"http://127.0.0.1:{self.port}"
 
 
-def trainer_gpus(cfg: ConfigDict) -> tuple[int, ...]:
-    return tuple(range(cfg.trainer.placement.policy_num_gpus_per_node))
+def trainer_gpus(s: Settings) -> tuple[int, ...]:
+    return tuple(range(s.placement.policy_num_gpus_per_node))
 
 
-def engine_gpus(cfg: ConfigDict) -> list[tuple[int, ...]]:
+def engine_gpus(s: Settings) -> list[tuple[int, ...]]:
     """GPUs of each inference engine: colocated engines tile the trainer's GPUs; otherwise
     they take the GPUs after the trainer's."""
-    g, p = cfg.generator, cfg.trainer.placement
+    g, p = s.rollout, s.placement
     tp = g.inference_engine_tensor_parallel_size
     first = 0 if p.colocate_all else p.policy_num_gpus_per_node
     return [tuple(range(first + i * tp, first + (i + 1) * tp))
@@ -70,53 +68,47 @@ def visible_devices(gpus: tuple[int, ...], base_env: Mapping[str, str]) -> str:
     return ",".join(str(i) for i in gpus)
 
 
-def trainer_env(cfg: ConfigDict, base_env: Mapping[str, str], process: int = 0,
+def trainer_env(s: Settings, base_env: Mapping[str, str], process: int = 0,
                 num_processes: int = 1) -> dict[str, str]:
     """The environment of trainer process `process` of `num_processes` on this machine: its
     equal share of the trainer's GPUs. (On CPU each process's device count comes from the
     inherited XLA_FLAGS / JAX_NUM_CPU_DEVICES.)"""
-    gpus = trainer_gpus(cfg)
+    gpus = trainer_gpus(s)
     if len(gpus) % num_processes:
         raise ValueError(f"trainer.placement.policy_num_gpus_per_node={len(gpus)} GPUs do not "
                          f"split over {num_processes} trainer processes")
     per = len(gpus) // num_processes
-    return {**base_env, MEM_FRACTION_ENV: str(trainer_memory_fraction(cfg)),
+    return {**base_env, MEM_FRACTION_ENV: str(s.trainer_memory_fraction()),
             "CUDA_VISIBLE_DEVICES": visible_devices(gpus[process * per:(process + 1) * per],
                                                     base_env),
             PARENT_PID_ENV: str(os.getpid())}
 
 
-def sidecar_env(cfg: ConfigDict, spec: SidecarSpec, base_env: Mapping[str, str],
+def sidecar_env(s: Settings, spec: SidecarSpec, base_env: Mapping[str, str],
                 token: str) -> dict[str, str]:
-    return {**base_env, MEM_FRACTION_ENV: str(cfg.generator.gpu_memory_utilization),
+    return {**base_env, MEM_FRACTION_ENV: str(s.rollout.gpu_memory_utilization),
             "CUDA_VISIBLE_DEVICES": visible_devices(spec.gpus, base_env),
             TOKEN_ENV: token, PARENT_PID_ENV: str(os.getpid())}
 
 
-def max_model_len(cfg: ConfigDict) -> int:
-    """Longest sequence a sidecar serves: the prompt limit plus the longer generation limit
-    (vLLM sizes its KV cache and concurrency from it, not from the model's 32k positions)."""
-    g = cfg.generator
-    return cfg.trainer.max_prompt_length + max(g.sampling_params.max_generate_length,
-                                               g.eval_sampling_params.max_generate_length)
-
-
-def sidecar_command(cfg: ConfigDict, spec: SidecarSpec, export_root: Path) -> list[str]:
-    g = cfg.generator
+def sidecar_command(s: Settings, spec: SidecarSpec, export_root: Path) -> list[str]:
+    """A sidecar's command line. Its longest sequence is `max_model_len` (vLLM sizes its KV
+    cache and concurrency from it, not from the model's 32k positions)."""
+    g = s.rollout
     cmd = [g.sidecar_python or sys.executable, "-m", "rollout.server",
-           "--engine", g.sidecar_engine, "--model", cfg.model.path,
+           "--engine", g.sidecar_engine, "--model", s.model.path,
            "--port", str(spec.port), "--export-root", str(export_root),
-           "--dtype", g.model_dtype, "--max-model-len", str(max_model_len(cfg)),
+           "--dtype", g.model_dtype, "--max-model-len", str(g.max_model_len),
            "--gpu-memory-utilization", str(g.gpu_memory_utilization)]
     if g.sidecar_engine == "vllm":
         cmd += ["--tensor-parallel-size", str(g.inference_engine_tensor_parallel_size)]
     return cmd
 
 
-def apply_trainer_memory_fraction(cfg: ConfigDict) -> None:
-    """Sets the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION from the config; call it before
+def apply_trainer_memory_fraction(s: Settings) -> None:
+    """Sets the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION from the settings; call it before
     anything starts a JAX backend (JAX reads it once, when the GPU client is created)."""
-    os.environ[MEM_FRACTION_ENV] = str(trainer_memory_fraction(cfg))
+    os.environ[MEM_FRACTION_ENV] = str(s.trainer_memory_fraction())
 
 
 def with_xla_flags(flags: str, extra: tuple[str, ...]) -> str:
@@ -125,10 +117,10 @@ def with_xla_flags(flags: str, extra: tuple[str, ...]) -> str:
     return " ".join([*flags.split(), *(f for f in extra if f.split("=", 1)[0] not in have)])
 
 
-def apply_trainer_xla_flags(cfg: ConfigDict) -> None:
+def apply_trainer_xla_flags(s: Settings) -> None:
     """Adds `trainer.xla_gpu_flags` to XLA_FLAGS (a flag the environment already sets wins);
     call it before anything starts a JAX backend (XLA reads XLA_FLAGS once). The CPU and TPU
     compilers ignore GPU options."""
-    flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), tuple(cfg.trainer.xla_gpu_flags))
+    flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), s.placement.xla_gpu_flags)
     if flags:
         os.environ["XLA_FLAGS"] = flags

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dapo_jax import multihost
@@ -28,16 +29,19 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
                  keys: list[int]) -> list[list[Sample]]: ...
 
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
-        """The trainer's thread: the new weights in the form `load` takes (the parameters
-        are donated by the next update, so nothing may read them later)."""
+    def prepare(self, graphdef: nnx.GraphDef, params: Any, step: int, version: int) -> Any:
+        """The trainer's thread: the new weights in the form `load` takes, never an alias
+        of `params` (the next update donates them, so nothing may read them later)."""
 
     def load(self, weights: Any, version: int) -> None:
         """The generating thread, between requests: serve `weights` as `version`."""
 
 
 def _cast(params: Any, dtype: str) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    """New buffers in `dtype`: a cast, or a copy where the dtype is already `dtype` (jit
+    hands an input it returns unchanged straight back, the same buffer)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else jnp.copy(x),
+                        params)
 
 
 cast_params = jax.jit(_cast, static_argnames="dtype")
@@ -54,22 +58,22 @@ class InProcessEngine:
         self.mesh = mesh
         self.own_mesh = own_mesh
         self._gather: Any = None
-        self.generator = Generator(graphdef, self.prepare(None, params, 0, 0), mesh=mesh,
+        self.generator = Generator(graphdef, self.prepare(graphdef, params, 0, 0), mesh=mesh,
                                    **generator_kw)
 
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
-        del model, step, version
+    def prepare(self, graphdef: nnx.GraphDef, params: Any, step: int, version: int) -> Any:
+        del graphdef, step, version
         if self.own_mesh:  # device to device, no host round trip
             target = jax.tree.map(
                 lambda x: jax.sharding.NamedSharding(self.mesh, x.sharding.spec), params)
             if jax.process_count() > 1:
-                params = self._local_copy(params)
-            params = jax.device_put(params, target)
-        # On the trainer's mesh, in the trainer's dtype, these are the trainer's own arrays:
-        # the next update donates them, and they are loaded before it (the synchronous loop
-        # generates between updates; an asynchronous one needs its own mesh).
-        same = all(x.dtype == self.dtype for x in jax.tree.leaves(params))
-        return params if same else cast_params(params, dtype=self.dtype)
+                params = self._local_copy(params)  # already a new cast copy
+            else:
+                params = cast_params(params, dtype=self.dtype)
+            return jax.device_put(params, target)
+        # On the trainer's mesh: a cast, or a copy in the trainer's dtype, never the
+        # trainer's own arrays (the next update donates those).
+        return cast_params(params, dtype=self.dtype)
 
     def _local_copy(self, params: Any) -> Any:
         """A whole copy of the trainer's parameters (sharded over every process) on one of
@@ -115,12 +119,11 @@ class SidecarEngine:
                  keys: list[int]) -> list[list[Sample]]:
         return self.client.generate(prompts, sampling, n, keys)
 
-    def prepare(self, model: Any, params: Any, step: int, version: int) -> Any:
+    def prepare(self, graphdef: nnx.GraphDef, params: Any, step: int, version: int) -> Any:
         from dapo_jax.weight_export import export_weights
 
-        nnx.update(model, params)
-        path = export_weights(model, self.export_dir, step=step, version=version,
-                              dtype=self.dtype)
+        path = export_weights(nnx.merge(graphdef, params), self.export_dir, step=step,
+                              version=version, dtype=self.dtype)
         multihost.barrier(f"export_{step}")  # process 0 has renamed it into place
         return path
 

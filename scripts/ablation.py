@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs import arith_tiny  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.loop import run  # noqa: E402
+from dapo_jax.train.settings import Settings  # noqa: E402
 
 # Each stage adds one DAPO component to the previous one (cumulative, as in the paper).
 STAGES: list[tuple[str, dict]] = [
@@ -96,7 +97,8 @@ def main() -> None:
             runs[name] = []
             for seed in seeds:
                 run_dir = out / "runs" / f"{i}_{seed}"
-                run(configure(overrides, seed, a.steps, a.eval_every, run_dir))
+                run(Settings.from_config(configure(overrides, seed, a.steps, a.eval_every,
+                                                   run_dir)))
                 runs[name].append(per_step(run_dir))
                 acc = runs[name][-1]["eval/all/accuracy"]
                 print(f"{name} seed {seed}: held-out accuracy {acc}", flush=True)

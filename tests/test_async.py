@@ -16,6 +16,7 @@ from configs import arith_tiny
 from dapo_jax.prompts import PromptSampler
 from dapo_jax.train import config as config_lib
 from dapo_jax.train import loop
+from dapo_jax.train.settings import Settings
 from tests import launching
 
 SPLIT = {"trainer.placement.colocate_all": False,
@@ -71,8 +72,9 @@ def test_staleness_1_learns_stays_in_bound_and_a_kill_9_resume_trains_every_prom
     assert len(set(taken)) == len(taken) and not set(taken) & set(pending)
     assert sorted(taken + pending) == list(range(len(taken) + len(pending)))  # none lost
     cfg = arith_tiny.get_config()
-    train_set = loop.prompt_set(config_lib.apply_overrides(cfg, ASYNC_RUN),
-                                AutoTokenizer.from_pretrained(cfg.model.path), "train")
+    train_set = loop.prompt_set(
+        Settings.from_config(config_lib.apply_overrides(cfg, ASYNC_RUN)).data,
+        AutoTokenizer.from_pretrained(cfg.model.path), "train")
     order = PromptSampler(len(train_set.examples), seed=cfg.trainer.seed)
     batch_prompts = [order.next_batch(cfg.trainer.train_batch_size)
                      for _ in range(len(taken) + len(pending))]

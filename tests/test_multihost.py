@@ -26,6 +26,7 @@ from dapo_jax.launch import trainer_flags
 from dapo_jax.models import load_pretrained
 from dapo_jax.sharding import batch_sharding, make_mesh
 from dapo_jax.train import config as config_lib
+from dapo_jax.train.settings import Settings, validate
 from rollout.generation import Generator, SamplingParams
 from tests import sidecar
 from tests.launching import env, read_metrics, wait_for
@@ -65,17 +66,18 @@ def test_single_process_exchanges_are_the_identity():
 def test_bad_multi_process_settings_name_the_key(overrides, key):
     cfg = config_lib.apply_overrides(arith_tiny.get_config(), overrides)
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-        config_lib.validate(cfg, None)
+        validate(cfg, None)
 
 
 def test_launcher_splits_gpus_over_processes_and_keeps_its_own_flag():
     cfg = arith_tiny.get_config()
     cfg.trainer.placement.policy_num_gpus_per_node = 8
-    envs = [placement.trainer_env(cfg, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, i, 2)
+    s = Settings.from_config(cfg)
+    envs = [placement.trainer_env(s, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, i, 2)
             for i in range(2)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3", "4,5,6,7"]
     with pytest.raises(ValueError, match="do not split over 3"):
-        placement.trainer_env(cfg, {}, 0, 3)
+        placement.trainer_env(s, {}, 0, 3)
     assert trainer_flags(["--config", "c.py", "--num_processes=2", "--config.a=1",
                           "--num_processes", "3"]) == ["--config", "c.py", "--config.a=1"]
 

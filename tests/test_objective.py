@@ -10,7 +10,7 @@ import pytest
 
 from dapo_jax.train import objective
 from dapo_jax.train.advantages import grpo_advantages, rloo_advantages, token_advantages
-from dapo_jax.train.objective import kl_penalty, policy_loss, tis_weights
+from dapo_jax.train.objective import LossConfig, kl_penalty, policy_loss, tis_weights
 from dapo_jax.train.shaping import overlong_filter, soft_overlong_penalty
 
 
@@ -59,7 +59,7 @@ def test_policy_loss_matches_reference(kind, reduction, seed):
     logp, old, adv, mask = random_inputs(seed, spread=2.0)
     kw = dict(policy_loss_type=kind, eps_clip_low=0.2, eps_clip_high=0.28, clip_ratio_c=3.0,
               loss_reduction=reduction, max_seq_len=32)
-    loss, metrics = jax.jit(lambda *a: policy_loss(*a, **kw))(logp, old, adv, mask)
+    loss, metrics = jax.jit(lambda *a: policy_loss(*a, LossConfig(**kw)))(logp, old, adv, mask)
     chex.assert_shape(loss, ())
     chex.assert_type(loss, jnp.float32)
     per_token, ratio = ref_per_token(logp, old, adv, mask, kind, 0.2, 0.28, 3.0)
@@ -88,15 +88,17 @@ def test_sequence_mean_counts_masked_sequences_and_kl_is_a_sequence_mean():
               clip_ratio_c=3.0, max_seq_len=None)
     den = objective.reduction_denominator(mask, "sequence_mean")
     assert float(den) == 2.0
-    loss, _ = objective.policy_loss(logp, logp, adv, mask, loss_reduction="sequence_mean",
-                                    denominator=den, **kw)
+    loss, _ = objective.policy_loss(logp, logp, adv, mask,
+                                    LossConfig(loss_reduction="sequence_mean", **kw),
+                                    denominator=den)
     np.testing.assert_allclose(loss, -5 / 6, rtol=1e-6)
     batch = {"old_logprobs": logp, "advantages": adv, "loss_mask": mask,
              "ref_logprobs": logp - 0.3}
     den_tok = objective.reduction_denominator(mask, "token_mean")
     total, metrics = objective.total_loss(
-        logp, jnp.zeros((2, 3)), batch, loss_kwargs={**kw, "loss_reduction": "token_mean"},
-        denominator=den_tok, kl_loss_coef=1.0, kl_estimator="k1")
+        logp, jnp.zeros((2, 3)), batch,
+        LossConfig(loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=1.0,
+                   kl_estimator_type="k1", **kw), denominator=den_tok)
     np.testing.assert_allclose(metrics["kl_loss"], 0.15, rtol=1e-6)
     np.testing.assert_allclose(total, -5 / 3 + 0.15, rtol=1e-6)  # token mean: -5/3
 
@@ -108,8 +110,9 @@ def test_dual_clip_bounds_negative_advantages():
     adv = np.array([[-1.0, 2.0, -1.0]], np.float32)
     mask = np.ones_like(adv)
     kw = dict(eps_clip_low=0.2, eps_clip_high=0.28, clip_ratio_c=3.0, loss_reduction="token_mean")
-    reg, _ = policy_loss(logp, old, adv, mask, policy_loss_type="regular", **kw)
-    dual, metrics = policy_loss(logp, old, adv, mask, policy_loss_type="dual_clip", **kw)
+    reg, _ = policy_loss(logp, old, adv, mask, LossConfig(policy_loss_type="regular", **kw))
+    dual, metrics = policy_loss(logp, old, adv, mask,
+                                LossConfig(policy_loss_type="dual_clip", **kw))
     r = np.exp(5.0)
     # token 0: max(r, 1.28) = r -> dual min(r, 3) = 3; token 1: A>0, max(-2r, -2*1.28) = -2.56;
     # token 2: max(1.105, 1.105) = 1.105 (within bounds; dual inactive).
@@ -121,8 +124,8 @@ def test_dual_clip_bounds_negative_advantages():
 def test_all_masked_batch_gives_zero_not_nan():
     logp, old, adv, _ = random_inputs(3)
     for reduction in ["token_mean", "sequence_mean", "seq_mean_token_sum_norm"]:
-        loss, metrics = policy_loss(logp, old, adv, np.zeros_like(adv), loss_reduction=reduction,
-                                    max_seq_len=16)
+        loss, metrics = policy_loss(logp, old, adv, np.zeros_like(adv),
+                                    LossConfig(loss_reduction=reduction, max_seq_len=16))
         assert float(loss) == 0.0
         assert all(np.isfinite(np.asarray(v)) for v in metrics.values())
 
@@ -132,31 +135,34 @@ def test_global_denominator_makes_split_exact():
     logp, old, adv, mask = random_inputs(4, B=8)
     for reduction in ["token_mean", "sequence_mean", "seq_mean_token_sum_norm"]:
         kw = dict(loss_reduction=reduction, max_seq_len=20)
-        full, _ = policy_loss(logp, old, adv, mask, **kw)
+        full, _ = policy_loss(logp, old, adv, mask, LossConfig(**kw))
         denom = objective.reduction_denominator(jnp.asarray(mask), reduction, 20)
         parts = sum(policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2],
-                                denominator=denom, **kw)[0] for i in range(0, 8, 2))
+                                LossConfig(**kw), denominator=denom)[0] for i in range(0, 8, 2))
         np.testing.assert_allclose(parts, full, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(policy_loss_type="ppo2"), "policy_loss_type"),
-    (dict(loss_reduction="mean"), "loss_reduction"),
-    (dict(eps_clip_low=-0.1), "eps_clip"),
-    (dict(eps_clip_high=-0.1), "eps_clip"),
-    (dict(policy_loss_type="dual_clip", clip_ratio_c=1.0), "clip_ratio_c"),
-    (dict(loss_reduction="seq_mean_token_sum_norm"), "max_seq_len"),
+    (dict(policy_loss_type="ppo2"), "^policy_loss_type: 'ppo2' is not one of"),
+    (dict(loss_reduction="mean"), "^loss_reduction: "),
+    (dict(eps_clip_low=-0.1), "^eps_clip_low: must be >= 0"),
+    (dict(eps_clip_high=-0.1), "^eps_clip_high: must be >= 0"),
+    (dict(policy_loss_type="dual_clip", clip_ratio_c=1.0), "^clip_ratio_c: must be > 1"),
+    (dict(loss_reduction="seq_mean_token_sum_norm"), "^max_seq_len: "),
+    (dict(kl_estimator_type="k4"), "^kl_estimator_type: "),
+    (dict(use_tis=True, tis_imp_ratio_cap=0.0), "^tis_imp_ratio_cap: must be > 0"),
 ])
-def test_invalid_arguments_raise_at_trace_time(kwargs, match):
-    logp, old, adv, mask = random_inputs(0)
+def test_invalid_settings_are_refused_when_built_naming_the_key(kwargs, match):
+    """The loss's settings are checked once, when built (never at trace time, never as a
+    NaN), and each error starts with the key (the trainer prefixes trainer.algorithm.)."""
     with pytest.raises(ValueError, match=match):
-        jax.jit(lambda *a: policy_loss(*a, **kwargs))(logp, old, adv, mask)
+        LossConfig(**kwargs)
 
 
 def test_shape_mismatch_raises():
     logp, old, adv, mask = random_inputs(0)
     with pytest.raises(ValueError, match="equal"):
-        policy_loss(logp, old[:, :-1], adv, mask)
+        policy_loss(logp, old[:, :-1], adv, mask, LossConfig())
 
 
 def test_registry_accepts_a_new_loss():
@@ -166,7 +172,7 @@ def test_registry_accepts_a_new_loss():
 
     try:
         logp, old, adv, mask = random_inputs(5)
-        loss, _ = policy_loss(logp, old, adv, mask, policy_loss_type="test_plain_pg")
+        loss, _ = policy_loss(logp, old, adv, mask, LossConfig(policy_loss_type="test_plain_pg"))
         np.testing.assert_allclose(loss, ref_reduce(-adv.astype(np.float64) * logp, mask,
                                                     "token_mean"), rtol=1e-5)
         with pytest.raises(ValueError, match="already registered"):
@@ -180,7 +186,8 @@ def test_policy_gradient_sign_and_clip_zeroes_gradient():
     logp = np.array([[0.0, 0.0]], np.float32)
     old = np.array([[0.0, -1.0]], np.float32)  # r = 1 and e = 2.72 (> 1.28, clipped)
     adv = np.array([[1.0, 1.0]], np.float32)
-    g = jax.grad(lambda lp: policy_loss(lp, old, adv, np.ones_like(adv))[0])(jnp.asarray(logp))
+    g = jax.grad(lambda lp: policy_loss(lp, old, adv, np.ones_like(adv), LossConfig())[0])(
+        jnp.asarray(logp))
     np.testing.assert_allclose(g, [[-0.5, 0.0]], atol=1e-6)
 
 
@@ -228,8 +235,8 @@ def test_decoupled_ppo_with_capped_behaviour_weight_matches_float64():
         f32(logp), jnp.zeros(shape, jnp.float32),
         {"old_logprobs": f32(old), "rollout_logprobs": f32(behav), "advantages": f32(adv),
          "loss_mask": jnp.asarray(mask, jnp.float32)},
-        loss_kwargs={"eps_clip_low": lo, "eps_clip_high": hi},
-        denominator=jnp.float32(mask.sum()), tis_cap=cap)
+        LossConfig(eps_clip_low=lo, eps_clip_high=hi, use_tis=True, tis_imp_ratio_cap=cap),
+        denominator=jnp.float32(mask.sum()))
     chex.assert_shape(loss, ())
     chex.assert_type(loss, jnp.float32)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)

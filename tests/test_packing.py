@@ -23,9 +23,9 @@ from dapo_jax.train.batch import (
     place_response_values,
     response_values,
 )
-from dapo_jax.train.step import StepSettings, mini_batch_rows
+from dapo_jax.train.objective import LossConfig
+from dapo_jax.train.step import StepSettings, TrainState, mini_batch_rows
 from dapo_jax.train.update import (
-    LossConfig,
     OptimizerConfig,
     init_optimizer,
     make_optimizer,
@@ -150,7 +150,8 @@ def rollout_batch(seed: int, n: int = 16, max_response: int = R):
             "rollout_logprobs": obj([rng.normal(-6.2, 0.3, len(r)).tolist() for r in responses]),
             "score": rng.choice([-1.0, 1.0], n).astype(np.float32),
             "acc": np.zeros(n, bool),
-            "truncated": rng.random(n) < 0.2}
+            "truncated": rng.random(n) < 0.2,
+            "group_id": np.arange(n) // 4}  # as dynamic sampling's `accumulate` sets it
 
 
 def settings(packing: bool, micro_rows: int, n: int = 16, shards: int = 1, **kw
@@ -159,7 +160,7 @@ def settings(packing: bool, micro_rows: int, n: int = 16, shards: int = 1, **kw
                         mini_batch_size=n, update_epochs=1, advantage_estimator="grpo",
                         grpo_norm_by_std=True, overlong_buffer_len=4,
                         overlong_penalty_factor=1.0, apply_overlong_filtering=True,
-                        use_kl_loss=True, use_tis=True, pad_id=0, packing=packing,
+                        use_kl_loss=True, pad_id=0, packing=packing,
                         micro_batch_rows=micro_rows, shards=shards, **kw)
 
 
@@ -202,7 +203,8 @@ def test_packed_equals_padded(loss, reduction):
     eps = (3e-4, 4e-4) if loss == "gspo" else (0.2, 0.28)
     cfg = LossConfig(policy_loss_type=loss, loss_reduction=reduction, eps_clip_low=eps[0],
                      eps_clip_high=eps[1], clip_ratio_c=3.0, max_seq_len=P + R,
-                     use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
+                     use_kl_loss=True, kl_loss_coef=0.1, use_entropy_loss=True,
+                     entropy_loss_coef=0.01, use_tis=True, tis_imp_ratio_cap=2.0)
     batch = rollout_batch(seed=3)
     g_pad, m_pad = sgd_step(cfg, settings(packing=False, micro_rows=16), batch)
     for micro_rows, mesh, shards in ((2, None, 1), (8, make_mesh((2, 2, 2)), 4)):
@@ -257,15 +259,14 @@ def test_step_moves_rows_once_and_fetches_metrics_once(monkeypatch):
     graphdef, params = nnx.split(init_model(CFG, seed=0, mesh=mesh))
     ref_params = nnx.split(init_model(CFG, seed=0, mesh=mesh))[1]
     opt = make_optimizer(OptimizerConfig(lr=1e-3))  # the trainer's (its lr is a metric)
-    cfg = LossConfig(use_kl_loss=True, kl_loss_coef=0.1, tis_cap=2.0)
+    cfg = LossConfig(use_kl_loss=True, kl_loss_coef=0.1, use_tis=True)
     fns = make_train_fns(graphdef, params, opt, cfg, micro_batch_rows=8,
                          forward_micro_batch_rows=8, mesh=mesh)
     s = dataclasses.replace(settings(packing=True, micro_rows=8, n=8, shards=4),
                             update_epochs=2)
     batch = rollout_batch(seed=5, n=16)
-    step = lambda p, o: train_step(batch, params=p, opt_state=o, ref_params=ref_params,
-                                   fns=fns, settings=s, timings={})
-    params, opt_state, _ = step(params, init_optimizer(opt, params))  # compiles
+    state, _ = train_step(batch, TrainState(params, init_optimizer(opt, params), 0, 0),
+                          ref_params=ref_params, fns=fns, settings=s, timings={})  # compiles
 
     counts: dict[str, int] = {"put": 0, "get": 0, "wait": 0, "implicit_get": 0}
     inside_get = [False]
@@ -299,9 +300,10 @@ def test_step_moves_rows_once_and_fetches_metrics_once(monkeypatch):
     monkeypatch.setattr(jax, "block_until_ready", counted("wait", jax.block_until_ready))
     timings: dict[str, float] = {}
     with jax.transfer_guard("disallow"):
-        _, _, metrics = train_step(batch, params=params, opt_state=opt_state,
-                                   ref_params=ref_params, fns=fns, settings=s, timings=timings)
+        after, metrics = train_step(batch, state, ref_params=ref_params, fns=fns, settings=s,
+                                    timings=timings)
     assert counts == {"put": 1, "get": 1, "wait": 3, "implicit_get": 0}
     assert set(timings) == {"layout", "transfer", "logprobs", "update", "metrics"}
     assert all(np.isfinite(v) for v in metrics.values()) and "policy/kl_loss" in metrics
+    assert (after.step, after.version) == (state.step + 1, state.version + 1)
     assert fns.update_jit._cache_size() == 1 and fns.logprobs_jit._cache_size() == 1

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dapo_jax.train import config as config_lib
+from dapo_jax.train.settings import Settings
 from tests import launching, side_envs, sidecar
 
 SEEDS = ["configs/dapo_qwen2p5_math_7b.py", "configs/dapo_qwen3_1p7b.py",
@@ -92,11 +93,11 @@ def test_seed_configs_are_validated_as_shipped():
         assert cfg.model.param_dtype == "float32" and cfg.model.compute_dtype == "bfloat16"
         assert cfg.generator.model_dtype == "bfloat16"
         assert cfg.trainer.xla_memory_fraction + cfg.generator.gpu_memory_utilization <= 0.98
-        sizes = config_lib.validate(cfg, num_devices=None)
+        sizes = Settings.from_config(cfg).sizes(None)
         # 32 prompts x 16 samples per mini-batch; 2 rows per device x 8 devices per
         # micro-batch; packing is on.
         assert cfg.trainer.use_sample_packing
-        assert sizes["mini_rows"] == 512 and sizes["micro_rows"] == 16
+        assert sizes.mini_rows == 512 and sizes.micro_rows == 16
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ resume reproducing an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dapo_jax.train import config as config_lib
+from dapo_jax.train.settings import Settings, validate
 from tests.launching import env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +65,7 @@ def test_invalid_config_is_a_clear_error(tmp_path, key, value, match):
     # Padded rows: the micro-batch sizes must divide the batches (packed rows round up).
     c = tiny(tmp_path, **{key: value, "trainer.use_sample_packing": False})
     with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.validate(c, num_devices=1)
+        validate(c, num_devices=1)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -76,10 +78,10 @@ def test_invalid_config_is_a_clear_error(tmp_path, key, value, match):
 def test_generation_mesh_that_does_not_fit_is_a_clear_error(tmp_path, overrides, match):
     c = tiny(tmp_path, **{"trainer.placement.colocate_all": False, **overrides})
     with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.trainer_devices(c, 8)
-    assert config_lib.trainer_devices(tiny(tmp_path, **{
+        Settings.from_config(c).trainer_devices(8)
+    assert Settings.from_config(tiny(tmp_path, **{
         "trainer.placement.colocate_all": False,
-        "trainer.placement.policy_num_gpus_per_node": 4}), 8) == 4
+        "trainer.placement.policy_num_gpus_per_node": 4})).trainer_devices(8) == 4
 
 
 def test_memory_split_over_one_is_refused(tmp_path):
@@ -90,9 +92,9 @@ def test_memory_split_over_one_is_refused(tmp_path):
                           "generator.gpu_memory_utilization": 0.5})
     with pytest.raises(config_lib.ConfigError, match=r"trainer.xla_memory_fraction: colocated"
                        r".* 0.6 \+ generator.gpu_memory_utilization 0.5 = 1.1 > 1"):
-        config_lib.validate(c, num_devices=1)
+        validate(c, num_devices=1)
     c.trainer.placement.colocate_all = False  # engines on their own GPUs: no shared budget
-    config_lib.validate(c, num_devices=1)
+    validate(c, num_devices=1)
 
 
 def test_trainer_memory_fraction_follows_the_placement(tmp_path):
@@ -104,23 +106,23 @@ def test_trainer_memory_fraction_follows_the_placement(tmp_path):
 
     alone = tiny(tmp_path)
     assert alone.trainer.xla_memory_fraction == 0
-    assert config_lib.trainer_memory_fraction(alone) == 0.9
+    fraction = lambda c: Settings.from_config(c).trainer_memory_fraction()
+    assert fraction(alone) == 0.9
     colocated = tiny(tmp_path, **{"generator.backend": "sidecar",
                                   "generator.sidecar_urls": ("http://127.0.0.1:1",),
                                   "generator.gpu_memory_utilization": 0.45})
-    assert config_lib.trainer_memory_fraction(colocated) == 0.52
-    env = placement.trainer_env(colocated, {})
+    assert fraction(colocated) == 0.52
+    env = placement.trainer_env(Settings.from_config(colocated), {})
     assert env[placement.MEM_FRACTION_ENV] == "0.52"
     colocated.trainer.placement.colocate_all = False  # the engines' own GPUs
-    assert config_lib.trainer_memory_fraction(colocated) == 0.9
-    assert config_lib.trainer_memory_fraction(tiny(tmp_path, **{
-        "trainer.xla_memory_fraction": 0.3})) == 0.3
+    assert fraction(colocated) == 0.9
+    assert fraction(tiny(tmp_path, **{"trainer.xla_memory_fraction": 0.3})) == 0.3
     greedy = tiny(tmp_path, **{"generator.backend": "sidecar",
                                "generator.sidecar_urls": ("http://127.0.0.1:1",),
                                "generator.gpu_memory_utilization": 0.98})
     with pytest.raises(config_lib.ConfigError, match="generator.gpu_memory_utilization: 0.98 "
                        "of each GPU for colocated sidecars leaves the trainer nothing"):
-        config_lib.validate(greedy, num_devices=1)
+        validate(greedy, num_devices=1)
 
 
 def test_trainer_xla_gpu_flags_are_added_unless_set(monkeypatch, tmp_path):
@@ -132,14 +134,14 @@ def test_trainer_xla_gpu_flags_are_added_unless_set(monkeypatch, tmp_path):
     cfg = tiny(tmp_path)
     assert tuple(cfg.trainer.xla_gpu_flags) == config_lib.GPU_XLA_FLAGS
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_cpu_foo=1")
-    placement.apply_trainer_xla_flags(cfg)
+    placement.apply_trainer_xla_flags(Settings.from_config(cfg))
     flags = os.environ["XLA_FLAGS"].split()
     assert flags[:2] == ["--xla_gpu_enable_triton_gemm=true", "--xla_cpu_foo=1"]
     assert "--xla_gpu_enable_triton_gemm=false" not in flags
     assert "--xla_gpu_enable_pipelined_all_gather=true" in flags
     monkeypatch.delenv("XLA_FLAGS")
     cfg.trainer.xla_gpu_flags = ()
-    placement.apply_trainer_xla_flags(cfg)
+    placement.apply_trainer_xla_flags(Settings.from_config(cfg))
     assert "XLA_FLAGS" not in os.environ
 
 
@@ -176,22 +178,104 @@ def test_compilation_cache_is_off_on_several_cpu_devices(tmp_path, capsys):
     assert not loop.use_compilation_cache("")
 
 
-def test_every_config_key_is_consumed():
-    """Each leaf of the default config is read somewhere outside config.py (no dead keys)."""
-    sources = "".join(p.read_text() for p in (REPO / "dapo_jax").rglob("*.py")
-                      if p.name != "config.py")
-    sources += (REPO / "dapo_jax" / "train" / "config.py").read_text().split("def validate")[1]
+class _Reads:
+    """A config whose leaf reads are recorded ("trainer.algorithm.eps_clip_high")."""
 
+    def __init__(self, node, seen, prefix=""):
+        self._node, self._seen, self._prefix = node, seen, prefix
+
+    def __getattr__(self, key):
+        value = self._node[key]
+        if hasattr(value, "items"):
+            return _Reads(value, self._seen, f"{self._prefix}{key}.")
+        self._seen.add(self._prefix + key)
+        return value
+
+    __getitem__ = __getattr__
+
+    def to_json_best_effort(self, **kw):
+        return self._node.to_json_best_effort(**kw)
+
+
+def test_every_config_key_is_read_by_the_settings(tmp_path):
+    """`Settings.from_config`, the config's one reader, reads every key of the default
+    config (no dead keys), and each key it reads changes the settings (no key read and
+    dropped): a changed value of each scalar key gives other settings."""
     def leaves(node, prefix=""):
         for k, v in node.items():
             if hasattr(v, "items"):
                 yield from leaves(v, f"{prefix}{k}.")
             else:
                 yield prefix + k
-    unread = [key for key in leaves(config_lib.default_config())
-              if f".{key.split('.')[-1]}" not in sources and
-              f'"{key.split(".")[-1]}"' not in sources]
-    assert not unread, unread
+
+    cfg = tiny(tmp_path)
+    seen: set[str] = set()
+    Settings.from_config(_Reads(cfg, seen))
+    keys = set(leaves(config_lib.default_config()))
+    assert keys - seen == set(), "keys no setting reads"
+    assert seen <= keys
+    # Each key reaches the settings: flip it to another valid value and compare.
+    changed = {"model.remat": "full", "model.attention_impl": "xla",
+               "model.compute_dtype": "bfloat16", "mesh.shape": (1, 1, 1),
+               "mesh.strict": True, "mesh.initialization_timeout_s": 301,
+               "mesh.heartbeat_timeout_s": 101, "data.overlong_prompts": "error",
+               "reward.fn": "boxed", "generator.backend": "sidecar",
+               "generator.sidecar_engine": "jax", "generator.model_dtype": "bfloat16",
+               "trainer.resume_mode": "none", "trainer.logger": ("console",),
+               "trainer.algorithm.advantage_estimator": "rloo",
+               "trainer.algorithm.policy_loss_type": ["regular", "dual_clip"],
+               "trainer.algorithm.loss_reduction": "sequence_mean",
+               "trainer.algorithm.kl_estimator_type": "k1",
+               "trainer.algorithm.dynamic_sampling.type": ["filter", "replace"],
+               "trainer.policy.optimizer_config.scheduler": "cosine",
+               "trainer.policy.optimizer_config.adam_betas": (0.8, 0.99),
+               "trainer.xla_gpu_flags": (), "generator.sidecar_urls": ("http://x:1",),
+               "mesh.coordinator_address": "auto", "data.val_data": "",
+               "trainer.placement.colocate_all": False,
+               "generator.sampling_params.top_k": 5, "generator.eval_sampling_params.top_k": 5}
+    (tmp_path / "train.jsonl").write_text("")
+    changed["data.train_data"] = str(tmp_path / "train.jsonl")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((Path(cfg.model.path) / "config.json").read_text())
+    changed["model.path"] = str(model)
+    # Keys that only count beside others: (key's context, compared with the same context).
+    context = {"trainer.fully_async.max_staleness_steps": {
+                   "trainer.fully_async.enabled": True,
+                   "trainer.placement.colocate_all": False},
+               "trainer.fully_async.enabled": {"trainer.placement.colocate_all": False},
+               "mesh.num_processes": {"mesh.coordinator_address": "h:1"},
+               "mesh.process_id": {"mesh.coordinator_address": "h:1",
+                                   "mesh.num_processes": 3}}
+    strip = lambda st: dataclasses.replace(st, config_json="")
+    unchanged = []
+    for key in sorted(keys):
+        value = changed.get(key)
+        old = eval(f"cfg.{key}")  # noqa: S307 (a dotted key of our own config)
+        if isinstance(value, list):  # choices: one the config does not have
+            value = next(v for v in value if v != old)
+        if value is None:
+            if isinstance(old, bool):
+                value = not old
+            elif isinstance(old, float):
+                value = old / 2 if old else 0.5  # stays in (0, 1] where it was
+            elif isinstance(old, int):
+                value = (old * 2 or 1) if key != "trainer.fully_async.max_staleness_steps" else 0
+            elif isinstance(old, str):
+                value = old + "x"
+            else:
+                raise AssertionError(f"{key}: give a changed value in the test")
+        around = context.get(key, {})
+        before = strip(Settings.from_config(config_lib.apply_overrides(tiny(tmp_path), around)))
+        try:
+            after = strip(Settings.from_config(config_lib.apply_overrides(
+                tiny(tmp_path), {**around, key: value})))
+        except config_lib.ConfigError as e:  # a key with one valid value: refused by name
+            assert str(e).startswith(f"{key}: "), e
+            continue
+        if after == before:
+            unchanged.append(key)
+    assert unchanged == [], "keys that change no setting"
 
 
 # ----------------------------------------------------------------------------- resume

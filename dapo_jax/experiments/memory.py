@@ -43,6 +43,7 @@ from dapo_jax.experiments import targets  # noqa: E402
 from dapo_jax.experiments.lengths import row_efficiency  # noqa: E402
 from dapo_jax.models.config import QwenConfig  # noqa: E402
 from dapo_jax.train import config as config_lib  # noqa: E402
+from dapo_jax.train.settings import Settings  # noqa: E402
 from dapo_jax.train.update import MEMORY_HEADROOM  # noqa: E402
 
 GIB = 2**30
@@ -69,14 +70,14 @@ def vllm_activation_peak(cfg: QwenConfig, tp: int) -> float:
     return t * per_token + logits
 
 
-def trainer_plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target
+def trainer_plan(cfg: ConfigDict, s: Settings, model: QwenConfig, target: targets.Target
                  ) -> dict[str, float]:
     """Per-device bytes of the trainer (see the module docstring)."""
-    t, g = cfg.trainer, cfg.generator
+    t = s.schedule
     reports = targets.compile_config(cfg, model, target, functions=("update", "logprobs"))
     update, forward = reports["update"], reports["logprobs"]
-    seq = t.max_prompt_length + g.sampling_params.max_generate_length
-    sizes = dict(mini_rows=t.policy_mini_batch_size * g.n_samples_per_prompt,
+    seq = s.rollout.max_prompt_length + s.rollout.max_generate_length
+    sizes = dict(mini_rows=t.policy_mini_batch_size * s.rollout.n_samples_per_prompt,
                  micro_rows=t.micro_train_batch_size_per_gpu * len(target.devices))
     padded, packed = row_efficiency(sizes["mini_rows"], sizes["micro_rows"],
                                     scale=max(seq // 1280, 1))
@@ -97,16 +98,16 @@ def suggested_fraction(peak: float, gpu: float) -> float:
     return math.ceil(peak * (1 + MEMORY_HEADROOM) / gpu / 0.05 - 1e-9) * 0.05
 
 
-def sidecar_plan(cfg: ConfigDict, model: QwenConfig, gpu_bytes: float) -> dict[str, float]:
+def sidecar_plan(s: Settings, model: QwenConfig, gpu_bytes: float) -> dict[str, float]:
     """Per-GPU bytes of one vLLM engine (see the module docstring)."""
-    g, t = cfg.generator, cfg.trainer
+    g, t = s.rollout, s.schedule
     tp = g.inference_engine_tensor_parallel_size
     weights = model.num_params * 2 / tp
     activation = vllm_activation_peak(model, tp)
     requested = g.gpu_memory_utilization * gpu_bytes
     kv = requested - weights - activation - VLLM_NON_TORCH_GIB * GIB
     per_token = kv_bytes_per_token(model) / tp
-    max_len = t.max_prompt_length + g.sampling_params.max_generate_length
+    max_len = g.max_prompt_length + g.max_generate_length
     share = t.train_batch_size * g.n_samples_per_prompt / g.num_inference_engines
     return {"requested": requested, "weights": weights, "activation": activation,
             "kv": kv, "kv_tokens": kv / per_token, "concurrency": kv / per_token / max_len,
@@ -116,30 +117,33 @@ def sidecar_plan(cfg: ConfigDict, model: QwenConfig, gpu_bytes: float) -> dict[s
 
 def plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target) -> dict[str, object]:
     gpu = target.memory_bytes
-    trainer = trainer_plan(cfg, model, target)
-    sidecar = sidecar_plan(cfg, model, gpu)
-    budget = config_lib.trainer_memory_fraction(cfg) * gpu
-    colocated = cfg.trainer.placement.colocate_all
+    s = targets.settings_of(cfg, model)
+    trainer = trainer_plan(cfg, s, model, target)
+    sidecar = sidecar_plan(s, model, gpu)
+    fraction = s.trainer_memory_fraction()
+    budget = fraction * gpu
+    colocated = s.placement.colocate_all
     outside = 2 * CUDA_CONTEXT_GIB * GIB + CUDA_GRAPHS_GIB * GIB
     used = budget + sidecar["requested"] + outside if colocated else max(
         budget + CUDA_CONTEXT_GIB * GIB, sidecar["requested"] + outside - CUDA_CONTEXT_GIB * GIB)
     return {"trainer": trainer, "sidecar": sidecar, "trainer_budget": budget, "gpu": gpu,
             "gpu_used": used, "trainer_fits": trainer["peak"] <= budget,
             "suggested_fraction": suggested_fraction(trainer["peak"], gpu),
+            "trainer_fraction": fraction,
             "kv_fits": sidecar["concurrency"] >= 1, "gpu_fits": used <= gpu,
             "target": target.label}
 
 
-def table(name: str, cfg: ConfigDict, p: dict) -> str:
+def table(name: str, s: Settings, p: dict) -> str:
     tr, sc = p["trainer"], p["sidecar"]
-    g = cfg.generator
+    g = s.rollout
     gb = lambda b: f"{b / GIB:.1f}"
     ok = lambda b: "yes" if b else "**no**"
     lines = [
         f"### {name}", "",
-        f"Compiled for {p['target']}. Mesh {tuple(cfg.mesh.shape)}, remat {tr['remat']}"
-        f"{' (model.remat=auto)' if cfg.model.remat == 'auto' else ''}, "
-        f"float32 masters + AdamW, {cfg.model.compute_dtype} compute, rows of {tr['seq_len']} "
+        f"Compiled for {p['target']}. Mesh {s.mesh.shape}, remat {tr['remat']}"
+        f"{' (model.remat=auto)' if s.model.remat == 'auto' else ''}, "
+        f"float32 masters + AdamW, {s.model.compute_dtype} compute, rows of {tr['seq_len']} "
         f"tokens (one padded sequence, or several packed); update micro-batch "
         f"{tr['rows_per_device_update']} and forward micro-batch "
         f"{tr['rows_per_device_forward']} rows per device (the shapes, and so the memory, are "
@@ -156,7 +160,7 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"| trainer: log-prob pass peak, with the AdamW moments beside it | "
         f"{gb(tr['forward_peak'])} |",
         f"| **trainer peak** | {gb(tr['peak'])} |",
-        f"| trainer budget: xla_memory_fraction {config_lib.trainer_memory_fraction(cfg)} | "
+        f"| trainer budget: xla_memory_fraction {p['trainer_fraction']} | "
         f"{gb(p['trainer_budget'])} |",
         f"| vLLM: requested, gpu_memory_utilization {g.gpu_memory_utilization} | "
         f"{gb(sc['requested'])} |",
@@ -177,7 +181,7 @@ def table(name: str, cfg: ConfigDict, p: dict) -> str:
         f"(not padding) on a DAPO-shaped length mix (`experiments.lengths`): "
         f"{tr['useful_padded']:.0%} padded, "
         f"{tr['useful_packed']:.0%} packed (trainer.use_sample_packing="
-        f"{cfg.trainer.use_sample_packing}), so a mini-batch needs about "
+        f"{s.schedule.use_sample_packing}), so a mini-batch needs about "
         f"{tr['useful_padded'] / tr['useful_packed']:.2f}x the padded micro-batches.", "",
         f"Fits: trainer peak within its budget: {ok(p['trainer_fits'])}; at least one "
         f"full-length sequence of KV cache (vLLM's start condition): {ok(p['kv_fits'])}; "
@@ -202,7 +206,7 @@ def main() -> None:
         result = plan(cfg, model, target)
     except (targets.TargetError, config_lib.ConfigError) as e:
         sys.exit(f"error: {e}")
-    text = table(Path(a.config).stem, cfg, result)
+    text = table(Path(a.config).stem, targets.settings_of(cfg, model), result)
     print(text)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

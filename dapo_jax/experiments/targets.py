@@ -38,7 +38,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.experiments.hlo import Program  # noqa: E402
 from dapo_jax.experiments.lengths import length_mix  # noqa: E402
-from dapo_jax.models import Precision, QwenConfig, preset, read_config  # noqa: E402,E501
+from dapo_jax.models import QwenConfig, preset, read_config  # noqa: E402,E501
 from dapo_jax.models.kernels import (  # noqa: E402
     KernelUnavailable,
     attention_pairs,
@@ -51,7 +51,8 @@ from dapo_jax.placement import with_xla_flags  # noqa: E402
 from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh  # noqa: E402,E501
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
-from dapo_jax.train.loop import loss_config, memory_budget, optimizer_config  # noqa: E402
+from dapo_jax.train.loop import memory_budget  # noqa: E402
+from dapo_jax.train.settings import Settings, validate  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
     OUT_OF_MEMORY,
     abstract_batch,
@@ -281,27 +282,23 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
 
 
 def decode_step_report(report: FunctionReport, generator: Generator, params: Any, rows: int,
-                       target: Target, cfg: ConfigDict, model: QwenConfig, dp: int) -> None:
+                       target: Target, s: Settings, model: QwenConfig, dp: int) -> None:
     """Compiles one decode step of the engine at the batch and KV pool of `report`'s call
     and adds its bytes to `report`: XLA's cost analysis (`bytes accessed`, per device)
     against what the step must read, the weights plus each row's live KV with the rows at
     the mean length of DAPO's mix at the config's limits (`experiments.lengths`)."""
-    t, g = cfg.trainer, cfg.generator
-    B, _, S, _ = generator.shapes(rows, t.max_prompt_length,
-                                  g.sampling_params.max_generate_length)
+    prompt_limit, limit = s.rollout.max_prompt_length, s.rollout.max_generate_length
+    B, _, S, _ = generator.shapes(rows, prompt_limit, limit)
     with jax.default_device(target.devices[0]):
-        compiled = generator.lower_step(params, rows, t.max_prompt_length,
-                                        g.sampling_params.max_generate_length).compile()
+        compiled = generator.lower_step(params, rows, prompt_limit, limit).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # A deviceless GPU compile has no cost analysis (the plugin needs its device for it).
     report.step_bytes = float(cost.get("bytes accessed", 0.0)) if cost else math.nan
-    prompt, response = length_mix(4096, np.random.default_rng(0),
-                                  scale=max(1, g.sampling_params.max_generate_length // 1024))
-    live = float(np.mean(np.minimum(prompt, t.max_prompt_length) +
-                         np.minimum(response, g.sampling_params.max_generate_length)))
+    prompt, response = length_mix(4096, np.random.default_rng(0), scale=max(1, limit // 1024))
+    live = float(np.mean(np.minimum(prompt, prompt_limit) + np.minimum(response, limit)))
     column = 2 * model.num_layers * model.num_kv_heads * model.head_dim * \
-        jnp.dtype(g.model_dtype).itemsize  # K and V of one token, every layer
+        jnp.dtype(s.rollout.model_dtype).itemsize  # K and V of one token, every layer
     weights = per_device_bytes(params)
     report.live_bytes = weights + B / dp * live * column
     pool = B / dp * S * column
@@ -326,6 +323,14 @@ def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
     if cfg.generator.backend == "sidecar":
         cfg.generator.sidecar_urls = ("http://unused",)
     return cfg
+
+
+def settings_of(cfg: ConfigDict, model: QwenConfig, num_devices: int | None = None
+                ) -> Settings:
+    """The run's settings with `model` as its checkpoint (`with_model`), checked for
+    `num_devices` trainer devices."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return validate(with_model(cfg, model, Path(tmp)), num_devices=num_devices)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -382,7 +387,7 @@ def attention_note(impl: str, T: int) -> str:
             "tokens a row (before skipping across packed segments)")
 
 
-def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
+def compile_config(cfg: Any, model: QwenConfig, target: Target, *,
                    attention_impl: str | None = None,
                    functions: tuple[str, ...] = FUNCTIONS) -> dict[str, FunctionReport]:
     """Compiles a run's own functions for `target` at the config's shapes and mesh, on
@@ -395,66 +400,65 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     (AdamW moments during the log-prob pass; with the in-process engine, its
     `generator.model_dtype` copy of the weights during updates, and the masters and moments
     during generation), so `fits` is the process's peak against the chip's memory."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = with_model(cfg, model, Path(tmp))
-        try:
-            sizes = config_lib.validate(cfg, num_devices=len(target.devices))
-        except config_lib.ConfigError as e:
-            fix = "; pass --config.mesh.shape=(1,-1,1) or another shape that fits it" if \
-                str(e).startswith("mesh.shape") else ""
-            raise TargetError(f"{e} (target {target.name} has {len(target.devices)} "
-                              f"devices){fix}") from None
-    t, g = cfg.trainer, cfg.generator
-    impl = attention_impl or cfg.model.attention_impl
+    try:
+        s = settings_of(cfg, model, len(target.devices))
+        sizes = s.sizes(len(target.devices))
+    except config_lib.ConfigError as e:
+        fix = "; pass --config.mesh.shape=(1,-1,1) or another shape that fits it" if \
+            str(e).startswith("mesh.shape") else ""
+        raise TargetError(f"{e} (target {target.name} has {len(target.devices)} "
+                          f"devices){fix}") from None
+    ro = s.rollout
+    impl = attention_impl or s.model.attention_impl
     try:
         requested = resolve_attention_impl(impl, target.platform, device=target.devices[0],
                                            head_dim=model.head_dim,
-                                           dtype=cfg.model.compute_dtype)
+                                           dtype=s.model.compute_dtype)
     except KernelUnavailable as e:
         raise TargetError(f"{e} (target {target.label})") from None
     impl = requested  # the model compiles what was decided here, warned about once
-    mesh = make_mesh(cfg.mesh.shape, devices=list(target.devices))
+    mesh = make_mesh(s.mesh.shape, devices=list(target.devices))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
+    precision = s.model.precision
     try:  # said once, in the first function's report
         replicated = check_replication(
             parameter_layouts(abstract_params(model, precision), mesh), mesh,
-            strict=cfg.mesh.strict)
+            strict=s.mesh.strict)
     except ReplicatedParameters as e:
         raise TargetError(f"mesh.shape: {e}") from None
-    optimizer = make_optimizer(optimizer_config(cfg, max(t.max_steps, 1)))
-    loss = loss_config(cfg, sizes["max_seq_len"])
-    seq = t.max_prompt_length + g.sampling_params.max_generate_length
+    optimizer = make_optimizer(s.optimizer.for_run(max(s.schedule.max_steps, 1) *
+                                                   s.schedule.updates_per_step))
+    loss = s.loss
+    seq = ro.max_prompt_length + ro.max_generate_length
     # The most rows a mini-batch takes (every sequence its own row), in whole micro-batches,
     # as `dapo_jax.train.batch` lays them out; the log-prob pass runs per mini-batch too.
     whole = lambda n, micro: -(-n // micro) * micro
-    mini_rows = whole(sizes["mini_rows"], sizes["micro_rows"])
+    mini_rows = whole(sizes.mini_rows, sizes.micro_rows)
 
     _, params, opt_state = abstract_train_state(model, precision, "none", optimizer, mesh, impl)
     masters, moments = per_device_bytes(params), per_device_bytes(opt_state)
-    in_process = g.backend == "jax"
-    engine_copy = rollout_copy_bytes(params, backend=g.backend, model_dtype=g.model_dtype,
-                                     param_dtype=cfg.model.param_dtype)
+    in_process = ro.backend == "jax"
+    engine_copy = rollout_copy_bytes(params, backend=ro.backend, model_dtype=ro.model_dtype)
     lowering = functools.partial(
         update_lowering, model=model, precision=precision, attention_impl=impl,
-        optimizer=optimizer, loss=loss, mesh=mesh, micro_rows=sizes["micro_rows"],
-        forward_micro_rows=sizes["forward_micro_rows"], rows=mini_rows, seq_len=seq)
+        optimizer=optimizer, loss=loss, mesh=mesh, micro_rows=sizes.micro_rows,
+        forward_micro_rows=sizes.forward_micro_rows, rows=mini_rows, seq_len=seq)
     updates: dict[str, FunctionReport] = {}  # remat policy -> the update compiled with it
 
     def update_report(remat: str) -> FunctionReport:
         if remat not in updates:
             updates[remat] = compile_report(
                 "update", lowering(remat), target, requested_kernel=requested,
-                global_rows=sizes["micro_rows"], local_rows=sizes["micro_rows"] // dp,
+                global_rows=sizes.micro_rows, local_rows=sizes.micro_rows // dp,
                 resident_bytes=engine_copy)
             updates[remat].remat = remat
         return updates[remat]
 
-    remat, choice = cfg.model.remat, None
+    remat, choice = s.model.remat, None
     if remat == "auto":
         # The trainer's share of the chip: the GPU's XLA_PYTHON_CLIENT_MEM_FRACTION, a TPU's
         # whole HBM; less the rollout copy the in-process engine keeps beside the update.
-        share = config_lib.trainer_memory_fraction(cfg) if target.platform == "gpu" else 1.0
+        share = s.trainer_memory_fraction() if target.platform == "gpu" else 1.0
         budget = share * target.memory_bytes - engine_copy
         if "update" in functions:
             choice = choose_remat(lambda p: update_report(p).peak_bytes, budget)
@@ -464,12 +468,12 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
     graphdef, params, opt_state = abstract_train_state(model, precision, remat, optimizer,
                                                        mesh, impl)
     fns = make_train_fns(graphdef, params, optimizer, loss,
-                         micro_batch_rows=sizes["micro_rows"],
-                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
+                         micro_batch_rows=sizes.micro_rows,
+                         forward_micro_batch_rows=sizes.forward_micro_rows, mesh=mesh)
     engine_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(g.model_dtype), sharding=x.sharding),
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(ro.model_dtype), sharding=x.sharding),
         params)
-    rollout_rows = t.train_batch_size * g.n_samples_per_prompt
+    rollout_rows = s.schedule.train_batch_size * ro.n_samples_per_prompt
     reports = {}
     for name in functions:
         if name == "update":
@@ -485,24 +489,23 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                                keys=("input_ids", "segment_ids", "positions"))
             lower = lambda r=r: fns.lower_logprobs(params, r["input_ids"], r["segment_ids"],
                                                    r["positions"])
-            rows, resident = sizes["forward_micro_rows"], moments + engine_copy
+            rows, resident = sizes.forward_micro_rows, moments + engine_copy
         elif name == "generate":
             generator = Generator(graphdef, engine_params, stop_token_ids=[0],
-                                  max_model_len=seq, mesh=mesh, max_num_seqs=g.max_num_seqs)
+                                  max_model_len=seq, mesh=mesh, max_num_seqs=ro.max_num_seqs)
             # `lower` buckets the sequence count as `generate` does (bucketing twice would
             # round 18 rows on 6 devices up to 36).
-            seqs = min(g.max_num_seqs, rollout_rows)
+            seqs = min(ro.max_num_seqs, rollout_rows)
             rows = generator.batch_bucket(seqs)
             lower = lambda gen=generator, n=seqs: gen.lower(
-                engine_params, n, t.max_prompt_length, g.sampling_params.max_generate_length)
+                engine_params, n, ro.max_prompt_length, ro.max_generate_length)
             resident = masters + moments if in_process else 0.0
             # A copy of half the K (or V) pool in the decode loop is a per-step relayout.
-            B, _, S, _ = generator.shapes(seqs, t.max_prompt_length,
-                                          g.sampling_params.max_generate_length)
+            B, _, S, _ = generator.shapes(seqs, ro.max_prompt_length, ro.max_generate_length)
             kv_shards = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] \
                 == 0 else 1
             copy_min = S * model.num_layers * B / dp * model.num_kv_heads / kv_shards * \
-                model.head_dim * jnp.dtype(g.model_dtype).itemsize / 2
+                model.head_dim * jnp.dtype(ro.model_dtype).itemsize / 2
         else:
             raise TargetError(f"unknown function {name!r}: one of {', '.join(FUNCTIONS)}")
         reports[name] = compile_report(name, lower, target, requested_kernel=requested,
@@ -512,11 +515,11 @@ def compile_config(cfg: ConfigDict, model: QwenConfig, target: Target, *,
                                        else math.inf)
         reports[name].remat = remat
         if name == "generate" and not reports[name].error:
-            decode_step_report(reports[name], generator, engine_params, seqs, target, cfg,
+            decode_step_report(reports[name], generator, engine_params, seqs, target, s,
                                model, dp)
         if name == "generate" and not in_process:
             reports[name].warnings.append(
-                f"the run generates in {g.sidecar_engine} sidecars (generator.backend="
+                f"the run generates in {ro.sidecar_engine} sidecars (generator.backend="
                 f"sidecar): this is the in-process JAX engine at {seqs} sequences of "
                 f"{seq} tokens, for reference")
     if reports and replicated:

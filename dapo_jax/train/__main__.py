@@ -14,20 +14,26 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from dapo_jax.placement import apply_trainer_memory_fraction, apply_trainer_xla_flags
     from dapo_jax.procs import exit_with_parent
+    from dapo_jax.train.config import ConfigError
+    from dapo_jax.train.settings import Settings
 
     exit_with_parent()
-    apply_trainer_memory_fraction(_CONFIG.value)  # before JAX creates its GPU client
-    apply_trainer_xla_flags(_CONFIG.value)
+    try:  # the one reading of the config: typed settings from here on
+        settings = Settings.from_config(_CONFIG.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    apply_trainer_memory_fraction(settings)  # before JAX creates its GPU client
+    apply_trainer_xla_flags(settings)
     from dapo_jax.prompts import DataError
     from dapo_jax.rewards import RewardError
     from dapo_jax.train.checkpointing import CheckpointError
-    from dapo_jax.train.config import ConfigError
     from dapo_jax.train.dynamic_sampling import DynamicSamplingError
     from dapo_jax.train.loop import RunDirInUse, run
     from rollout.client import RolloutError
 
     try:
-        run(_CONFIG.value)
+        run(settings)
     except (ConfigError, DataError, RunDirInUse, DynamicSamplingError, RolloutError,
             RewardError, CheckpointError) as e:
         # The user's to fix (a key, the run directory, the data, a full disk), or a

@@ -4,8 +4,9 @@
     -> `step.train_step` (soft overlong punishment, advantages, overlong filtering, old
        log-probs, mini-batch updates) -> weight sync -> metrics, checkpoint, eval
 
-`setup` builds everything once from the config; `run` is the loop. Everything inside jit
-lives in `update.py`.
+`setup` builds everything once from the typed settings (`settings.Settings`, read from the
+config at the command line); `run` is the loop, each step replacing the frozen `TrainState`.
+Everything inside jit lives in `update.py`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from dapo_jax import evaluation, multihost
-from dapo_jax.models import Precision, QwenConfig, load_pretrained, read_config
+from dapo_jax.models import QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
 from dapo_jax.models.qwen import abstract_params, parameter_layouts
@@ -38,11 +38,10 @@ from dapo_jax.train import config as config_lib
 from dapo_jax.train.checkpointing import Checkpointer, resolve_resume
 from dapo_jax.train.dynamic_sampling import DynamicSamplingState, accumulate
 from dapo_jax.train.metrics_log import MetricsLog, device_memory, route_library_logs
-from dapo_jax.train.step import StepSettings, train_step
+from dapo_jax.train.settings import DataSettings, ModelSettings, Settings, Sizes
+from dapo_jax.train.step import StepSettings, TrainState, train_step
 from dapo_jax.train.update import (
     OUT_OF_MEMORY,
-    LossConfig,
-    OptimizerConfig,
     TrainFns,
     abstract_train_state,
     choose_remat,
@@ -54,7 +53,7 @@ from dapo_jax.train.update import (
     update_lowering,
 )
 from rollout.engines import Engine, InProcessEngine, SidecarEngine
-from rollout.generation import SamplingParams, stop_token_ids
+from rollout.generation import stop_token_ids
 from rollout.worker import (
     GenerationBatch,
     Position,
@@ -65,30 +64,36 @@ from rollout.worker import (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The trained model's pieces: its structure, the jitted update and log-prob functions,
+    the optimiser, and the reference weights (KL loss only; never trained)."""
+
+    graphdef: nnx.GraphDef
+    fns: TrainFns
+    optimizer: optax.GradientTransformation
+    ref_params: Any
+
+
 @dataclasses.dataclass
 class Run:
     """The pieces of a run, built by `setup`."""
 
-    cfg: ConfigDict
+    settings: Settings
     run_dir: Path
     primary: bool  # process 0 writes files
     tokenizer: Any
     train_set: PromptSet
     val_set: PromptSet | None
     max_steps: int
-    model: Any
-    params: Any
-    opt_state: Any
-    ref_params: Any
-    fns: TrainFns
+    policy: Policy
+    state: TrainState  # what each step replaces
     engine: Engine
     rewards: RewardPool
     ckpt: Checkpointer
     worker: RolloutWorker
-    settings: StepSettings
-    eval_sampling: SamplingParams
+    step_settings: StepSettings
     start_step: int = 0
-    version: int = 0
     lock: Any = None  # the run directory's lock file, held while the run lives
 
     def close(self) -> None:
@@ -99,43 +104,13 @@ class Run:
             self.lock.close()  # releases the flock
 
 
-def prompt_set(cfg: ConfigDict, tokenizer: Any, split: str) -> PromptSet:
+def prompt_set(data: DataSettings, tokenizer: Any, split: str) -> PromptSet:
     """The run's training (split "train") or held-out ("eval") prompts."""
-    d = cfg.data
     return load_prompt_set(
-        d.train_data if split == "train" else d.val_data, tokenizer, split=split,
-        builtin_size=d.builtin_train_size if split == "train" else d.builtin_val_size,
-        seed=cfg.trainer.seed, max_prompt_length=cfg.trainer.max_prompt_length,
-        on_overlong=d.overlong_prompts)
-
-
-def sampling_params(sp: ConfigDict) -> SamplingParams:
-    return SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                          max_tokens=sp.max_generate_length)
-
-
-def loss_config(cfg: ConfigDict, max_seq_len: int) -> LossConfig:
-    alg = cfg.trainer.algorithm
-    return LossConfig(
-        policy_loss_type=alg.policy_loss_type, eps_clip_low=alg.eps_clip_low,
-        eps_clip_high=alg.eps_clip_high, clip_ratio_c=alg.clip_ratio_c,
-        loss_reduction=alg.loss_reduction, max_seq_len=max_seq_len,
-        use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef,
-        kl_estimator=alg.kl_estimator_type,
-        entropy_coef=alg.entropy_loss_coef if alg.use_entropy_loss else 0.0,
-        tis_cap=alg.tis_imp_ratio_cap if alg.use_tis else None,
-        temperature=cfg.generator.sampling_params.temperature or 1.0)
-
-
-def optimizer_config(cfg: ConfigDict, max_steps: int) -> OptimizerConfig:
-    t, opt = cfg.trainer, cfg.trainer.policy.optimizer_config
-    updates_per_step = (t.train_batch_size // t.policy_mini_batch_size) * \
-        t.update_epochs_per_batch
-    return OptimizerConfig(
-        lr=opt.lr, warmup_steps=opt.num_warmup_steps, schedule=opt.scheduler,
-        total_steps=max(max_steps * updates_per_step, opt.num_warmup_steps + 1),
-        weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
-        b1=opt.adam_betas[0], b2=opt.adam_betas[1])
+        data.train_data if split == "train" else data.val_data, tokenizer, split=split,
+        builtin_size=data.builtin_train_size if split == "train" else data.builtin_val_size,
+        seed=data.seed, max_prompt_length=data.max_prompt_length,
+        on_overlong=data.overlong_prompts)
 
 
 def use_compilation_cache(cache_dir: str) -> bool:
@@ -168,30 +143,28 @@ def split_devices(per_process: int) -> tuple[list[jax.Device], list[jax.Device]]
     return trainer, by_process[jax.process_index()][per_process:]
 
 
-def attention_impl(cfg: ConfigDict, device: jax.Device) -> str:
+def attention_impl(model: ModelSettings, device: jax.Device) -> str:
     """`model.attention_impl` decided for the trainer's chips before anything is computed:
     `auto`'s choice (XLA, with a one-line warning, where no kernel compiles for the chip,
     the compute dtype or the head size), or the kernel asked for, which must compile there
     (else a ConfigError naming the reason and the fix)."""
-    m = cfg.model
     try:
-        return resolve_attention_impl(m.attention_impl, platform_of(device), device=device,
-                                      head_dim=read_config(m.path).head_dim,
-                                      dtype=m.compute_dtype)
+        return resolve_attention_impl(model.attention_impl, platform_of(device), device=device,
+                                      head_dim=read_config(model.path).head_dim,
+                                      dtype=model.compute_dtype)
     except KernelUnavailable as e:
         raise config_lib.ConfigError(str(e)) from None
 
 
-def check_layout(cfg: ConfigDict, meshes: list[jax.sharding.Mesh], primary: bool) -> None:
+def check_layout(s: Settings, meshes: list[jax.sharding.Mesh], primary: bool) -> None:
     """A warning on stderr for each parameter a mesh (the trainer's, the in-process
     engine's own) replicates against its rule; with `mesh.strict` a ConfigError instead,
     before any weight is loaded."""
-    m = cfg.model
-    params = abstract_params(read_config(m.path), Precision(m.param_dtype, m.compute_dtype))
+    params = abstract_params(read_config(s.model.path), s.model.precision)
     warn = (lambda line: print(f"warning: {line}", file=sys.stderr)) if primary else None
     for mesh in meshes:
         try:
-            check_replication(parameter_layouts(params, mesh), mesh, strict=cfg.mesh.strict,
+            check_replication(parameter_layouts(params, mesh), mesh, strict=s.mesh.strict,
                               warn=warn)
         except ReplicatedParameters as e:
             raise config_lib.ConfigError(f"mesh.shape: {e}") from None
@@ -208,29 +181,28 @@ def memory_budget(devices: list[jax.Device]) -> float:
     return ram * config_lib.ALONE_MEMORY_FRACTION / jax.local_device_count()
 
 
-def remat_policy(cfg: ConfigDict, model_cfg: QwenConfig, impl: str, mesh: jax.sharding.Mesh,
-                 devices: list[jax.Device], sizes: dict[str, int],
+def remat_policy(s: Settings, model_cfg: QwenConfig, impl: str, mesh: jax.sharding.Mesh,
+                 devices: list[jax.Device], sizes: Sizes,
                  optimizer: optax.GradientTransformation) -> str:
     """`model.remat`, or for `auto` the policy with the least recompute whose update, compiled
     here for these devices, fits their memory (less the in-process engine's rollout copy):
     `update.choose_remat`, the compile tool's rule; decided on process 0, said once."""
-    m, t, g = cfg.model, cfg.trainer, cfg.generator
-    if m.remat != "auto":
-        return m.remat
-    precision = Precision(m.param_dtype, m.compute_dtype)
-    seq = t.max_prompt_length + g.sampling_params.max_generate_length
-    micro = sizes["micro_rows"]
-    rows = -(-sizes["mini_rows"] // micro) * micro  # the most a mini-batch lays out
-    _, params, _ = abstract_train_state(model_cfg, precision, "none", optimizer, mesh, impl)
-    engine_copy = rollout_copy_bytes(params, backend=g.backend, model_dtype=g.model_dtype,
-                                     param_dtype=m.param_dtype)
+    if s.model.remat != "auto":
+        return s.model.remat
+    seq = s.rollout.max_prompt_length + s.rollout.max_generate_length
+    micro = sizes.micro_rows
+    rows = -(-sizes.mini_rows // micro) * micro  # the most a mini-batch lays out
+    _, params, _ = abstract_train_state(model_cfg, s.model.precision, "none", optimizer, mesh,
+                                        impl)
+    engine_copy = rollout_copy_bytes(params, backend=s.rollout.backend,
+                                     model_dtype=s.rollout.model_dtype)
 
     def peak(policy: str) -> float:
-        lower = update_lowering(policy, model=model_cfg, precision=precision,
-                                attention_impl=impl, optimizer=optimizer,
-                                loss=loss_config(cfg, sizes["max_seq_len"]), mesh=mesh,
-                                micro_rows=micro, forward_micro_rows=sizes["forward_micro_rows"],
-                                rows=rows, seq_len=seq)
+        lower = update_lowering(policy, model=model_cfg, precision=s.model.precision,
+                                attention_impl=impl, optimizer=optimizer, loss=s.loss,
+                                mesh=mesh, micro_rows=micro,
+                                forward_micro_rows=sizes.forward_micro_rows, rows=rows,
+                                seq_len=seq)
         try:
             return compiled_peak_bytes(lower().compile())
         except Exception as e:  # a compile-time out-of-memory (TPU) does not fit
@@ -245,113 +217,145 @@ def remat_policy(cfg: ConfigDict, model_cfg: QwenConfig, impl: str, mesh: jax.sh
     return choice.policy
 
 
-def setup(cfg: ConfigDict) -> Run:
-    """Validates the config, loads data and model, builds the jitted functions, the engine,
-    the reward pool and the checkpointer, and restores the last checkpoint if resuming."""
-    config_lib.validate(cfg, None)  # before joining: a bad address fails here, not in JAX
-    t, g = cfg.trainer, cfg.generator
-    run_dir = Path(t.run_dir)
+# ----------------------------------------------------------------------------- set-up
+def join(s: Settings) -> tuple[int, Sizes, bool, Any]:
+    """This process into the run: its log file, the multi-process job (if any), the
+    compilation cache, the run directory's lock and config.json. Returns the trainer's
+    devices per process, the batch splits on them, whether this is process 0, the lock."""
+    run_dir = s.checkpoint.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    process = cfg.mesh.process_id if cfg.mesh.coordinator_address != "auto" else "auto"
+    process = s.mesh.process_label
     route_library_logs(run_dir / "logs" / (
         "trainer.log" if process == 0 else f"trainer_{process}.log"))
-    multihost.initialize(config_lib.distributed_config(cfg))
-    use_compilation_cache(t.compilation_cache_dir)
-    per_process = config_lib.trainer_devices(cfg, jax.local_device_count())
-    sizes = config_lib.validate(cfg, per_process * jax.process_count())
+    multihost.initialize(s.mesh.distributed)
+    use_compilation_cache(s.placement.compilation_cache_dir)
+    per_process = s.trainer_devices(jax.local_device_count())
+    sizes = s.sizes(per_process * jax.process_count())
+    s.require_sidecars()
     primary = multihost.is_primary()
     lock = lock_run_dir(run_dir) if primary else None
     if primary:
-        (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+        (run_dir / "config.json").write_text(s.config_json)
+    return per_process, sizes, primary, lock
+
+
+def build_meshes(s: Settings, per_process: int, primary: bool
+                 ) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh, list[jax.Device], str]:
+    """The trainer's mesh (the first `per_process` devices of every process), the
+    in-process engine's (this process's other devices; the trainer's when colocated), this
+    process's trainer devices, and the attention decided for them."""
     trainer_devices, own_devices = split_devices(per_process)
-    mesh = make_mesh(cfg.mesh.shape, trainer_devices)
-    impl = attention_impl(cfg, trainer_devices[0])
+    mesh = make_mesh(s.mesh.shape, trainer_devices)
+    impl = attention_impl(s.model, trainer_devices[0])
     if primary and platform_of(trainer_devices[0]) == "gpu":  # in effect since JAX started
         gpu_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
                      if f.startswith("--xla_gpu")]
         print(f"XLA GPU flags (trainer.xla_gpu_flags): {' '.join(gpu_flags) or 'none'}",
               file=sys.stderr, flush=True)
-    # The in-process engine's own mesh (colocate_all=false): this process's devices after
-    # the trainer's.
-    gen_mesh = make_mesh((-1, 1, g.inference_engine_tensor_parallel_size),
+    gen_mesh = make_mesh((-1, 1, s.rollout.inference_engine_tensor_parallel_size),
                          own_devices) if own_devices else mesh
-    check_layout(cfg, [mesh] if gen_mesh is mesh else [mesh, gen_mesh], primary)
+    check_layout(s, [mesh] if gen_mesh is mesh else [mesh, gen_mesh], primary)
+    local = [d for d in trainer_devices if d.process_index == jax.process_index()]
+    return mesh, gen_mesh, local, impl
+
+
+def build_policy(s: Settings, mesh: jax.sharding.Mesh, devices: list[jax.Device], impl: str,
+                 sizes: Sizes, max_steps: int) -> tuple[Policy, TrainState]:
+    """The policy loaded from model.path onto `mesh` (remat decided for `devices`), its
+    optimiser state, and the jitted functions; the state at step 0."""
+    m = s.model
+    optimizer = make_optimizer(s.optimizer.for_run(max_steps * s.schedule.updates_per_step))
+    remat = remat_policy(s, read_config(m.path), impl, mesh, devices, sizes, optimizer)
+    load = lambda dtype: nnx.split(load_pretrained(
+        m.path, dtype=dtype, compute_dtype=m.compute_dtype, remat=remat, attention_impl=impl,
+        mesh=mesh))
+    graphdef, params = load(m.param_dtype)
+    # The reference policy never trains: its weights are kept in the compute dtype.
+    ref_params = load(m.compute_dtype)[1] if s.loss.use_kl_loss else None
+    fns = make_train_fns(graphdef, params, optimizer, s.loss,
+                         micro_batch_rows=sizes.micro_rows,
+                         forward_micro_batch_rows=sizes.forward_micro_rows, mesh=mesh)
+    state = TrainState(params, init_optimizer(optimizer, params), step=0, version=0)
+    return Policy(graphdef, fns, optimizer, ref_params), state
+
+
+def build_engine(s: Settings, policy: Policy, state: TrainState, gen_mesh: jax.sharding.Mesh,
+                 mesh: jax.sharding.Mesh, pad_id: int) -> Engine:
+    """The rollout engine: the in-process JAX engine (on `gen_mesh`, serving a copy of the
+    weights in generator.model_dtype) or the sidecars' client."""
+    r = s.rollout
+    if r.backend == "jax":
+        return InProcessEngine(
+            policy.graphdef, state.params, r.model_dtype,
+            stop_token_ids=stop_token_ids(s.model.path), max_model_len=r.max_model_len,
+            pad_token_id=pad_id, mesh=gen_mesh, own_mesh=gen_mesh is not mesh,
+            max_num_seqs=r.max_num_seqs)
+    return SidecarEngine(list(r.sidecar_urls), r.sidecar_token,
+                         Path(r.export_dir or s.checkpoint.run_dir / "exports"), r.model_dtype,
+                         retry_window_s=r.sidecar_startup_timeout_s)
+
+
+def restore(s: Settings, ckpt: Checkpointer, state: TrainState
+            ) -> tuple[TrainState, Position, bool]:
+    """The checkpoint `trainer.resume_mode` names, restored into `state`'s structure and
+    shardings, with the rollout worker's position; or `state` unchanged. Returns whether
+    it restored."""
+    c = s.checkpoint
+    resume = resolve_resume(c.resume_mode, ckpt, c.resume_path)
+    if resume is None:
+        return state, Position(), False
+    source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
+    params, opt_state, host = source.restore(resume[1], state.params, state.opt_state)
+    print(f"resumed from {resume[0]}/{resume[1]} (step {host['step']})")
+    return (TrainState(params, opt_state, step=host["step"], version=host["weight_version"]),
+            Position.from_host(host), True)
+
+
+def setup(s: Settings) -> Run:
+    """Joins the run, builds the meshes, data, policy, engine, rewards, checkpointer and
+    rollout worker, and restores the last checkpoint if resuming."""
+    per_process, sizes, primary, lock = join(s)
+    mesh, gen_mesh, devices, impl = build_meshes(s, per_process, primary)
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(s.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_set = prompt_set(cfg, tokenizer, "train")
-    val_set = prompt_set(cfg, tokenizer, "eval") if cfg.data.val_data else None
-    max_steps = config_lib.total_steps(cfg, len(train_set.examples))
+    train_set = prompt_set(s.data, tokenizer, "train")
+    val_set = prompt_set(s.data, tokenizer, "eval") if s.data.val_data else None
+    max_steps = s.schedule.total_steps(len(train_set.examples))
 
-    m = cfg.model
-    optimizer = make_optimizer(optimizer_config(cfg, max_steps))
-    remat = remat_policy(cfg, read_config(m.path), impl, mesh,
-                         [d for d in trainer_devices if d.process_index == jax.process_index()],
-                         sizes, optimizer)
-    model = load_pretrained(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                            remat=remat, attention_impl=impl, mesh=mesh)
-    graphdef, params = nnx.split(model)
-    # The reference policy never trains: its weights are kept in the compute dtype.
-    ref_params = nnx.split(load_pretrained(
-        m.path, dtype=m.compute_dtype, compute_dtype=m.compute_dtype, remat=remat,
-        attention_impl=impl, mesh=mesh))[1] if t.algorithm.use_kl_loss else None
-    opt_state = init_optimizer(optimizer, params)
-    fns = make_train_fns(graphdef, params, optimizer, loss_config(cfg, sizes["max_seq_len"]),
-                         micro_batch_rows=sizes["micro_rows"],
-                         forward_micro_batch_rows=sizes["forward_micro_rows"], mesh=mesh)
-
-    if g.backend == "jax":
-        engine: Engine = InProcessEngine(
-            graphdef, params, g.model_dtype, stop_token_ids=stop_token_ids(m.path),
-            max_model_len=t.max_prompt_length + max(g.sampling_params.max_generate_length,
-                                                    g.eval_sampling_params.max_generate_length),
-            pad_token_id=pad_id, mesh=gen_mesh, own_mesh=gen_mesh is not mesh,
-            max_num_seqs=g.max_num_seqs)
-    else:
-        engine = SidecarEngine(list(g.sidecar_urls), g.sidecar_token,
-                               Path(g.export_dir or run_dir / "exports"), g.model_dtype,
-                               retry_window_s=g.sidecar_startup_timeout_s)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.max_ckpts_to_keep)
-    resume = resolve_resume(t.resume_mode, ckpt, t.resume_path)
-    start_step = version = 0
-    position = Position()
-    if resume is not None:
-        source = ckpt if resume[0] == ckpt.directory else Checkpointer(resume[0], keep=10**6)
-        params, opt_state, host = source.restore(resume[1], params, opt_state)
-        start_step, version = host["step"], host["weight_version"]
-        position = Position.from_host(host)
-        print(f"resumed from {resume[0]}/{resume[1]} (step {start_step})")
-        # A fresh run needs no sync: engines start on the base weights as version 0.
-        engine.load(engine.prepare(model, params, start_step, version), version)
-    fa = t.fully_async
-    bound = fa.max_staleness_steps if fa.enabled else 0
-    if bound > 0 and not t.algorithm.use_tis and primary:
+    policy, state = build_policy(s, mesh, devices, impl, sizes, max_steps)
+    engine = build_engine(s, policy, state, gen_mesh, mesh, pad_id)
+    ckpt = Checkpointer(s.checkpoint.run_dir / "checkpoints",
+                        keep=s.checkpoint.max_ckpts_to_keep)
+    state, position, resumed = restore(s, ckpt, state)
+    if resumed:  # a fresh run needs no sync: engines start on the base weights as version 0
+        engine.load(engine.prepare(policy.graphdef, state.params, state.step, state.version),
+                    state.version)
+    bound = s.schedule.max_staleness_steps
+    if bound > 0 and not s.loss.use_tis and primary:
         print("trainer.fully_async with max_staleness_steps > 0 and trainer.algorithm.use_tis="
               "false: the loss does not weight tokens by pi_prox / pi_behav (set use_tis=true "
               "for decoupled PPO's capped behaviour weight, objective.tis_weights)",
               file=sys.stderr)
-    rewards = RewardPool(cfg.reward.fn, workers=cfg.reward.num_workers,
-                         timeout_s=cfg.reward.timeout_s,
-                         max_failure_frac=cfg.reward.max_failure_frac)
+    r = s.reward
+    rewards = RewardPool(r.fn, workers=r.num_workers, timeout_s=r.timeout_s,
+                         max_failure_frac=r.max_failure_frac)
     worker = RolloutWorker(
         engine, train_set, tokenizer, rewards, WorkerSettings(
-            batch_size=t.train_batch_size, group_size=g.n_samples_per_prompt,
-            sampling=sampling_params(g.sampling_params), seed=t.seed, ahead=bound,
-            split="primary" if g.backend == "sidecar" else
+            batch_size=s.schedule.train_batch_size,
+            group_size=s.rollout.n_samples_per_prompt, sampling=s.rollout.sampling,
+            seed=s.schedule.seed, ahead=bound,
+            split="primary" if s.rollout.backend == "sidecar" else
             "share" if gen_mesh is not mesh else "collective"),
-        version=version, position=position)
-    run = Run(
-        cfg=cfg, run_dir=run_dir, primary=primary, tokenizer=tokenizer, train_set=train_set,
-        val_set=val_set, max_steps=max_steps, model=model, params=params, opt_state=opt_state,
-        ref_params=ref_params, fns=fns, engine=engine, rewards=rewards,
-        ckpt=ckpt, worker=worker,
-        settings=StepSettings.from_config(cfg, sizes=sizes, pad_id=pad_id),
-        eval_sampling=dataclasses.replace(sampling_params(g.eval_sampling_params), seed=t.seed),
-        start_step=start_step, version=version,
-        lock=lock)
-    return run
+        version=state.version, position=position)
+    return Run(
+        settings=s, run_dir=s.checkpoint.run_dir, primary=primary, tokenizer=tokenizer,
+        train_set=train_set, val_set=val_set, max_steps=max_steps, policy=policy,
+        state=state, engine=engine, rewards=rewards, ckpt=ckpt, worker=worker,
+        step_settings=StepSettings.from_settings(s, sizes=sizes, pad_id=pad_id),
+        start_step=state.step, lock=lock)
 
 
 def evaluate_policy(run: Run, step: int) -> dict[str, float]:
@@ -361,11 +365,11 @@ def evaluate_policy(run: Run, step: int) -> dict[str, float]:
     <run_dir>/eval/step_<step>_{summary.json,samples.jsonl}."""
     if run.val_set is None:
         return {}
-    with run.worker.serving(run.version) as generate:
+    r = run.settings.rollout
+    with run.worker.serving(run.state.version) as generate:
         result = evaluation.evaluate(
-            generate, run.val_set.ids, run.val_set.examples,
-            run.eval_sampling, run.cfg.generator.eval_n_samples_per_prompt, run.tokenizer,
-            run.rewards)
+            generate, run.val_set.ids, run.val_set.examples, r.eval_sampling,
+            r.eval_n_samples_per_prompt, run.tokenizer, run.rewards)
     if run.primary:
         result.write(run.run_dir / "eval", name=f"step_{step}_")
     failures = sum(s["status"] != "ok" for s in result.samples)
@@ -382,8 +386,7 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
     were not trained again exactly. Returns the batch, the dynamic-sampling counters, the
     generation batches this step took (kept or filtered: their reward metrics, their
     numbers) and the async metrics."""
-    t, alg = run.cfg.trainer, run.cfg.trainer.algorithm
-    n = run.settings.group_size
+    sched, alg = run.settings.schedule, run.settings.algorithm
     state = DynamicSamplingState()
     drawn: list[GenerationBatch] = []  # every batch this step took, for metrics
     waited, regenerated = 0.0, 0
@@ -398,11 +401,11 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
         drawn.append(got)
         # The filter looks at correctness: raw scores, before overlong punishment.
         state, batch = accumulate(
-            state, got.data, got.data["score"], kind=alg.dynamic_sampling.type or None,
-            group_size=n, train_batch_size=t.train_batch_size,
-            max_sample_batches=alg.dynamic_sampling.max_sample_batches,
-            min_replace_ratio=alg.dynamic_sampling.min_replace_ratio,
-            rng=np.random.default_rng([t.seed, step]))
+            state, got.data, got.data["score"], kind=alg.dynamic_sampling,
+            group_size=run.step_settings.group_size, train_batch_size=sched.train_batch_size,
+            max_sample_batches=alg.max_sample_batches,
+            min_replace_ratio=alg.min_replace_ratio,
+            rng=np.random.default_rng([sched.seed, step]))
         bar.update(1)
         if batch is not None:
             bar.close()
@@ -415,14 +418,22 @@ def draw_batch(run: Run, step: int, timings: dict[str, float]
                 "timing/trainer_idle": waited}
 
 
-def run(cfg: ConfigDict) -> dict[str, float]:
-    """Trains per `cfg`; returns the last step's metrics."""
+def export_policy(run: Run, step: int) -> None:
+    """The policy as a Hugging Face directory in generator.model_dtype, at
+    <run_dir>/hf/step_<step>: the one place the trainer's weights become an nnx module."""
+    save_hf(nnx.merge(run.policy.graphdef, run.state.params),
+            run.run_dir / "hf" / f"step_{step}", base_model=run.settings.model.path,
+            dtype=run.settings.rollout.model_dtype)
+
+
+def run(s: Settings) -> dict[str, float]:
+    """Trains per `s`; returns the last step's metrics."""
     started = time.perf_counter()
-    r = setup(cfg)
-    t = cfg.trainer
-    log = MetricsLog(r.run_dir, t.logger, project=t.project_name, run_name=t.run_name,
-                     config=json.loads(cfg.to_json_best_effort()), write=r.primary)
-    if r.start_step == 0 and t.eval_before_train:
+    r = setup(s)
+    c, lg = s.checkpoint, s.logging
+    log = MetricsLog(r.run_dir, lg.logger, project=lg.project_name, run_name=lg.run_name,
+                     config=json.loads(s.config_json), write=r.primary)
+    if r.start_step == 0 and lg.eval_before_train:
         log.log(0, {**evaluate_policy(r, 0), "data/train_prompts": len(r.train_set.examples),
                     "data/dropped_overlong_prompts": r.train_set.dropped_overlong,
                     "data/duplicates_removed": r.train_set.duplicates}, echo=tqdm.write)
@@ -435,32 +446,31 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             step_start = time.perf_counter()
             timings: dict[str, float] = {}
             batch, ds_state, drawn, async_metrics = draw_batch(r, step, timings)
-            r.params, r.opt_state, metrics = train_step(
-                batch, params=r.params, opt_state=r.opt_state, ref_params=r.ref_params,
-                fns=r.fns, settings=r.settings, timings=timings)
-            r.version += 1
+            r.state, metrics = train_step(batch, r.state, ref_params=r.policy.ref_params,
+                                          fns=r.policy.fns, settings=r.step_settings,
+                                          timings=timings)
             start = time.perf_counter()
             # The engine takes these weights before its next batch (the worker's thread, or
-            # inline at the next step's first batch).
-            r.worker.publish(r.engine.prepare(r.model, r.params, step, r.version), r.version)
+            # inline at the next step's first batch); `prepare` copies or casts them before
+            # the next update donates them.
+            r.worker.publish(r.engine.prepare(r.policy.graphdef, r.state.params, step,
+                                              r.state.version), r.state.version)
             timings["sync"] = time.perf_counter() - start
             metrics.update(async_metrics)
             metrics["timing/generator_idle"] = r.worker.take_idle()
             metrics.update(ds_state.metrics())
-            metrics.update(reward_metrics(drawn, r.settings.group_size))
+            metrics.update(reward_metrics(drawn, r.step_settings.group_size))
             metrics.update({f"timing/{k}": v for k, v in timings.items()})
             metrics.update(device_memory(jax.local_devices()))
             if r.primary:  # before its checkpoint: a checkpointed step always has its line
                 record_trained_groups(r, step, batch, drawn)
             last = step == r.max_steps
-            if t.ckpt_interval > 0 and (step % t.ckpt_interval == 0 or last):
-                r.ckpt.save(step, r.params, r.opt_state, {
-                    "step": step, "weight_version": r.version, **r.worker.state()})
-            if t.hf_save_interval > 0 and (step % t.hf_save_interval == 0 or last):
-                nnx.update(r.model, r.params)
-                save_hf(r.model, r.run_dir / "hf" / f"step_{step}", base_model=cfg.model.path,
-                        dtype=cfg.generator.model_dtype)
-            if t.eval_interval > 0 and (step % t.eval_interval == 0 or last):
+            if c.ckpt_interval > 0 and (step % c.ckpt_interval == 0 or last):
+                r.ckpt.save(step, r.state.params, r.state.opt_state, {
+                    "step": step, "weight_version": r.state.version, **r.worker.state()})
+            if c.hf_save_interval > 0 and (step % c.hf_save_interval == 0 or last):
+                export_policy(r, step)
+            if lg.eval_interval > 0 and (step % lg.eval_interval == 0 or last):
                 metrics.update(evaluate_policy(r, step))
             metrics["timing/step"] = time.perf_counter() - step_start
             # Response tokens of the trained batch (after dynamic sampling) per second.
@@ -471,7 +481,7 @@ def run(cfg: ConfigDict) -> dict[str, float]:
             if "eval/all/accuracy" in metrics:
                 evals[step] = metrics["eval/all/accuracy"]
             bar.update(1)
-        r.worker.flush(r.version)
+        r.worker.flush(r.state.version)
     finally:
         bar.close()
         log.close()
@@ -488,7 +498,7 @@ def record_trained_groups(r: Run, step: int, batch: dict[str, np.ndarray],
     filtered by dynamic sampling) and the batches handed back to be generated again, not
     trained yet. Over a run (a resumed step's line replacing the killed run's) every batch
     number is taken once or still pending: nothing lost, nothing twice."""
-    n = r.settings.group_size
+    n = r.step_settings.group_size
     with open(r.run_dir / "trained_groups.jsonl", "a") as f:
         f.write(json.dumps({
             "step": step, "prompt_index": batch["prompt_index"][::n].tolist(),

@@ -7,13 +7,15 @@ may hold several packed sequences, and whatever is per sequence (sequence_mean, 
 sequence ratio, the number of sequences) is computed per segment. None means one sequence
 per row.
 
-Validation happens at trace time (Python), so a bad argument is an error, never a NaN.
+`LossConfig` holds the settings and checks them once, when built: a bad value is an error
+naming its key, never a NaN.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -212,21 +214,65 @@ def tis_weights(old_logprobs: Array, rollout_logprobs: Array, cap: float) -> Arr
 
 
 # ----------------------------------------------------------------------------- the loss
-def validate(*, policy_loss_type: str, eps_clip_low: float, eps_clip_high: float,
-             clip_ratio_c: float, loss_reduction: str, max_seq_len: int | None) -> None:
-    if policy_loss_type not in POLICY_LOSSES:
-        raise ValueError(
-            f"policy_loss_type {policy_loss_type!r} is not one of {sorted(POLICY_LOSSES)}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction {loss_reduction!r} is not one of {LOSS_REDUCTIONS}")
-    if eps_clip_low < 0 or eps_clip_high < 0:
-        raise ValueError(f"eps_clip_low/high must be >= 0, got {eps_clip_low}, {eps_clip_high}")
-    if eps_clip_low >= 1:
-        raise ValueError(f"eps_clip_low must be < 1, got {eps_clip_low}")
-    if policy_loss_type == "dual_clip" and clip_ratio_c <= 1:
-        raise ValueError(f"clip_ratio_c must be > 1 for dual_clip, got {clip_ratio_c}")
-    if loss_reduction == "seq_mean_token_sum_norm" and (max_seq_len is None or max_seq_len < 1):
-        raise ValueError("loss_reduction seq_mean_token_sum_norm needs max_seq_len >= 1")
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The loss's settings: `trainer.algorithm`'s keys under SkyRL's names, and the one place
+    of their defaults (`train/config.py` reads them). Checked once, when built: a bad value
+    is a ValueError starting with its key, never a NaN."""
+
+    policy_loss_type: str = "regular"  # any registered: regular | dual_clip | gspo
+    eps_clip_low: float = 0.2
+    eps_clip_high: float = 0.28  # DAPO's clip-higher
+    clip_ratio_c: float = 3.0  # dual_clip's bound on negative advantages
+    loss_reduction: str = "token_mean"
+    max_seq_len: int | None = None  # seq_mean_token_sum_norm's constant
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_estimator_type: str = "k3"
+    use_entropy_loss: bool = False
+    entropy_loss_coef: float = 0.01
+    use_tis: bool = False  # truncated importance sampling (`tis_weights`)
+    tis_imp_ratio_cap: float = 2.0
+    temperature: float = 1.0  # the sampling temperature: log-probs of that distribution
+
+    def __post_init__(self) -> None:
+        if self.policy_loss_type not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss_type: {self.policy_loss_type!r} is not one of "
+                             f"{sorted(POLICY_LOSSES)}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction: {self.loss_reduction!r} is not one of "
+                             f"{LOSS_REDUCTIONS}")
+        for key in ("eps_clip_low", "eps_clip_high"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.eps_clip_low >= 1:
+            raise ValueError(f"eps_clip_low: must be < 1, got {self.eps_clip_low}")
+        if self.policy_loss_type == "dual_clip" and self.clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c: must be > 1 for dual_clip, got "
+                             f"{self.clip_ratio_c}")
+        if self.loss_reduction == "seq_mean_token_sum_norm" and (
+                self.max_seq_len is None or self.max_seq_len < 1):
+            raise ValueError("max_seq_len: loss_reduction seq_mean_token_sum_norm needs "
+                             "max_seq_len >= 1")
+        if self.kl_estimator_type not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator_type: {self.kl_estimator_type!r} is not one of "
+                             f"{KL_ESTIMATORS}")
+        if self.use_tis and self.tis_imp_ratio_cap <= 0:
+            raise ValueError(f"tis_imp_ratio_cap: must be > 0, got {self.tis_imp_ratio_cap}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_loss_coef if self.use_kl_loss else 0.0
+
+    @property
+    def entropy_coef(self) -> float:
+        return self.entropy_loss_coef if self.use_entropy_loss else 0.0
+
+    @property
+    def tis_cap(self) -> float | None:
+        return self.tis_imp_ratio_cap if self.use_tis else None
 
 
 def policy_loss(
@@ -234,39 +280,32 @@ def policy_loss(
     old_logprobs: Array,
     advantages: Array,
     loss_mask: Array,
+    cfg: LossConfig,
     *,
-    policy_loss_type: str = "regular",
-    eps_clip_low: float = 0.2,
-    eps_clip_high: float = 0.28,
-    clip_ratio_c: float = 3.0,
-    loss_reduction: str = "token_mean",
-    max_seq_len: int | None = None,
     token_weights: Array | None = None,
     denominator: Array | None = None,
     segment_ids: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Reduced policy-gradient loss (a scalar) and metrics (masked token means, except
-    `num_tokens`).
+    `num_tokens`): `cfg.policy_loss_type`'s per-token loss, reduced by `cfg.loss_reduction`.
 
     `token_weights` multiplies the per-token loss (TIS weights); `denominator` is the
     mini-batch-wide normaliser from `reduction_denominator` when this call sees only a
     micro-batch (so gradients do not depend on how the mini-batch is split).
     """
-    validate(policy_loss_type=policy_loss_type, eps_clip_low=eps_clip_low,
-             eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c,
-             loss_reduction=loss_reduction, max_seq_len=max_seq_len)
     shapes = {"logprobs": logprobs.shape, "old_logprobs": old_logprobs.shape,
               "advantages": advantages.shape, "loss_mask": loss_mask.shape}
     if token_weights is not None:
         shapes["token_weights"] = token_weights.shape
     if len(set(shapes.values())) != 1 or logprobs.ndim != 2:
         raise ValueError(f"policy_loss needs equal [B, T] shapes, got {shapes}")
-    per_token, indicators = POLICY_LOSSES[policy_loss_type](
-        logprobs, old_logprobs, advantages, loss_mask, eps_clip_low=eps_clip_low,
-        eps_clip_high=eps_clip_high, clip_ratio_c=clip_ratio_c, segment_ids=segment_ids)
+    per_token, indicators = POLICY_LOSSES[cfg.policy_loss_type](
+        logprobs, old_logprobs, advantages, loss_mask, eps_clip_low=cfg.eps_clip_low,
+        eps_clip_high=cfg.eps_clip_high, clip_ratio_c=cfg.clip_ratio_c,
+        segment_ids=segment_ids)
     if token_weights is not None:
         per_token = per_token * token_weights
-    loss = reduce_loss(per_token, loss_mask, loss_reduction, max_seq_len=max_seq_len,
+    loss = reduce_loss(per_token, loss_mask, cfg.loss_reduction, max_seq_len=cfg.max_seq_len,
                        denominator=denominator, segment_ids=segment_ids)
     indicators["approx_kl"] = old_logprobs - logprobs
     indicators.setdefault("dual_clip_frac", jnp.zeros_like(logprobs))
@@ -284,16 +323,13 @@ def total_loss(
     logprobs: Array,
     entropy: Array,
     batch: dict[str, Array],
+    cfg: LossConfig,
     *,
-    loss_kwargs: dict[str, Any],
     denominator: Array,
-    kl_loss_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    tis_cap: float | None = None,
     num_sequences_total: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """policy_loss + kl_loss_coef * KL - entropy_coef * entropy.
+    """policy_loss + kl_coef * KL - entropy_coef * entropy (`cfg`: the coefficients where
+    use_kl_loss / use_entropy_loss, else 0; TIS weights where use_tis).
 
     The policy loss and the entropy bonus use `loss_reduction` with the mini-batch's
     `denominator`. The KL term is a sequence mean whatever `loss_reduction` is, as SkyRL
@@ -302,32 +338,31 @@ def total_loss(
     weighing 1 however long it is.
 
     `batch` holds old_logprobs, advantages, loss_mask, optionally segment_ids (packed rows),
-    ref_logprobs (KL) and rollout_logprobs (TIS weights when `tis_cap` is set; always the
-    `rollout_abs_diff` metric, mean |old - rollout| over the loss mask's tokens)."""
+    ref_logprobs (KL) and rollout_logprobs (TIS weights; always the `rollout_abs_diff`
+    metric, mean |old - rollout| over the loss mask's tokens)."""
     mask = batch["loss_mask"]
     segments = batch.get("segment_ids")
     weights = None
-    if tis_cap is not None:
-        weights = tis_weights(batch["old_logprobs"], batch["rollout_logprobs"], tis_cap)
+    if cfg.tis_cap is not None:
+        weights = tis_weights(batch["old_logprobs"], batch["rollout_logprobs"], cfg.tis_cap)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
-                                token_weights=weights, denominator=denominator,
-                                segment_ids=segments, **loss_kwargs)
+                                cfg, token_weights=weights, denominator=denominator,
+                                segment_ids=segments)
     metrics["pg_loss"] = loss
-    reduce = lambda v: reduce_loss(v, mask, loss_kwargs.get("loss_reduction", "token_mean"),
-                                   max_seq_len=loss_kwargs.get("max_seq_len"),
-                                   denominator=denominator, segment_ids=segments)
-    if kl_loss_coef:
+    if cfg.kl_coef:
         if num_sequences_total is None:
             num_sequences_total = num_sequences(mask, segments)
-        kl = reduce_loss(kl_penalty(logprobs, batch["ref_logprobs"], kl_estimator), mask,
-                         "sequence_mean", denominator=num_sequences_total,
+        kl = reduce_loss(kl_penalty(logprobs, batch["ref_logprobs"], cfg.kl_estimator_type),
+                         mask, "sequence_mean", denominator=num_sequences_total,
                          segment_ids=segments)
-        loss = loss + kl_loss_coef * kl
+        loss = loss + cfg.kl_coef * kl
         metrics["kl_loss"] = kl
-    if entropy_coef:
-        loss = loss - entropy_coef * reduce(entropy)
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * reduce_loss(
+            entropy, mask, cfg.loss_reduction, max_seq_len=cfg.max_seq_len,
+            denominator=denominator, segment_ids=segments)
     metrics["entropy"] = masked_mean(entropy, mask)
-    if tis_cap is not None:
+    if weights is not None:
         metrics["tis_weight"] = masked_mean(weights, mask)
     if "rollout_logprobs" in batch:  # the trainer vs the sampler, on the tokens that train
         metrics["rollout_abs_diff"] = masked_mean(

@@ -4,8 +4,8 @@
     padded, `batch.py`) with overlong filtering -> one transfer to the devices -> old (and
     reference) log-probs, recomputed there -> mini-batch updates -> one fetch of the metrics
 
-`StepSettings` is what the step reads from the config, typed and converted once at the
-boundary (`StepSettings.from_config`); everything inside jit lives in `update.py`.
+`TrainState` is what a step replaces; `StepSettings` is what it reads of the run's settings
+(`StepSettings.from_settings`); everything inside jit lives in `update.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 from dapo_jax.train import advantages as adv_lib
 from dapo_jax.train.batch import (
@@ -27,8 +26,21 @@ from dapo_jax.train.batch import (
     place_response_values,
     place_sequence_values,
 )
+from dapo_jax.train.settings import Settings, Sizes
 from dapo_jax.train.shaping import overlong_filter, soft_overlong_penalty
 from dapo_jax.train.update import TrainFns
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a step replaces: the policy's weights and AdamW state (donated to the update:
+    the old ones are gone once a step ran), the last step trained and the weight version
+    the engines are to serve (each step's weights are a new version)."""
+
+    params: Any
+    opt_state: Any
+    step: int
+    version: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +56,26 @@ class StepSettings:
     overlong_penalty_factor: float
     apply_overlong_filtering: bool
     use_kl_loss: bool
-    use_tis: bool
     pad_id: int
     packing: bool  # trainer.use_sample_packing
     micro_batch_rows: int  # rows of one update micro-batch, all devices
     shards: int  # data-parallel devices the rows split over
 
     @classmethod
-    def from_config(cls, cfg: ConfigDict, *, sizes: dict[str, int], pad_id: int
-                    ) -> StepSettings:
-        t, g, alg = cfg.trainer, cfg.generator, cfg.trainer.algorithm
+    def from_settings(cls, s: Settings, *, sizes: Sizes, pad_id: int) -> StepSettings:
+        alg = s.algorithm
         return cls(
-            group_size=g.n_samples_per_prompt, max_prompt_length=t.max_prompt_length,
-            max_generate_length=g.sampling_params.max_generate_length,
-            mini_batch_size=sizes["mini_rows"], update_epochs=t.update_epochs_per_batch,
+            group_size=s.rollout.n_samples_per_prompt,
+            max_prompt_length=s.rollout.max_prompt_length,
+            max_generate_length=s.rollout.max_generate_length, mini_batch_size=sizes.mini_rows,
+            update_epochs=s.schedule.update_epochs_per_batch,
             advantage_estimator=alg.advantage_estimator, grpo_norm_by_std=alg.grpo_norm_by_std,
-            overlong_buffer_len=alg.overlong_buffer.len,
-            overlong_penalty_factor=alg.overlong_buffer.penalty_factor,
-            apply_overlong_filtering=g.apply_overlong_filtering, use_kl_loss=alg.use_kl_loss,
-            use_tis=alg.use_tis, pad_id=pad_id, packing=t.use_sample_packing,
-            micro_batch_rows=sizes["micro_rows"], shards=max(sizes["dp"], 1))
+            overlong_buffer_len=alg.overlong_buffer_len,
+            overlong_penalty_factor=alg.overlong_penalty_factor,
+            apply_overlong_filtering=s.rollout.apply_overlong_filtering,
+            use_kl_loss=s.loss.use_kl_loss, pad_id=pad_id,
+            packing=s.schedule.use_sample_packing, micro_batch_rows=sizes.micro_rows,
+            shards=max(sizes.dp, 1))
 
 
 def shaped_advantages(batch: dict[str, np.ndarray], s: StepSettings
@@ -75,8 +87,9 @@ def shaped_advantages(batch: dict[str, np.ndarray], s: StepSettings
         rewards = rewards + soft_overlong_penalty(
             lengths(batch["response_ids"]), s.max_generate_length, s.overlong_buffer_len,
             s.overlong_penalty_factor)
-    # Dynamic sampling's groups (replace's copies join their source); else G rows each.
-    group_ids = batch.get("group_id", np.arange(len(rewards)) // s.group_size)
+    # Dynamic sampling's groups: replace's copies join their source (`accumulate` gives
+    # every batch its group ids).
+    group_ids = batch["group_id"]
     estimator = adv_lib.ADVANTAGE_ESTIMATORS[s.advantage_estimator]
     kwargs = {"norm_by_std": s.grpo_norm_by_std} if s.advantage_estimator == "grpo" else {}
     return rewards, estimator(rewards, np.asarray(group_ids), **kwargs)
@@ -126,11 +139,11 @@ class _Phases:
         self.last = now
 
 
-def train_step(batch: dict[str, np.ndarray], *, params: Any, opt_state: Any, ref_params: Any,
+def train_step(batch: dict[str, np.ndarray], state: TrainState, *, ref_params: Any,
                fns: TrainFns, settings: StepSettings, timings: dict[str, float]
-               ) -> tuple[Any, Any, dict[str, float]]:
+               ) -> tuple[TrainState, dict[str, float]]:
     """Shaping, advantages, old log-probs and the mini-batch updates of one step; returns
-    the new parameters, optimiser state and the step's metrics.
+    the next state (the next step, a new weight version) and the step's metrics.
 
     Host work and device traffic are bounded per step, whatever the batch: the rows of every
     mini-batch go to the devices in one transfer, the old (and reference) log-probs stay
@@ -138,7 +151,7 @@ def train_step(batch: dict[str, np.ndarray], *, params: Any, opt_state: Any, ref
     The devices are waited on after the transfer, the log-prob pass and the updates, so
     that each phase's time (timing/layout, transfer, logprobs, update, metrics) is its
     own."""
-    s = settings
+    s, params, opt_state = settings, state.params, state.opt_state
     clock = _Phases(timings)
     rewards, adv = shaped_advantages(batch, s)
     layouts, host_rows = mini_batch_rows(batch, adv, s)
@@ -187,4 +200,4 @@ def train_step(batch: dict[str, np.ndarray], *, params: Any, opt_state: Any, ref
                 "clip_frac_low", "dual_clip_frac", "ratio", "kl_loss", "tis_weight"):
         if key in step_metrics[-1]:
             out[f"policy/{key}"] = mean(key)
-    return params, opt_state, out
+    return TrainState(params, opt_state, state.step + 1, state.version + 1), out

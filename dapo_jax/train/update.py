@@ -32,6 +32,7 @@ from dapo_jax.models.logprobs import token_logprobs
 from dapo_jax.models.qwen import REMAT_ORDER, Precision, Qwen, state_shardings
 from dapo_jax.sharding import batch_sharding, constrain, mesh_context
 from dapo_jax.train import objective
+from dapo_jax.train.objective import LossConfig
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "old_logprobs",
@@ -41,35 +42,47 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "old_logprob
 # ----------------------------------------------------------------------------- optimiser
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """`trainer.policy.optimizer_config` (SkyRL's keys) and the one place of their defaults
+    (`train/config.py` reads them), plus the run's length in optimiser steps. Checked once,
+    when built: a bad value is a ValueError starting with its key."""
+
     lr: float = 1e-6
-    warmup_steps: int = 0
-    schedule: str = "constant"  # "constant" | "cosine"
-    total_steps: int = 0  # optimiser steps, for cosine decay
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
+    num_warmup_steps: int = 0
+    scheduler: str = "constant"  # constant | cosine (after the linear warmup)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    total_steps: int = 0  # optimiser steps of the run, for cosine decay
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optimizer lr must be > 0, got {self.lr}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr schedule {self.schedule!r} is not 'constant' or 'cosine'")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError("cosine schedule needs total_steps > warmup_steps")
-        if self.max_grad_norm <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("max_grad_norm must be > 0, weight_decay and warmup_steps >= 0")
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.scheduler not in ("constant", "cosine"):
+            raise ValueError(f"scheduler: {self.scheduler!r} is not constant or cosine")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.weight_decay < 0 or self.num_warmup_steps < 0:
+            raise ValueError("weight_decay and num_warmup_steps: must be >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas: two values in [0, 1), got {self.adam_betas}")
+
+    def for_run(self, optimizer_steps: int) -> OptimizerConfig:
+        """These settings for a run of `optimizer_steps` (at least one past the warmup, so
+        that a cosine schedule has something to decay over)."""
+        return dataclasses.replace(self, total_steps=max(optimizer_steps,
+                                                         self.num_warmup_steps + 1))
 
 
 def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup lr * (t + 1) / warmup for t < warmup (the first step is not wasted at
     lr 0), then constant, or cosine down to 0 at total_steps."""
-    warm = lambda t: cfg.lr * jnp.minimum(1.0, (t + 1.0) / max(cfg.warmup_steps, 1))
-    if cfg.schedule == "constant":
+    warmup = cfg.num_warmup_steps
+    warm = lambda t: cfg.lr * jnp.minimum(1.0, (t + 1.0) / max(warmup, 1))
+    if cfg.scheduler == "constant":
         return warm
-    decay = optax.cosine_decay_schedule(cfg.lr, cfg.total_steps - cfg.warmup_steps)
-    return lambda t: jnp.where(t < cfg.warmup_steps, warm(t), decay(t - cfg.warmup_steps))
+    decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - warmup, 1))
+    return lambda t: jnp.where(t < warmup, warm(t), decay(t - warmup))
 
 
 def decay_mask(params: Any) -> Any:
@@ -93,43 +106,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     default they take the parameters' dtype)."""
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",),
                                      hyperparam_dtype=jnp.float32)(
-        learning_rate=lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        learning_rate=lr_schedule(cfg), b1=cfg.adam_betas[0], b2=cfg.adam_betas[1], eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
-
-
-# ----------------------------------------------------------------------------- loss config
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """`trainer.algorithm.*` settings of the objective (SkyRL names)."""
-
-    policy_loss_type: str = "regular"
-    eps_clip_low: float = 0.2
-    eps_clip_high: float = 0.28
-    clip_ratio_c: float = 3.0
-    loss_reduction: str = "token_mean"
-    max_seq_len: int | None = None
-    use_kl_loss: bool = False
-    kl_loss_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    tis_cap: float | None = None  # truncated importance sampling when set
-    temperature: float = 1.0  # the sampling temperature: log-probs of that distribution
-
-    def __post_init__(self) -> None:
-        objective.validate(**self.policy_kwargs())
-        if self.kl_estimator not in objective.KL_ESTIMATORS:
-            raise ValueError(f"kl estimator {self.kl_estimator!r} is not one of "
-                             f"{objective.KL_ESTIMATORS}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis cap must be > 0, got {self.tis_cap}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-    def policy_kwargs(self) -> dict[str, Any]:
-        return dict(policy_loss_type=self.policy_loss_type, eps_clip_low=self.eps_clip_low,
-                    eps_clip_high=self.eps_clip_high, clip_ratio_c=self.clip_ratio_c,
-                    loss_reduction=self.loss_reduction, max_seq_len=self.max_seq_len)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -225,17 +204,12 @@ def make_train_fns(
     the forward pass keeps no activations for a backward, so its micro-batches are usually
     larger: `trainer.micro_forward_batch_size_per_gpu`). No entropy: nothing reads it.
     """
-    policy_kwargs = loss_cfg.policy_kwargs()
-
     def loss_fn(params: nnx.State, mb: Batch, denominator: jax.Array, sequences: jax.Array):
         model = nnx.merge(graphdef, params)
         logp, entropy = sequence_logprobs(model, mb["input_ids"], mb["segment_ids"],
                                           mb["positions"], temperature=loss_cfg.temperature)
-        return objective.total_loss(
-            logp, entropy, mb, loss_kwargs=policy_kwargs, denominator=denominator,
-            kl_loss_coef=loss_cfg.kl_loss_coef if loss_cfg.use_kl_loss else 0.0,
-            kl_estimator=loss_cfg.kl_estimator, entropy_coef=loss_cfg.entropy_coef,
-            tis_cap=loss_cfg.tis_cap, num_sequences_total=sequences)
+        return objective.total_loss(logp, entropy, mb, loss_cfg, denominator=denominator,
+                                    num_sequences_total=sequences)
 
     def update(params: nnx.State, opt_state: Any, batch: Batch):
         _check_batch(batch, loss_cfg)
@@ -299,7 +273,7 @@ def _check_batch(batch: Batch, loss_cfg: LossConfig) -> None:
     needed = list(BATCH_KEYS)
     if loss_cfg.use_kl_loss:
         needed.append("ref_logprobs")
-    if loss_cfg.tis_cap is not None:
+    if loss_cfg.use_tis:
         needed.append("rollout_logprobs")
     missing = [k for k in needed if k not in batch]
     if missing:
@@ -374,12 +348,11 @@ def per_device_bytes(tree: Any, dtype: Any = None) -> float:
                      jnp.dtype(dtype or leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
 
 
-def rollout_copy_bytes(params: Any, *, backend: str, model_dtype: str,
-                       param_dtype: str) -> float:
+def rollout_copy_bytes(params: Any, *, backend: str, model_dtype: str) -> float:
     """Bytes per device of the in-process engine's copy of `params` in the rollout dtype,
-    which it keeps beside the trainer's state; 0 when it reads the masters themselves (same
-    dtype) or the engines are sidecars."""
-    if backend != "jax" or model_dtype == param_dtype:
+    which it keeps beside the trainer's state (a cast, or a copy in the same dtype: never
+    the masters themselves, which the update donates); 0 when the engines are sidecars."""
+    if backend != "jax":
         return 0.0
     return per_device_bytes(params, model_dtype)
 
