@@ -67,9 +67,17 @@ def test_bfloat16_params_and_compute_stay_close(tiny_checkpoints, rl_batch):
     assert logits.dtype == jnp.float32
     ref = hf_models.hf_logits(hf_models.load_hf(path), ids, mask)
     real = mask.astype(bool)
-    # bf16 has ~3 significant digits; the argmax must mostly agree.
-    agree = (np.asarray(logits).argmax(-1) == ref.argmax(-1))[real].mean()
-    assert agree > 0.9, agree
+    # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 relative). Through two layers
+    # of bf16 weights and activations (float32 accumulation) the logits stay within a few
+    # u of their scale: 6 u x max|logit| (measured 1.7 u). Wherever float32's top two
+    # logits are further apart than twice that, the bf16 model must pick the same token.
+    bound = 6 * 2.0**-8 * np.abs(ref[real]).max()
+    err = np.abs(np.asarray(logits) - ref)[real]
+    assert err.max() <= bound, (err.max(), bound)
+    top2 = np.sort(ref, -1)[..., -2:]
+    clear = real & (top2[..., 1] - top2[..., 0] > 2 * bound)
+    assert clear.sum() >= real.sum() / 3  # the check covers a good part of the tokens
+    np.testing.assert_array_equal(np.asarray(logits).argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("remat", REMAT_ORDER[1:])

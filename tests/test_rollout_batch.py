@@ -23,9 +23,6 @@ class ScriptedEngine:
         it = iter(self.reasons)
         return [[Sample([5, 6], [-0.1, -0.2], next(it), 0) for _ in range(n)] for _ in prompts]
 
-    def sync(self, *a):
-        pass
-
 
 class Tok:
     def decode(self, ids, skip_special_tokens=True):
