@@ -197,12 +197,13 @@ def test_tpu_configs_that_are_one_run_once_shrunk_train_once():
                                                 "configs/dapo_qwen3_4b_v6e.py"],
         "configs/dapo_qwen3_1p7b_v5p.py": ["configs/dapo_qwen3_1p7b_v5p.py",
                                            "configs/dapo_qwen3_1p7b_v6e.py"]}
-    # Ignored only while nothing but validation, GPU placement and the memory planner reads
-    # them.
+    # Ignored only while nothing but the config, its reader (settings.py), GPU placement and
+    # the memory planner reads them.
     package = launching.REPO / "dapo_jax"
     readers = {str(f.relative_to(package)) for f in package.rglob("*.py")
                if any(k.split(".")[1] in f.read_text() for k in GPU_MEMORY_SHARES)}
-    assert readers == {"train/config.py", "placement.py", "experiments/memory.py"}, readers
+    assert readers == {"train/config.py", "train/settings.py", "placement.py",
+                       "experiments/memory.py"}, readers
 
 
 @pytest.mark.slow

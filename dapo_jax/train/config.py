@@ -29,7 +29,7 @@ def default_config() -> ConfigDict:
         "path": "",  # local HF directory (config.json, safetensors, tokenizer)
         # Master weights and AdamW state. Only float32 trains: optax casts Adam's
         # hyperparameters to the parameter dtype (b2 = 0.999 is 1.0 in bf16) and a bf16 weight
-        # near 0.02 cannot take a step below ~1e-4, so "bfloat16" is refused by `validate`.
+        # near 0.02 cannot take a step below ~1e-4, so "bfloat16" is refused (settings.py).
         "param_dtype": "float32",
         "compute_dtype": "float32",  # float32 | bfloat16: matmuls and activations
         # What the backward pass recomputes (models/qwen.py REMAT_POLICIES, least first):

@@ -438,6 +438,11 @@ class Settings:
         """Every check that does not need the devices; a ConfigError names the key."""
         model = ModelSettings.from_config(cfg)
         t, g, alg = cfg.trainer, cfg.generator, cfg.trainer.algorithm
+        # Checked in this order (the first error is the one said): the model and mesh, the
+        # engines and batches, the loss, then the data files (a run's paths come last).
+        mesh, placement = MeshSettings.from_config(cfg), PlacementSettings.from_config(cfg)
+        rollout = RolloutSettings.from_config(cfg, model.max_position_embeddings)
+        schedule, algorithm = ScheduleSettings.from_config(cfg), AlgorithmSettings.from_config(cfg)
         opt = t.policy.optimizer_config
         loss = _typed("trainer.algorithm", lambda: LossConfig(
             policy_loss_type=alg.policy_loss_type, eps_clip_low=alg.eps_clip_low,
@@ -454,16 +459,12 @@ class Settings:
             lr=opt.lr, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm,
             num_warmup_steps=opt.num_warmup_steps, scheduler=opt.scheduler,
             adam_betas=tuple(opt.adam_betas)))
-        s = cls(
-            model=model, mesh=MeshSettings.from_config(cfg),
-            placement=PlacementSettings.from_config(cfg), data=DataSettings.from_config(cfg),
-            reward=RewardSettings.from_config(cfg),
-            rollout=RolloutSettings.from_config(cfg, model.max_position_embeddings),
-            schedule=ScheduleSettings.from_config(cfg),
-            algorithm=AlgorithmSettings.from_config(cfg), loss=loss, optimizer=optimizer,
-            checkpoint=CheckpointSettings.from_config(cfg),
-            logging=LoggingSettings.from_config(cfg),
-            config_json=cfg.to_json_best_effort(indent=2))
+        reward, logging = RewardSettings.from_config(cfg), LoggingSettings.from_config(cfg)
+        checkpoint = CheckpointSettings.from_config(cfg)
+        s = cls(model=model, mesh=mesh, placement=placement, data=DataSettings.from_config(cfg),
+                reward=reward, rollout=rollout, schedule=schedule, algorithm=algorithm,
+                loss=loss, optimizer=optimizer, checkpoint=checkpoint, logging=logging,
+                config_json=cfg.to_json_best_effort(indent=2))
         s._check_memory_split()
         return s
 
