@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -220,3 +221,34 @@ def test_remat_auto_takes_the_least_recompute_that_fits():
     nothing = choose_remat(peaks.get, budget_bytes=1.0)
     assert nothing.policy == "full" and list(nothing.peaks) == list(peaks)
     assert "nothing fits" in nothing.describe() and "nothing fits" not in choice.describe()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_never_holds_the_buffers_the_update_donates(dtype):
+    """The in-process engine's weights are a cast or a copy of the trainer's: the update
+    donates the trainer's parameters, and the engine still serves the old weights after it
+    (a shared buffer would be deleted under it, or silently overwritten)."""
+    from rollout.engines import InProcessEngine
+
+    mesh = make_mesh((1, -1, 1))
+    graphdef, params = nnx.split(init_model(CFG, seed=0, mesh=mesh))
+    engine = InProcessEngine(graphdef, params, dtype, mesh=mesh, own_mesh=False,
+                             stop_token_ids=[0], max_model_len=32, pad_token_id=0,
+                             max_num_seqs=8)
+    served = engine.prepare(graphdef, params, 1, 1)
+    pointers = lambda tree: {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)
+                             for s in x.addressable_shards}
+    assert not pointers(served) & pointers(params)
+    # Read on the host from a copy: a host read of `params` itself would pin their buffers
+    # (JAX keeps the NumPy view), and XLA does not donate a pinned buffer.
+    before = jax.tree.map(lambda x: np.asarray(jnp.copy(x).astype(dtype)), params)
+    opt = make_optimizer(OptimizerConfig(lr=1e-2))
+    fns = make_train_fns(graphdef, params, opt, LossConfig(), mesh=mesh)
+    batch = make_batch()
+    batch["old_logprobs"] = np.asarray(fns.logprobs(params, batch["input_ids"],
+                                                    batch["segment_ids"], batch["positions"]))
+    new_params, _, _ = fns.update(params, init_optimizer(opt, params), batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))  # donated
+    for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert not pointers(engine.prepare(graphdef, new_params, 2, 2)) & pointers(new_params)
