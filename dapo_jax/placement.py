@@ -22,8 +22,10 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dapo_jax.procs import PARENT_PID_ENV
+from dapo_jax.train.config import ALONE_MEMORY_FRACTION
 from dapo_jax.train.settings import Settings
 
 MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -124,3 +126,16 @@ def apply_trainer_xla_flags(s: Settings) -> None:
     flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), s.placement.xla_gpu_flags)
     if flags:
         os.environ["XLA_FLAGS"] = flags
+
+
+def memory_budget(devices: list[Any]) -> float:
+    """Bytes per device the trainer's allocator may hold: the least `bytes_limit` of
+    `devices` (a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of its memory, a TPU's HBM); on CPU,
+    which reports none, this machine's memory x ALONE_MEMORY_FRACTION over its devices."""
+    stats = [d.memory_stats() for d in devices]
+    if all(s and s.get("bytes_limit") for s in stats):
+        return float(min(s["bytes_limit"] for s in stats))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    import jax  # here: this module runs before JAX starts (the launcher never imports it)
+
+    return ram * ALONE_MEMORY_FRACTION / jax.local_device_count()

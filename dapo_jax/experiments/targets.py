@@ -47,11 +47,10 @@ from dapo_jax.models.kernels import (  # noqa: E402
     resolve_attention_impl,
 )
 from dapo_jax.models.qwen import abstract_params, parameter_layouts  # noqa: E402
-from dapo_jax.placement import with_xla_flags  # noqa: E402
+from dapo_jax.placement import memory_budget, with_xla_flags  # noqa: E402
 from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh  # noqa: E402,E501
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
-from dapo_jax.train.loop import memory_budget  # noqa: E402
 from dapo_jax.train.settings import Settings, validate  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
     OUT_OF_MEMORY,
@@ -124,7 +123,7 @@ def _missing_plugin(name: str) -> str:
 def local_target() -> Target:
     """This machine's own accelerators (JAX's default backend), compiled for for real: the
     check that the kernels compile for the local GPU or TPU. Memory is the trainer's budget
-    on them (`loop.memory_budget`: a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of the chip)."""
+    on them (`placement.memory_budget`: a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of the chip)."""
     devices = jax.devices()
     return Target("local", platform_of(devices[0]), tuple(devices), memory_budget(devices),
                   devices[0].device_kind)

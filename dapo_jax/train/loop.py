@@ -31,6 +31,7 @@ from dapo_jax.models import QwenConfig, load_pretrained, read_config
 from dapo_jax.models.checkpoint import save_hf
 from dapo_jax.models.kernels import KernelUnavailable, platform_of, resolve_attention_impl
 from dapo_jax.models.qwen import abstract_params, parameter_layouts
+from dapo_jax.placement import memory_budget
 from dapo_jax.prompts import PromptSet, load_prompt_set
 from dapo_jax.rewards import RewardPool
 from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh
@@ -168,17 +169,6 @@ def check_layout(s: Settings, meshes: list[jax.sharding.Mesh], primary: bool) ->
                               warn=warn)
         except ReplicatedParameters as e:
             raise config_lib.ConfigError(f"mesh.shape: {e}") from None
-
-
-def memory_budget(devices: list[jax.Device]) -> float:
-    """Bytes per device the trainer's allocator may hold: the least `bytes_limit` of
-    `devices` (a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION of its memory, a TPU's HBM); on CPU,
-    which reports none, this machine's memory x ALONE_MEMORY_FRACTION over its devices."""
-    stats = [d.memory_stats() for d in devices]
-    if all(s and s.get("bytes_limit") for s in stats):
-        return float(min(s["bytes_limit"] for s in stats))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram * config_lib.ALONE_MEMORY_FRACTION / jax.local_device_count()
 
 
 def remat_policy(s: Settings, model_cfg: QwenConfig, impl: str, mesh: jax.sharding.Mesh,
