@@ -33,11 +33,11 @@ class DistributedConfig:
     """`jax.distributed.initialize` arguments. No coordinator: one process. "auto": JAX's
     own cluster detection (SLURM, Cloud TPU, GKE/Kubernetes, MPI) fills in everything."""
 
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    initialization_timeout_s: int = 300
-    heartbeat_timeout_s: int = 100
+    coordinator_address: str | None  # None: one process
+    num_processes: int | None
+    process_id: int | None
+    initialization_timeout_s: int  # defaults: the config's mesh.* keys
+    heartbeat_timeout_s: int
 
 
 def initialize(cfg: DistributedConfig) -> None:
