@@ -287,9 +287,11 @@ def _insert(model: Any, state: dict[str, Any], prompt_RP: jax.Array, prompt_len_
     cache = state["cache"]
     k_order, v_order = pool_orders()
     put = lambda x, value: x.at[slot_R].set(value.astype(x.dtype), mode="drop")
+    # R = B only in the first fill, row r into slot r (`Generator._insert_group`).
+    aligned = R == state["limit"].shape[0]
     cache = cache._replace(
-        k=write_prefix(cache.k, k_order, slot_R, k.transpose(0, 1, 4, 2, 3)),
-        v=write_prefix(cache.v, v_order, slot_R, v.swapaxes(2, 3)),
+        k=write_prefix(cache.k, k_order, slot_R, k.transpose(0, 1, 4, 2, 3), aligned=aligned),
+        v=write_prefix(cache.v, v_order, slot_R, v.swapaxes(2, 3), aligned=aligned),
         length=put(cache.length, prompt_len_R))
     return dict(state, cache=cache, last=put(state["last"], tok_R),
                 count=put(state["count"], jnp.ones_like(slot_R)),
@@ -563,6 +565,8 @@ class Generator:
     def _insert_group(self, state: dict[str, Any], group: list[_Row], slots: list[int],
                       R: int, P: int, sampler: Sampler, kind: str) -> dict[str, Any]:
         B = state["limit"].shape[0]
+        if R == B and list(slots) != list(range(len(slots))):  # `_insert`'s aligned write
+            raise AssertionError(f"a prefill of every slot fills slots 0.., not {slots}")
         prompt = np.full((R, P), self.pad_token_id, np.int32)
         length = np.ones(R, np.int32)
         slot = np.full(R, B, np.int32)  # fillers: past the end, dropped

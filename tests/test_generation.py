@@ -91,6 +91,23 @@ def test_greedy_on_8_device_mesh_matches_single(tiny_checkpoints):
     assert [s[0].token_ids for s in a] == [s[0].token_ids for s in b]
 
 
+def test_the_first_fill_moves_no_prompt_kv_between_devices(tiny_checkpoints):
+    """The first fill prefills every slot at once and writes row r's keys and values into
+    slot r on the device that computed them (`write_prefix(aligned=True)`): the compiled
+    cycle's collectives (weight gathers, per-row scalars) do not grow with the prompt
+    length. A scatter by slot index gathered every row's prompt KV onto every device (at the
+    1.7B seed shape on 8x H100: 62 GB of collectives per call, a 92 GiB peak)."""
+    from dapo_jax.experiments.hlo import collective_bytes
+
+    mesh = make_mesh((1, 8, 1))
+    graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"], mesh=mesh))
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=512, mesh=mesh,
+                    max_num_seqs=16)
+    moved = [collective_bytes(gen.lower(params, 16, prompt, 64).compile().as_text())
+             for prompt in (64, 128)]
+    assert moved[0] == moved[1] > 0, moved
+
+
 def teacher_forced(graphdef, params, prompt, sample, temperature):
     ids = np.array([prompt + sample.token_ids], np.int32)
     mask = np.ones_like(ids)
@@ -205,22 +222,28 @@ def test_decode_attention_reads_each_rows_live_columns():
     length = rng.integers(0, S + 1, B)
     length[:2] = 0, S
     f32 = lambda a: jax.numpy.asarray(a, "float32")
-    # The pools in each platform's order (the TPU's traced here too: same numbers).
+    # The pools in each platform's order (the TPU's traced here too: same numbers), and the
+    # GPU's Pallas kernel in Pallas's interpreter.
     for k_order, v_order in {pool_orders(), *POOL_ORDERS.values()}:
         cache = SlotCache(arrange(f32(k_cache), k_order, "LBKSH"),
                           arrange(f32(v_cache), v_order, "LBKSH"), jax.numpy.asarray(length))
-        check_decode_attention(q, k_new, v_new, cache, (k_order, v_order), k_cache, v_cache,
-                               length)
+        kernels = ("xla", "pallas_interpret") if (k_order, v_order) == POOL_ORDERS["gpu"] \
+            else ("xla",)
+        for kernel in kernels:
+            check_decode_attention(q, k_new, v_new, cache, (k_order, v_order), k_cache,
+                                   v_cache, length, kernel)
 
 
-def check_decode_attention(q, k_new, v_new, cache, orders, k_cache, v_cache, length):
+def check_decode_attention(q, k_new, v_new, cache, orders, k_cache, v_cache, length,
+                           kernel="xla"):
     from unittest import mock
 
     f32 = lambda a: jax.numpy.asarray(a, "float32")
     L, B, K, S, H = k_cache.shape
     N = q.shape[1]
     for layer in range(L):
-        with mock.patch("dapo_jax.models.ragged.pool_orders", lambda: orders):
+        with mock.patch("dapo_jax.models.ragged.pool_orders", lambda: orders), \
+                mock.patch("dapo_jax.models.ragged.decode_kernel", lambda: kernel):
             out = np.asarray(decode_attention(f32(q), f32(k_new), f32(v_new), cache,
                                               jax.numpy.int32(layer)))
         chex.assert_shape(out, (B, N, H))
@@ -233,10 +256,11 @@ def check_decode_attention(q, k_new, v_new, cache, orders, k_cache, v_cache, len
             np.testing.assert_allclose(out[b, n], p @ values / p.sum(), atol=2e-5)
 
 
-def test_the_tpu_pool_order_generates_what_this_cpus_does(tiny_checkpoints):
-    """The engine with the TPU's pool order (columns leading), traced here: the same
-    tokens and log-probs as with the CPU's, through prefill writes, column writes across a
-    block boundary, refills and shrinking."""
+def test_the_tpu_and_gpu_pool_orders_generate_what_this_cpus_does(tiny_checkpoints):
+    """The engine with the TPU's pool order (columns leading), and with the GPU's and its
+    Pallas decode kernel (interpreted), traced here: the same tokens and log-probs as with
+    the CPU's, through prefill writes (the first fill's in place, refills' by slot), column
+    writes across a block boundary, refills and shrinking."""
     from unittest import mock
 
     model = load_pretrained(tiny_checkpoints["qwen3_tied"])
@@ -245,21 +269,25 @@ def test_the_tpu_pool_order_generates_what_this_cpus_does(tiny_checkpoints):
                               ignore_eos=True)
     limits = [KV_BLOCK + 20 - 5 * i for i in range(24)]
 
-    def run(orders):
+    def run(orders, kernel="xla"):
         gen = Generator(*nnx.split(model), stop_token_ids=[7], max_model_len=512,
                         max_num_seqs=8)
         with contextlib.ExitStack() as stack:
             for where in ("dapo_jax.models.ragged", "dapo_jax.models.qwen",
                           "rollout.generation"):
                 stack.enter_context(mock.patch(f"{where}.pool_orders", lambda: orders))
+            stack.enter_context(mock.patch("dapo_jax.models.ragged.decode_kernel",
+                                           lambda: kernel))
             return gen.generate(prompts, sampling, max_tokens=limits), gen.stats
 
     (cpu, cpu_stats), (tpu, _) = run(pool_orders()), run(POOL_ORDERS["tpu"])
+    gpu, _ = run(POOL_ORDERS["gpu"], kernel="pallas_interpret")
     assert cpu_stats["inserts"] > 1 and cpu_stats["shrinks"] >= 1
     assert [len(g[0].token_ids) for g in cpu] == limits
-    for a, b in zip(cpu, tpu, strict=True):
-        assert a[0].token_ids == b[0].token_ids
+    for a, b, c in zip(cpu, tpu, gpu, strict=True):
+        assert a[0].token_ids == b[0].token_ids == c[0].token_ids
         np.testing.assert_allclose(a[0].logprobs, b[0].logprobs, atol=1e-5)
+        np.testing.assert_allclose(a[0].logprobs, c[0].logprobs, atol=1e-5)
 
 
 WIDTH = 64  # prompt + response of the replayed sequences, padded: one compilation

@@ -47,9 +47,12 @@ class SlotCache(NamedTuple):
 # pairs in an S-major layout: with the columns inside (this CPU's order, or [L, B, S, K, H])
 # it re-laid the whole pool out in every decode step (2 x 37.6 GB per device at the 1.7B
 # v5p seed shape, in the compiled program). On the CPU a (layer, row) block is contiguous
-# in L B K H S / L B K S H: the S-major order made the engine 3.3x slower here. The GPU
-# program keeps either order in place; it takes the CPU's.
-POOL_ORDERS = {"tpu": ("SLBKH", "SLBKH")}
+# in L B K H S / L B K S H: the S-major order made the engine 3.3x slower here. On a GPU the
+# Pallas kernel (`decode_kernel`) reads a (layer, row, kv head)'s columns as [S, H] tiles,
+# and the pool is laid out as XLA:GPU's scatter of the prefill writes it (B S L K H): the
+# kernel fixes the pool's layout, and in L B K S H the first fill's scatter was followed by
+# a transpose of both whole pools (2 x 37.6 GB of temporaries at the 1.7B seed shape).
+POOL_ORDERS = {"tpu": ("SLBKH", "SLBKH"), "gpu": ("BSLKH", "BSLKH")}
 DEFAULT_POOL_ORDERS = ("LBKHS", "LBKSH")
 _AXES = {"L": "layers", "B": "batch", "S": "length", "K": "kv_heads", "H": "head_dim"}
 CANONICAL = "LBSKH"  # the order the engine hands values in
@@ -58,6 +61,14 @@ CANONICAL = "LBSKH"  # the order the engine hands values in
 def pool_orders() -> tuple[str, str]:
     """The K and V pools' orders for the platform traced for (`kernels.target_platform`)."""
     return POOL_ORDERS.get(target_platform(), DEFAULT_POOL_ORDERS)
+
+
+def decode_kernel() -> str:
+    """How a decode step attends, for the platform traced for: "pallas" on a GPU (a Triton
+    kernel, `_decode_attention_pallas`, reading each row's live blocks in place), "xla"
+    elsewhere (`_decode_attention`'s block loop). TPU's Pallas ragged paged attention wants
+    a paged pool with K and V interleaved: not used yet."""
+    return "pallas" if target_platform() == "gpu" else "xla"
 
 
 def pool_axes(order: str) -> tuple[str, ...]:
@@ -70,12 +81,24 @@ def arrange(x: jax.Array, order: str, source: str = CANONICAL) -> jax.Array:
     return x.transpose([source.index(a) for a in order])
 
 
-def write_prefix(pool: jax.Array, order: str, rows_R: jax.Array, x_LRTKH: jax.Array
-                 ) -> jax.Array:
-    """`pool` with rows `rows_R` (an index >= B: dropped) holding x at columns [0, T)."""
+def write_prefix(pool: jax.Array, order: str, rows_R: jax.Array, x_LRTKH: jax.Array, *,
+                 aligned: bool = False) -> jax.Array:
+    """`pool` with rows `rows_R` (an index >= B: dropped) holding x at columns [0, T).
+
+    `aligned`: R = B and row r goes to slot r (or is dropped), as in the first fill of an
+    empty pool. Then x is written in place, row for row, with no scatter: a scatter by slot
+    index is partitioned by gathering every row's keys and values onto every device (2 x 28
+    GB per device for the first fill at the 1.7B seed shape)."""
+    x = arrange(x_LRTKH, order).astype(pool.dtype)
+    if aligned:
+        index = tuple(slice(0, x_LRTKH.shape[2]) if a == "S" else slice(None) for a in order)
+        shape = [1] * len(order)
+        shape[order.index("B")] = -1
+        keep = (rows_R < pool.shape[order.index("B")]).reshape(shape)
+        return pool.at[index].set(jnp.where(keep, x, pool[index]))
     index = tuple(rows_R if a == "B" else slice(0, x_LRTKH.shape[2]) if a == "S" else
                   slice(None) for a in order)
-    return pool.at[index].set(arrange(x_LRTKH, order).astype(pool.dtype), mode="drop")
+    return pool.at[index].set(x, mode="drop")
 
 
 def write_column(pool: jax.Array, order: str, rows_B: jax.Array, col_B: jax.Array,
@@ -98,9 +121,11 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache
     s = q.k / sqrt(H). Returns [B, N, H] in q's dtype."""
     mesh = jax.sharding.get_abstract_mesh()
     orders = pool_orders()
+    kernel = decode_kernel()
+    attend = _decode_attention if kernel == "xla" else functools.partial(
+        _decode_attention_pallas, interpret=kernel == "pallas_interpret")
     if mesh.empty or mesh.size == 1:
-        return _decode_attention(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer,
-                                 orders)
+        return attend(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer, orders)
     kv_spec = logical_to_spec(("batch", "kv_heads", "head_dim"), k_BKH.shape, mesh)
     # Query heads follow the kv heads' split, so a device's queries meet its own kv heads.
     q_spec = kv_spec
@@ -108,7 +133,7 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache
                       for o, c in zip(orders, (cache.k, cache.v), strict=True))
     len_spec = jax.sharding.PartitionSpec(kv_spec[0])
     out = jax.shard_map(
-        functools.partial(_decode_attention, orders=orders), mesh=mesh,
+        functools.partial(attend, orders=orders), mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, k_spec, v_spec, len_spec, jax.sharding.PartitionSpec()),
         out_specs=q_spec, check_vma=False,
     )(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer)
@@ -160,6 +185,75 @@ def _decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
     out_BKGH = jnp.zeros((B, K, N // K, H), jnp.float32).at[groups_gR.reshape(-1)].set(
         out_gRKGH.reshape(B, K, N // K, H))
     return out_BKGH.reshape(B, N, H).astype(q_BNH.dtype)
+
+
+def _decode_attention_pallas(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
+                             k_pool: jax.Array, v_pool: jax.Array, length_B: jax.Array,
+                             layer: jax.Array, orders: tuple[str, str], *,
+                             interpret: bool = False) -> jax.Array:
+    """`_decode_attention` as one Pallas (Triton) kernel: a program per (row, kv head) reads
+    the pools in place (no slice of a layer is copied out) in KV_BLOCK-column tiles up to
+    the row's own length, with the same running max and sum. The G query heads of a kv head
+    are padded to a power of two (Triton's tiles). `interpret`: Pallas's interpreter (any
+    platform; the tests' check of the kernel on CPU)."""
+    from jax.experimental import pallas as pl
+
+    if any(o.index("S") > o.index("H") for o in orders):
+        raise ValueError(f"the Pallas decode kernel reads [columns, head_dim] tiles: S before "
+                         f"H in the pools' orders, not {orders}")
+    B, N, H = q_BNH.shape
+    K = k_BKH.shape[1]
+    G = N // K
+    Gp = 1 << (G - 1).bit_length()
+    q_BKGH = q_BNH.reshape(B, K, G, H)
+    if Gp != G:
+        q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    out = pl.pallas_call(
+        functools.partial(_decode_kernel, scale=H ** -0.5, orders=orders),
+        grid=(B, K),
+        in_specs=[pl.no_block_spec, pl.no_block_spec,  # layer, lengths: read as scalars
+                  pl.BlockSpec((None, None, Gp, H), lambda b, k: (b, k, 0, 0)),
+                  pl.BlockSpec((None, None, H), lambda b, k: (b, k, 0)),
+                  pl.BlockSpec((None, None, H), lambda b, k: (b, k, 0)),
+                  pl.no_block_spec, pl.no_block_spec],  # the pools: read in place, in tiles
+        out_specs=pl.BlockSpec((None, None, Gp, H), lambda b, k: (b, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, K, Gp, H), q_BNH.dtype),
+        interpret=interpret, name="decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), length_B.astype(jnp.int32), q_BKGH,
+      k_BKH, v_BKH, k_pool, v_pool)
+    return out[:, :, :G].reshape(B, N, H)
+
+
+def _decode_kernel(layer_ref, length_ref, q_ref, kn_ref, vn_ref, kp_ref, vp_ref, o_ref, *,
+                   scale: float, orders: tuple[str, str]) -> None:
+    """One (row, kv head): its G queries against its new key and its live pool columns."""
+    from jax.experimental import pallas as pl
+
+    b, kv = pl.program_id(0), pl.program_id(1)
+    layer, length = layer_ref[0], length_ref[b]
+    q = q_ref[...].astype(jnp.float32) * scale  # [G, H]
+    m = jnp.sum(q * kn_ref[...].astype(jnp.float32)[None, :], axis=-1)  # [G]: the new token
+    total = jnp.ones_like(m)
+    acc = jnp.broadcast_to(vn_ref[...].astype(jnp.float32)[None, :], q.shape)
+
+    def block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        m, total, acc = carry
+        at = {"L": layer, "B": b, "K": kv, "S": pl.ds(j * KV_BLOCK, KV_BLOCK),
+              "H": slice(None)}
+        k = kp_ref[tuple(at[a] for a in orders[0])].astype(jnp.float32)  # [C, H]
+        v = vp_ref[tuple(at[a] for a in orders[1])].astype(jnp.float32)
+        s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G, C]
+        live = j * KV_BLOCK + jnp.arange(KV_BLOCK) < length
+        s = jnp.where(live[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[:, None])
+        carry_scale = jnp.exp(m - m_new)
+        total = total * carry_scale + jnp.sum(p, axis=-1)
+        acc = acc * carry_scale[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+        return m_new, total, acc
+
+    m, total, acc = jax.lax.fori_loop(0, pl.cdiv(length, KV_BLOCK), block, (m, total, acc))
+    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
 
 
 def _rows_block(pool: jax.Array, order: str, rows_R: jax.Array, layer: jax.Array,
