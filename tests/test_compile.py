@@ -163,6 +163,10 @@ def test_tpu_configs_compile_for_v5p_with_splash(compiled, name):
         f = r["functions"][fn]
         assert f["fits"] and f["peak_bytes"] > 0, (fn, f)
         assert f["attention"] == "tpu_custom_call", (fn, f["attention"])  # prefill too
+    # The engine: splash in its prefill, our Mosaic decode kernel (ragged.decode_kernel) in
+    # its decode steps.
+    assert "decode_attention" in r["functions"]["generate"]["kernel_names"], \
+        r["functions"]["generate"]["kernel_names"]
     # The in-process engine runs beside the trainer's masters and AdamW moments.
     assert r["functions"]["generate"]["resident_bytes"] > 0
 
@@ -185,6 +189,7 @@ def test_v6e_configs_compile_for_v6e_with_splash(compiled, name):
     for fn in ("update", "logprobs", "generate"):
         f = r["functions"][fn]
         assert f["fits"] and f["peak_bytes"] > 0 and f["attention"] == "tpu_custom_call", f
+    assert "decode_attention" in r["functions"]["generate"]["kernel_names"]
 
 
 def test_out_of_memory_compile_is_does_not_fit(compiled):
@@ -259,9 +264,17 @@ def test_hlo_reading():
         "  %k = (bf16[2,256,4,64]{3,2,1,0}, f32[2,4,256]{2,1,0}) custom-call(%q, %k, %v), "
         "custom_call_target=\"mosaic_gpu_v2\"",
         "  %c = f32[4]{0} custom-call(%q), custom_call_target=\"Sharding\"",
+        "  %decode_attention.1 = bf16[32,8,2,128]{3,2,1,0} custom-call(%l, %n, %q), "
+        "custom_call_target=\"tpu_custom_call\"",
+        "  %pallas_call.4.double_buffer_clone = f32[2,2]{1,0} custom-call(%q), "
+        "custom_call_target=\"__gpu$xla.gpu.triton\"",
     ])
     assert hlo_lib.collective_bytes(hlo) == 16 * 64 * 2 + 128 * 4
-    assert hlo_lib.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)])]
+    assert hlo_lib.kernel_calls(hlo) == [("mosaic_gpu_v2", [(2, 256, 4, 64), (2, 4, 256)]),
+                                         ("tpu_custom_call", [(32, 8, 2, 128)]),
+                                         ("__gpu$xla.gpu.triton", [(2, 2)])]
+    assert hlo_lib.Program.parse(hlo).kernel_names() == ["decode_attention", "k",
+                                                         "pallas_call"]
 
 
 def test_loop_copies_are_counted_in_loop_bodies_only():

@@ -227,8 +227,9 @@ def test_decode_attention_reads_each_rows_live_columns():
     for k_order, v_order in {pool_orders(), *POOL_ORDERS.values()}:
         cache = SlotCache(arrange(f32(k_cache), k_order, "LBKSH"),
                           arrange(f32(v_cache), v_order, "LBKSH"), jax.numpy.asarray(length))
-        kernels = ("xla", "pallas_interpret") if (k_order, v_order) == POOL_ORDERS["gpu"] \
-            else ("xla",)
+        kernels = ("xla",) + tuple(f"pallas_{platform}_interpret"
+                                   for platform, kernel_orders in POOL_ORDERS.items()
+                                   if (k_order, v_order) == kernel_orders)
         for kernel in kernels:
             check_decode_attention(q, k_new, v_new, cache, (k_order, v_order), k_cache,
                                    v_cache, length, kernel)
@@ -257,8 +258,8 @@ def check_decode_attention(q, k_new, v_new, cache, orders, k_cache, v_cache, len
 
 
 def test_the_tpu_and_gpu_pool_orders_generate_what_this_cpus_does(tiny_checkpoints):
-    """The engine with the TPU's pool order (columns leading), and with the GPU's and its
-    Pallas decode kernel (interpreted), traced here: the same tokens and log-probs as with
+    """The engine with the TPU's and the GPU's pool orders and Pallas decode kernels
+    (interpreted), traced here: the same tokens and log-probs as with
     the CPU's, through prefill writes (the first fill's in place, refills' by slot), column
     writes across a block boundary, refills and shrinking."""
     from unittest import mock
@@ -280,8 +281,9 @@ def test_the_tpu_and_gpu_pool_orders_generate_what_this_cpus_does(tiny_checkpoin
                                            lambda: kernel))
             return gen.generate(prompts, sampling, max_tokens=limits), gen.stats
 
-    (cpu, cpu_stats), (tpu, _) = run(pool_orders()), run(POOL_ORDERS["tpu"])
-    gpu, _ = run(POOL_ORDERS["gpu"], kernel="pallas_interpret")
+    cpu, cpu_stats = run(pool_orders())
+    tpu, _ = run(POOL_ORDERS["tpu"], kernel="pallas_tpu_interpret")
+    gpu, _ = run(POOL_ORDERS["gpu"], kernel="pallas_gpu_interpret")
     assert cpu_stats["inserts"] > 1 and cpu_stats["shrinks"] >= 1
     assert [len(g[0].token_ids) for g in cpu] == limits
     for a, b, c in zip(cpu, tpu, gpu, strict=True):

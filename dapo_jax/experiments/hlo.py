@@ -303,6 +303,20 @@ class Program:
                     out.append((target.group(1), [s for _, s in inst.shapes]))
         return out
 
+    def kernel_names(self) -> list[str]:
+        """The attention kernels' instruction names, without XLA's numbering and clone
+        suffixes: a Pallas call's `name` on TPU ("decode_attention"), "pallas_call" or the
+        library's own on GPU."""
+        names = set()
+        for insts in self.computations.values():
+            for inst in insts:
+                target = re.search(r'custom_call_target="([^"]+)"', inst.attrs) \
+                    if inst.op == "custom-call" else None
+                if target and target.group(1) in KERNEL_CALLS:
+                    names.add(re.sub(r"(\.\d+)?(\.[a-z_]*clone[a-z_]*|\.peeled[a-z_]*)*$", "",
+                                     inst.name.lstrip("%")))
+        return sorted(names)
+
     def _is_collective_start(self, inst: Instruction) -> bool:
         op = inst.op.removesuffix("-start")
         if op in _COLLECTIVES:

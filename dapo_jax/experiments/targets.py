@@ -208,6 +208,7 @@ class FunctionReport:
     async_collectives: int = 0
     overlapped_collectives: int = 0
     attention: str = "xla"  # the kernels' custom-call targets found, or "xla"
+    kernel_names: list[str] = dataclasses.field(default_factory=list)  # Program.kernel_names
     compile_s: float = 0.0
     # generate: one decode step (`Generator.lower_step`), per device: XLA's bytes accessed,
     # and the weights + KV it would read with every row at the mix's mean live length.
@@ -269,6 +270,7 @@ def compile_report(name: str, lower: Callable[[], Any], target: Target, *,
                                "iteration (a layout change XLA repeats every iteration)")
     calls = program.kernel_calls()
     report.attention = ",".join(sorted({c for c, _ in calls})) or "xla"
+    report.kernel_names = program.kernel_names()
     if requested_kernel != "xla" and not calls:
         report.warnings.append(f"{requested_kernel} attention was requested but no kernel is "
                                "in the compiled program (it runs in XLA)")

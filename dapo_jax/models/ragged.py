@@ -4,13 +4,14 @@ attention of one new token per row against it.
 The cache (`SlotCache`) holds `max_num_seqs` rows ("slots") of S columns for every layer. A
 row's sequence is stored contiguously from column 0 (prompt, then generated tokens), so the
 row's live keys are the columns [0, length) and its position of column c is c. A decode step
-reads, per row, only the key blocks that hold live columns: rows are sorted by length and
-taken ROW_GROUP at a time, and each group loops over KV_BLOCK-column blocks up to its
-longest row (a `fori_loop` with a traced trip count: no shape depends on the lengths, so
-nothing recompiles as rows grow). Reading cost is the sum over groups of
-rows x longest row, close to the live KV itself, where attending every slot of every row
-costs rows x S (at DAPO's length mix, where most rows are far shorter than the limit, 3-4x
-more). The softmax is accumulated across blocks (flash-decoding's running max and sum).
+reads, per row, only the key blocks that hold live columns, with a trip count traced from
+the lengths (no shape depends on them, so nothing recompiles as rows grow): on a GPU and a
+TPU a Pallas kernel per row reads KV_BLOCK-column blocks up to the row's own length
+(`decode_kernel`); elsewhere XLA's loop takes rows sorted by length ROW_GROUP at a time, up
+to each group's longest row, which costs the sum over groups of rows x longest row, close to
+the live KV itself. Attending every slot of every row costs rows x S (at DAPO's length mix,
+where most rows are far shorter than the limit, 3-4x more). The softmax is accumulated
+across blocks (flash-decoding's running max and sum).
 
 Under a mesh the function runs per device under `jax.shard_map` (rows over the batch axes,
 kv heads over `tensor` when they divide it): the sort and the gathers are device-local.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,16 +44,18 @@ class SlotCache(NamedTuple):
 
 
 # The pools' dimension orders, per platform traced for (letters: L layers, B rows, S
-# columns, K kv heads, H head_dim). XLA:TPU gathers a block of columns of (layer, row)
-# pairs in an S-major layout: with the columns inside (this CPU's order, or [L, B, S, K, H])
-# it re-laid the whole pool out in every decode step (2 x 37.6 GB per device at the 1.7B
-# v5p seed shape, in the compiled program). On the CPU a (layer, row) block is contiguous
-# in L B K H S / L B K S H: the S-major order made the engine 3.3x slower here. On a GPU the
-# Pallas kernel (`decode_kernel`) reads a (layer, row, kv head)'s columns as [S, H] tiles,
-# and the pool is laid out as XLA:GPU's scatter of the prefill writes it (B S L K H): the
-# kernel fixes the pool's layout, and in L B K S H the first fill's scatter was followed by
-# a transpose of both whole pools (2 x 37.6 GB of temporaries at the 1.7B seed shape).
-POOL_ORDERS = {"tpu": ("SLBKH", "SLBKH"), "gpu": ("BSLKH", "BSLKH")}
+# columns, K kv heads, H head_dim). Each platform's decode kernel fixes the pool's layout,
+# and the order is the one in which XLA's own writes (the prefill's, the column of each
+# decode step) keep it in place: found in the compiled programs (`loop_copy_bytes`). On a
+# TPU, L B S K H: in L B K S H the Mosaic kernel's [columns, head_dim] tiles met the column
+# write's scatter, which XLA:TPU lays out with (K, H) minor, and the whole pool was
+# re-laid out in every decode step (2 x 37.6 GB per device at the 1.7B v5p seed shape); the
+# kernel copies a (layer, row)'s [128, K, H] blocks and reads each kv head's [128, H] with
+# a strided load. On a GPU, B S L K H, as XLA:GPU's scatter of the prefill writes it: in
+# L B K S H the first fill was followed by a transpose of both whole pools (2 x 37.6 GB
+# of temporaries). On the CPU (XLA's block loop) a (layer, row) block is contiguous in
+# L B K H S / L B K S H: an S-major order made the engine 3.3x slower here.
+POOL_ORDERS = {"tpu": ("LBSKH", "LBSKH"), "gpu": ("BSLKH", "BSLKH")}
 DEFAULT_POOL_ORDERS = ("LBKHS", "LBKSH")
 _AXES = {"L": "layers", "B": "batch", "S": "length", "K": "kv_heads", "H": "head_dim"}
 CANONICAL = "LBSKH"  # the order the engine hands values in
@@ -64,11 +67,12 @@ def pool_orders() -> tuple[str, str]:
 
 
 def decode_kernel() -> str:
-    """How a decode step attends, for the platform traced for: "pallas" on a GPU (a Triton
-    kernel, `_decode_attention_pallas`, reading each row's live blocks in place), "xla"
-    elsewhere (`_decode_attention`'s block loop). TPU's Pallas ragged paged attention wants
-    a paged pool with K and V interleaved: not used yet."""
-    return "pallas" if target_platform() == "gpu" else "xla"
+    """How a decode step attends, for the platform traced for: a Pallas kernel reading each
+    row's live blocks in place on a GPU ("pallas_gpu": Triton, `_decode_attention_pallas`)
+    and a TPU ("pallas_tpu": Mosaic, `_decode_attention_tpu`), "xla" elsewhere
+    (`_decode_attention`'s block loop). The tests trace the kernels in Pallas's interpreters
+    ("pallas_gpu_interpret", "pallas_tpu_interpret")."""
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(target_platform(), "xla")
 
 
 def pool_axes(order: str) -> tuple[str, ...]:
@@ -122,8 +126,11 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, cache
     mesh = jax.sharding.get_abstract_mesh()
     orders = pool_orders()
     kernel = decode_kernel()
-    attend = _decode_attention if kernel == "xla" else functools.partial(
-        _decode_attention_pallas, interpret=kernel == "pallas_interpret")
+    interpret = kernel.endswith("_interpret")
+    attend = {"xla": _decode_attention,
+              "pallas_gpu": functools.partial(_decode_attention_pallas, interpret=interpret),
+              "pallas_tpu": functools.partial(_decode_attention_tpu, interpret=interpret),
+              }[kernel.removesuffix("_interpret")]
     if mesh.empty or mesh.size == 1:
         return attend(q_BNH, k_BKH, v_BKH, cache.k, cache.v, cache.length, layer, orders)
     kv_spec = logical_to_spec(("batch", "kv_heads", "head_dim"), k_BKH.shape, mesh)
@@ -254,6 +261,109 @@ def _decode_kernel(layer_ref, length_ref, q_ref, kn_ref, vn_ref, kp_ref, vp_ref,
 
     m, total, acc = jax.lax.fori_loop(0, pl.cdiv(length, KV_BLOCK), block, (m, total, acc))
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+
+
+def _decode_attention_tpu(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array,
+                          k_pool: jax.Array, v_pool: jax.Array, length_B: jax.Array,
+                          layer: jax.Array, orders: tuple[str, str], *,
+                          interpret: bool = False) -> jax.Array:
+    """`_decode_attention` as one Pallas (Mosaic TPU) kernel: a program per row copies its
+    live [KV_BLOCK, K, H] blocks of the layer from HBM into VMEM (two buffers: block j + 1
+    is in flight while block j is used), up to the row's own length, and runs the same
+    online softmax per kv head on the MXU. The layer and the lengths are prefetched scalars.
+    `interpret`: Pallas's TPU interpreter (the tests' check of the kernel on CPU)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    if orders != ("LBSKH", "LBSKH"):
+        raise ValueError(f"the TPU decode kernel copies [columns, K, head_dim] blocks: pools "
+                         f"in L B S K H order, not {orders}")
+    B, N, H = q_BNH.shape
+    K = k_BKH.shape[1]
+    G = N // K
+    row = lambda b, *_: (b, 0, 0, 0)
+    out = pl.pallas_call(
+        functools.partial(_decode_kernel_tpu, scale=H ** -0.5),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(B,),
+            in_specs=[pl.BlockSpec((None, K, G, H), row),
+                      pl.BlockSpec((None, K, H), lambda b, *_: (b, 0, 0)),
+                      pl.BlockSpec((None, K, H), lambda b, *_: (b, 0, 0)),
+                      pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=pl.BlockSpec((None, K, G, H), row),
+            scratch_shapes=[pltpu.VMEM((2, KV_BLOCK, K, H), k_pool.dtype),
+                            pltpu.VMEM((2, KV_BLOCK, K, H), v_pool.dtype),
+                            pltpu.SemaphoreType.DMA((2, 2))]),
+        out_shape=jax.ShapeDtypeStruct((B, K, G, H), q_BNH.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=pltpu.InterpretParams() if interpret else False, name="decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), length_B.astype(jnp.int32),
+      q_BNH.reshape(B, K, G, H), k_BKH, v_BKH, k_pool, v_pool)
+    return out.reshape(B, N, H)
+
+
+def _decode_kernel_tpu(layer_ref, length_ref, q_ref, kn_ref, vn_ref, kp_hbm, vp_hbm, o_ref,
+                       k_buf, v_buf, sem, *, scale: float) -> None:
+    """One row: its N = K x G queries against its new keys and its live pool columns."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    b = pl.program_id(0)
+    layer, length = layer_ref[0], length_ref[b]
+    K, G, _ = q_ref.shape
+    blocks = pl.cdiv(length, KV_BLOCK)
+
+    def copies(j: jax.Array, slot: jax.Array) -> tuple[Any, Any]:
+        cols = pl.ds(pl.multiple_of(j * KV_BLOCK, KV_BLOCK), KV_BLOCK)
+        return (pltpu.make_async_copy(kp_hbm.at[layer, b, cols], k_buf.at[slot],
+                                      sem.at[0, slot]),
+                pltpu.make_async_copy(vp_hbm.at[layer, b, cols], v_buf.at[slot],
+                                      sem.at[1, slot]))
+
+    @pl.when(blocks > 0)
+    def _first() -> None:
+        for c in copies(jnp.int32(0), jnp.int32(0)):
+            c.start()
+
+    # Per kv head: the new token attends itself, so the running max and sum start there.
+    q = [q_ref[h].astype(jnp.float32) * scale for h in range(K)]  # [G, H] each
+    m = [jnp.sum(q[h] * kn_ref[pl.ds(h, 1), :].astype(jnp.float32), axis=-1, keepdims=True)
+         for h in range(K)]  # [G, 1]
+    total = [jnp.ones_like(m[h]) for h in range(K)]
+    acc = [jnp.broadcast_to(vn_ref[pl.ds(h, 1), :].astype(jnp.float32), q[h].shape)
+           for h in range(K)]
+
+    def block(j: jax.Array, carry: tuple[list[jax.Array], ...]) -> tuple[list[jax.Array], ...]:
+        m, total, acc = carry
+        slot = j % 2
+
+        @pl.when(j + 1 < blocks)
+        def _next() -> None:
+            for c in copies(j + 1, 1 - slot):
+                c.start()
+
+        for c in copies(j, slot):
+            c.wait()
+        live = j * KV_BLOCK + jax.lax.broadcasted_iota(jnp.int32, (G, KV_BLOCK), 1) < length
+        m_out, total_out, acc_out = [], [], []
+        for h in range(K):
+            k = k_buf[slot, :, h, :].astype(jnp.float32)  # [C, H]
+            v = v_buf[slot, :, h, :].astype(jnp.float32)
+            s = jax.lax.dot_general(q[h], k, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)  # [G, C]
+            s = jnp.where(live, s, -jnp.inf)
+            m_new = jnp.maximum(m[h], jnp.max(s, axis=-1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            carry_scale = jnp.exp(m[h] - m_new)
+            m_out.append(m_new)
+            total_out.append(total[h] * carry_scale + jnp.sum(p, axis=-1, keepdims=True))
+            acc_out.append(acc[h] * carry_scale + jnp.dot(
+                p, v, preferred_element_type=jnp.float32))
+        return m_out, total_out, acc_out
+
+    m, total, acc = jax.lax.fori_loop(0, blocks, block, (m, total, acc))
+    for h in range(K):
+        o_ref[h] = (acc[h] / total[h]).astype(o_ref.dtype)
 
 
 def _rows_block(pool: jax.Array, order: str, rows_R: jax.Array, layer: jax.Array,
