@@ -362,6 +362,9 @@ def _merged(fn: Any) -> Any:
     """`fn(model, ...)` as a function of (graphdef, params, ...) for `jax.jit`."""
     def call(graphdef: nnx.GraphDef, params: nnx.State, *args: Any, **kw: Any) -> Any:
         return fn(nnx.merge(graphdef, params), *args, **kw)
+    # fn's name for JAX's compile events and logs; not functools.wraps: its __wrapped__
+    # would give jit fn's signature, in which the static arguments sit elsewhere.
+    call.__name__ = call.__qualname__ = fn.__name__
     return call
 
 
@@ -430,11 +433,6 @@ class Generator:
         self._new_state = jax.jit(_merged(_new_state), static_argnums=(0, 2, 3, 4))
         self._compact = jax.jit(_compact)
         self._rows = jax.jit(_rows)
-
-    def compiled(self) -> dict[str, int]:
-        """Programs compiled so far, per jitted piece (tests: no recompiles after warm-up)."""
-        return {name: getattr(self, name)._cache_size()
-                for name in ("_new_state", "_insert", "_decode", "_compact", "_rows")}
 
     def set_params(self, params: nnx.State, version: int) -> None:
         self.params = params

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 
@@ -19,6 +20,23 @@ def counting_compiles() -> Iterator[list[int]]:
     def listener(event: str, duration: float, **_: object) -> None:
         if event == BACKEND_COMPILE:
             count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def compiles_by_function() -> Iterator[collections.Counter[str]]:
+    """`with compiles_by_function() as n:` ... `n[name]` programs compiled inside the block
+    for the jitted function `name` (the event's `fun_name`)."""
+    count: collections.Counter[str] = collections.Counter()
+
+    def listener(event: str, duration: float, **kwargs: object) -> None:
+        if event == BACKEND_COMPILE:
+            count[str(kwargs.get("fun_name"))] += 1
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

@@ -149,6 +149,9 @@ H100, A100, B200 = (FakeGpu("NVIDIA H100 80GB HBM3", "9.0"), FakeGpu("NVIDIA A10
 
 
 def test_auto_follows_the_target_platform_and_unknown_is_an_error():
+    """The resolver's decision per target. That the decided kernel is what runs is checked
+    in the compiled programs: test_compile finds tokamax's Mosaic custom call in every H100
+    program and splash's in every TPU one, and a kernel run on the global batch fails there."""
     assert resolve_attention_impl("auto") == "xla"  # no mesh: this CPU host
     assert resolve_attention_impl("auto", "tpu") == "splash"
     for gpu in (H100, B200):

@@ -39,6 +39,7 @@ from rollout.generation import (
     stop_token_ids,
 )
 from tests import hf_models
+from tests.compiles import compiles_by_function
 
 STOP = [7, 11]
 
@@ -155,12 +156,14 @@ def test_compiles_once_per_bucket(tiny_checkpoints):
     gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024)
     counts = []
     for seed in range(4):  # 5-8 rows: 16 slots; prompts under 16 tokens; limits under 16
-        gen.generate(prompts(seed, count=5 + seed), SamplingParams(
-            temperature=0.5 + seed, top_p=0.9 - 0.1 * seed, max_tokens=10 + seed, seed=seed),
-            max_tokens=[3 + (seed * i) % 11 for i in range(5 + seed)])
-        counts.append(gen.compiled())
-    assert counts[1] == counts[2] == counts[3], counts
-    assert counts[3]["_decode"] <= len(batch_sizes(16, 1)) * 2  # x the two sampling kinds
+        with compiles_by_function() as compiled:
+            gen.generate(prompts(seed, count=5 + seed), SamplingParams(
+                temperature=0.5 + seed, top_p=0.9 - 0.1 * seed, max_tokens=10 + seed,
+                seed=seed), max_tokens=[3 + (seed * i) % 11 for i in range(5 + seed)])
+        counts.append(compiled)
+    assert counts[0]["jit(_decode)"] > 0 and not counts[2] and not counts[3], counts
+    decodes = counts[0]["jit(_decode)"] + counts[1]["jit(_decode)"]
+    assert decodes <= len(batch_sizes(16, 1)) * 2  # x the two sampling kinds
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(64) == 64
 
 
