@@ -32,7 +32,7 @@ def one(config: str, preset: str, remat: str) -> dict:
     from dapo_jax.experiments import targets
     from dapo_jax.experiments.hlo import Program
 
-    cfg, model = targets.load_run(config, {"model.remat": remat}, preset)
+    s, model = targets.load_run(config, {"model.remat": remat}, preset)
     target = targets.get_target("h100x8", gpu_flags=())  # XLA_FLAGS as given, nothing added
     captured: dict[str, str] = {}
     compile_report = targets.compile_report
@@ -48,7 +48,7 @@ def one(config: str, preset: str, remat: str) -> dict:
 
     targets.compile_report = lambda name, lower, target, **kw: compile_report(
         name, lambda: Keep(lower()), target, **kw)
-    report = targets.compile_config(cfg, model, target, functions=("update",))["update"]
+    report = targets.compile_config(s, model, target, functions=("update",))["update"]
     text = captured["text"]
     program = Program.parse(text)
     gemms = text.count('custom_call_target="__cublas$gemm"') + \

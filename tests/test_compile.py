@@ -242,9 +242,9 @@ def test_missing_plugin_is_a_one_line_error(capsys):
 
 def test_arith_tiny_compiles_for_this_cpu():
     """The CPU job's own target; the CPU fallback the mesh and memory tools use, labelled."""
-    cfg, model = targets.load_run("configs/arith_tiny.py", {}, "")
+    s, model = targets.load_run("configs/arith_tiny.py", {}, "")
     target = targets.get_target("cpu")
-    reports = targets.compile_config(cfg, model, target)
+    reports = targets.compile_config(s, model, target)
     assert set(reports) == set(targets.FUNCTIONS)
     for r in reports.values():
         assert r.fits and r.peak_bytes > 0 and r.attention == "xla", r

@@ -89,9 +89,9 @@ def test_7b_on_a_tensor_axis_of_8_says_which_weights_are_replicated(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: mesh.shape: mesh data=1 fsdp=1 "
                                                "tensor=8 replicates 7 parameters")
-    cfg, model = load_run("configs/dapo_qwen2p5_math_7b.py", {"mesh.shape": (1, 1, 8)},
+    s, model = load_run("configs/dapo_qwen2p5_math_7b.py", {"mesh.shape": (1, 1, 8)},
                           "qwen2.5-math-7b")
-    m, layouts = shardings.layout(cfg, model, 8)
+    m, layouts = shardings.layout(s, model, 8)
     with pytest.raises(ReplicatedParameters, match="replicates 7 parameters"):
         check_replication(layouts, m, strict=True)
 
@@ -103,9 +103,9 @@ def test_seed_config_layouts_match_their_goldens(config):
     with `python -m dapo_jax.experiments.shardings --config configs/<config>.py --preset
     <preset> --target <target> --json tests/goldens/sharding/<config>.json`."""
     model_preset, target = SEEDS[config]
-    cfg, model = load_run(f"configs/{config}.py", {}, model_preset)
+    s, model = load_run(f"configs/{config}.py", {}, model_preset)
     got = json.loads(shardings.golden_text(shardings.golden(
-        *shardings.layout(cfg, model, shardings.TARGET_DEVICES[target]))))
+        *shardings.layout(s, model, shardings.TARGET_DEVICES[target]))))
     want = json.loads((GOLDENS / f"{config}.json").read_text())
     changed = sorted(k for k in {*got["params"], *want["params"]}
                      if got["params"].get(k) != want["params"].get(k))

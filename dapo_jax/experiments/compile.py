@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     # autotuned, and its default block sizes are what gets compiled.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        cfg, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
-        target = targets.get_target(a.target, gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
+        s, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
+        target = targets.get_target(a.target, gpu_flags=s.placement.xla_gpu_flags)
         functions = tuple(f for f in a.functions.split(",") if f)
-        reports = targets.compile_config(cfg, model, target,
+        reports = targets.compile_config(s, model, target,
                                          attention_impl=a.attention_impl or None,
                                          functions=functions)
     except (targets.TargetError, config_lib.ConfigError) as e:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({
             "config": a.config, "target": target.name, "device_kind": target.device_kind,
-            "num_devices": len(target.devices), "mesh": list(cfg.mesh.shape),
+            "num_devices": len(target.devices), "mesh": list(s.mesh.shape),
             "versions": targets.versions(),
             "functions": {k: r.as_json() for k, r in reports.items()}}, indent=2) + "\n")
     return 0

@@ -37,8 +37,6 @@ import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ml_collections import ConfigDict  # noqa: E402
-
 from dapo_jax.experiments import targets  # noqa: E402
 from dapo_jax.experiments.lengths import row_efficiency  # noqa: E402
 from dapo_jax.models.config import QwenConfig  # noqa: E402
@@ -70,11 +68,10 @@ def vllm_activation_peak(cfg: QwenConfig, tp: int) -> float:
     return t * per_token + logits
 
 
-def trainer_plan(cfg: ConfigDict, s: Settings, model: QwenConfig, target: targets.Target
-                 ) -> dict[str, float]:
+def trainer_plan(s: Settings, model: QwenConfig, target: targets.Target) -> dict[str, float]:
     """Per-device bytes of the trainer (see the module docstring)."""
     t = s.schedule
-    reports = targets.compile_config(cfg, model, target, functions=("update", "logprobs"))
+    reports = targets.compile_config(s, model, target, functions=("update", "logprobs"))
     update, forward = reports["update"], reports["logprobs"]
     seq = s.rollout.max_prompt_length + s.rollout.max_generate_length
     sizes = dict(mini_rows=t.policy_mini_batch_size * s.rollout.n_samples_per_prompt,
@@ -115,10 +112,9 @@ def sidecar_plan(s: Settings, model: QwenConfig, gpu_bytes: float) -> dict[str, 
             "waves": math.ceil(share / max(kv / per_token / max_len, 1e-9))}
 
 
-def plan(cfg: ConfigDict, model: QwenConfig, target: targets.Target) -> dict[str, object]:
+def plan(s: Settings, model: QwenConfig, target: targets.Target) -> dict[str, object]:
     gpu = target.memory_bytes
-    s = targets.settings_of(cfg, model)
-    trainer = trainer_plan(cfg, s, model, target)
+    trainer = trainer_plan(s, model, target)
     sidecar = sidecar_plan(s, model, gpu)
     fraction = s.trainer_memory_fraction()
     budget = fraction * gpu
@@ -200,13 +196,13 @@ def main() -> None:
     p.add_argument("--out", default="", help="also write <out>/<config name>.md")
     a, rest = p.parse_known_args()
     try:
-        cfg, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
+        s, model = targets.load_run(a.config, targets.parse_overrides(rest), a.preset)
         target = targets.get_target(a.target, cpu_fallback=True,
-                                    gpu_flags=tuple(cfg.trainer.xla_gpu_flags))
-        result = plan(cfg, model, target)
+                                    gpu_flags=s.placement.xla_gpu_flags)
+        result = plan(s, model, target)
     except (targets.TargetError, config_lib.ConfigError) as e:
         sys.exit(f"error: {e}")
-    text = table(Path(a.config).stem, targets.settings_of(cfg, model), result)
+    text = table(Path(a.config).stem, s, result)
     print(text)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from dapo_jax.models import Precision, QwenConfig
+from dapo_jax.models import QwenConfig
 from dapo_jax.models.qwen import abstract_params, parameter_layouts
 from dapo_jax.sharding import (
     MESH_AXES,
@@ -33,18 +33,17 @@ from dapo_jax.sharding import (
     mesh_label,
     resolve_mesh_shape,
 )
+from dapo_jax.train.settings import Settings
 
 # Devices of each compile target (experiments/targets.py: v5p types count TensorCores).
 TARGET_DEVICES = {"h100x8": 8, "v5p-8": 4, "v5p-16": 8, "v6e-8": 8, "v5e-8": 8}
 
 
-def layout(cfg: Any, model: QwenConfig, num_devices: int
+def layout(s: Settings, model: QwenConfig, num_devices: int
            ) -> tuple[AbstractMesh, list[ParamLayout]]:
-    """The config's mesh over `num_devices` and every parameter of `model` on it."""
-    shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
-    mesh = AbstractMesh(shape, MESH_AXES)
-    precision = Precision(cfg.model.param_dtype, cfg.model.compute_dtype)
-    return mesh, parameter_layouts(abstract_params(model, precision), mesh)
+    """The run's mesh over `num_devices` and every parameter of `model` on it."""
+    mesh = AbstractMesh(resolve_mesh_shape(s.mesh.shape, num_devices), MESH_AXES)
+    return mesh, parameter_layouts(abstract_params(model, s.model.precision), mesh)
 
 
 def golden(mesh: AbstractMesh, layouts: list[ParamLayout]) -> dict[str, Any]:
@@ -91,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="write the golden file here")
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg, model = load_run(args.config, parse_overrides(rest), args.preset)
-        mesh, layouts = layout(cfg, model, TARGET_DEVICES[args.target])
+        s, model = load_run(args.config, parse_overrides(rest), args.preset)
+        mesh, layouts = layout(s, model, TARGET_DEVICES[args.target])
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(mesh, layouts))
     try:
-        check_replication(layouts, mesh, strict=cfg.mesh.strict,
+        check_replication(layouts, mesh, strict=s.mesh.strict,
                           warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     except ReplicatedParameters as e:
         print(f"error: mesh.shape: {e}", file=sys.stderr)

@@ -12,15 +12,12 @@ fall back to a compile over simulated CPU devices, labelled as such.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import functools
 import importlib.metadata
-import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +31,6 @@ os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
 
 from dapo_jax.experiments.hlo import Program  # noqa: E402
 from dapo_jax.experiments.lengths import length_mix  # noqa: E402
@@ -51,7 +47,7 @@ from dapo_jax.placement import memory_budget, with_xla_flags  # noqa: E402
 from dapo_jax.sharding import ReplicatedParameters, check_replication, make_mesh  # noqa: E402,E501
 from dapo_jax.train import config as config_lib  # noqa: E402
 from dapo_jax.train.config import GPU_XLA_FLAGS  # noqa: E402
-from dapo_jax.train.settings import Settings, validate  # noqa: E402
+from dapo_jax.train.settings import Settings  # noqa: E402
 from dapo_jax.train.update import (  # noqa: E402
     OUT_OF_MEMORY,
     abstract_batch,
@@ -314,26 +310,6 @@ def decode_step_report(report: FunctionReport, generator: Generator, params: Any
         f"per device; {counted}")
 
 
-def with_model(cfg: ConfigDict, model: QwenConfig, tmp: Path) -> ConfigDict:
-    """A copy of `cfg` whose model path holds `model`'s config.json and whose data are the
-    built-in task: a compile needs shapes, not weights or data."""
-    cfg = copy.deepcopy(cfg)
-    (tmp / "config.json").write_text(json.dumps(model.to_hf("bfloat16")))
-    cfg.model.path = str(tmp)
-    cfg.data.train_data = cfg.data.val_data = "builtin:arithmetic"
-    if cfg.generator.backend == "sidecar":
-        cfg.generator.sidecar_urls = ("http://unused",)
-    return cfg
-
-
-def settings_of(cfg: ConfigDict, model: QwenConfig, num_devices: int | None = None
-                ) -> Settings:
-    """The run's settings with `model` as its checkpoint (`with_model`), checked for
-    `num_devices` trainer devices."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return validate(with_model(cfg, model, Path(tmp)), num_devices=num_devices)
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`--config.a.b=value` arguments as {"a.b": value} (Python literals, else strings)."""
     out = {}
@@ -349,9 +325,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_run(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[Any, QwenConfig]:
-    """A config file with its overrides (dotted keys), and the model's shape: a preset, or
-    model.path's config.json (positions raised to the config's row length)."""
+def load_run(config: str, overrides: dict[str, Any], preset_name: str
+             ) -> tuple[Settings, QwenConfig]:
+    """The settings of a config file with its overrides (dotted keys), and the model's
+    shape: a preset, or model.path's config.json (positions raised to the config's row
+    length). The checks that need the devices are the target's (`compile_config`)."""
     if not Path(config).is_file():
         raise config_lib.ConfigError(f"--config {config} does not exist")
     cfg = config_lib.load_config_file(config)
@@ -372,7 +350,7 @@ def load_run(config: str, overrides: dict[str, Any], preset_name: str) -> tuple[
     seq = cfg.trainer.max_prompt_length + cfg.generator.sampling_params.max_generate_length
     if model.max_position_embeddings < seq:  # Qwen2.5-Math-7B's must be raised (README)
         model = QwenConfig(**{**model.__dict__, "max_position_embeddings": seq})
-    return cfg, model
+    return Settings.for_shapes(cfg, model), model
 
 
 FUNCTIONS = ("update", "logprobs", "generate")
@@ -388,7 +366,7 @@ def attention_note(impl: str, T: int) -> str:
             "tokens a row (before skipping across packed segments)")
 
 
-def compile_config(cfg: Any, model: QwenConfig, target: Target, *,
+def compile_config(s: Settings, model: QwenConfig, target: Target, *,
                    attention_impl: str | None = None,
                    functions: tuple[str, ...] = FUNCTIONS) -> dict[str, FunctionReport]:
     """Compiles a run's own functions for `target` at the config's shapes and mesh, on
@@ -402,7 +380,6 @@ def compile_config(cfg: Any, model: QwenConfig, target: Target, *,
     `generator.model_dtype` copy of the weights during updates, and the masters and moments
     during generation), so `fits` is the process's peak against the chip's memory."""
     try:
-        s = settings_of(cfg, model, len(target.devices))
         sizes = s.sizes(len(target.devices))
     except config_lib.ConfigError as e:
         fix = "; pass --config.mesh.shape=(1,-1,1) or another shape that fits it" if \

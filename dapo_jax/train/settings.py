@@ -12,12 +12,15 @@ live in `objective.LossConfig` and `update.OptimizerConfig` (the config reads th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from dapo_jax.models.config import QwenConfig
 from dapo_jax.models.kernels import check_attention_impl
 from dapo_jax.models.qwen import REMAT_ORDER, Precision
 from dapo_jax.multihost import DistributedConfig
@@ -467,6 +470,23 @@ class Settings:
                 config_json=cfg.to_json_best_effort(indent=2))
         s._check_memory_split()
         return s
+
+    @classmethod
+    def for_shapes(cls, cfg: Any, model: QwenConfig) -> Settings:
+        """`from_config` for a run compiled or planned without its checkpoint or data
+        (`dapo_jax.experiments`): `model`'s shape stands for the checkpoint's config.json,
+        the built-in task for the data files, placeholder URLs for the sidecars; model.path
+        stays as given."""
+        cfg = copy.deepcopy(cfg)
+        path = cfg.model.path
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(model.to_hf("bfloat16")))
+            cfg.model.path = tmp
+            cfg.data.train_data = cfg.data.val_data = "builtin:arithmetic"
+            if cfg.generator.backend == "sidecar":
+                cfg.generator.sidecar_urls = ("http://unused",)
+            s = cls.from_config(cfg)
+        return dataclasses.replace(s, model=dataclasses.replace(s.model, path=path))
 
     def _check_memory_split(self) -> None:
         r, p = self.rollout, self.placement
