@@ -460,6 +460,17 @@ class Generator:
         dp = self._batch_multiple()
         return -(-bucket(rows) // dp) * dp
 
+    def slots(self, rows: int) -> int:
+        """The KV pool's slots for a call of `rows` sequences: `batch_bucket(rows)`, but
+        never more than `max_num_seqs` (rounded up to the data-parallel size): the pool's
+        memory is max_num_seqs x (prompt + limit), as the setting says, also where it is
+        not a power of two."""
+        B = self.batch_bucket(rows)
+        if self.max_num_seqs:
+            dp = self._batch_multiple()
+            B = min(B, -(-self.max_num_seqs // dp) * dp)
+        return B
+
     def refill_rows(self, batch: int) -> int:
         """Prompts prefilled together into a batch of `batch` slots."""
         dp = self._batch_multiple()
@@ -503,7 +514,7 @@ class Generator:
         """(slots B, prompt bucket P, cache columns S, token columns M) of a call of `rows`
         sequences with prompts up to `prompt_len` and up to `max_tokens` new tokens: S holds
         the longest prompt + response, in whole attention blocks."""
-        B = self.batch_bucket(min(rows, self.max_num_seqs or rows))
+        B = self.slots(rows)
         P = bucket(prompt_len)
         S = -(-max(P, prompt_len + max_tokens) // KV_BLOCK) * KV_BLOCK
         return B, P, S, bucket(max_tokens)

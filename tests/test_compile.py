@@ -24,6 +24,7 @@ import pytest
 from dapo_jax.experiments import compile as compile_tool
 from dapo_jax.experiments import hlo as hlo_lib
 from dapo_jax.experiments import targets
+from dapo_jax.train.config import load_config_file
 from tests import side_envs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +50,6 @@ JOBS = {
     # kernel's 128), prompts of 64 in the engine's prefill; in float32 `auto` is XLA.
     "arith_tiny_h100": ("arith_tiny", "h100x8", "", "", "update,logprobs,generate", BF16),
     "arith_tiny_h100_f32": ("arith_tiny", "h100x8", "", "", "update", []),
-    # remat=auto (the seed configs') with a trainer share nothing fits in: full.
-    "dapo_qwen3_1p7b_h100_no_memory": ("dapo_qwen3_1p7b", "h100x8", "qwen3-tiny", "xla",
-                                       "update", [*SHRINK,
-                                                  "--config.trainer.xla_memory_fraction=1e-05"]),
     **{f"{c}_v5p_v5p": (f"{c}_v5p", "v5p-8", p, "", "update,logprobs,generate", SHRINK)
        for c, p in GPU_SEEDS.items()},
     "dapo_qwen3_1p7b_v5p_xla": ("dapo_qwen3_1p7b_v5p", "v5p-8", "qwen3-tiny", "xla",
@@ -61,7 +58,8 @@ JOBS = {
                              "update,logprobs,generate", SHRINK)
        for m in ("qwen3_1p7b", "qwen3_4b")},
 }
-# 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB.
+# 64 rows of 8,192 tokens per chip: more than a v5e chip's 16 GiB under every remat policy
+# (remat=auto, the config's, tries each and takes full).
 JOBS["oom_v5e"] = ("dapo_qwen3_1p7b", "v5e-8", "qwen3-tiny", "xla", "update", [
     "--config.trainer.max_prompt_length=64",
     "--config.generator.sampling_params.max_generate_length=8128",
@@ -139,12 +137,31 @@ def test_remat_auto_takes_the_least_recompute_that_fits(compiled, name):
     assert compiled[name]["functions"]["logprobs"]["remat"] == "none"
 
 
-def test_remat_auto_is_full_when_nothing_fits(compiled):
-    f = compiled["dapo_qwen3_1p7b_h100_no_memory"]["functions"]["update"]
-    assert f["remat"] == "full" and not f["full_flops"], f
+def remat_note(f: dict) -> str:
     [note] = [n for n in f["notes"] if n.startswith("model.remat=auto")]
+    return note
+
+
+def test_remat_auto_is_full_when_nothing_fits(compiled):
+    f = compiled["oom_v5e"]["functions"]["update"]
+    assert f["remat"] == "full" and not f["full_flops"], f
+    note = remat_note(f)
     assert "none " in note and "dots_saveable " in note and "minimal " in note and \
         note.endswith("nothing fits)"), note
+
+
+@pytest.mark.parametrize("config", GPU_SEEDS)
+def test_remat_auto_on_gpu_budgets_the_trainers_share(compiled, config):
+    """On a GPU remat=auto's budget is the trainer's XLA_PYTHON_CLIENT_MEM_FRACTION of the
+    chip (`trainer.xla_memory_fraction`, different in each seed config) less the rollout
+    copy, the trainer's own rule; on a TPU the whole HBM."""
+    fraction = load_config_file(REPO / "configs" / f"{config}.py").trainer.xla_memory_fraction
+    f = compiled[f"{config}_h100"]["functions"]["update"]
+    budget = fraction * f["memory_bytes"] - f["resident_bytes"]
+    assert f"budget {budget / 2**30:.2f} GiB" in remat_note(f), (fraction, remat_note(f))
+    tpu = compiled[f"{config}_v5p_v5p"]["functions"]["update"]
+    tpu_budget = tpu["memory_bytes"] - tpu["resident_bytes"]
+    assert f"budget {tpu_budget / 2**30:.2f} GiB" in remat_note(tpu), remat_note(tpu)
 
 
 def test_auto_in_float32_on_h100_is_xla_with_one_warning(compiled):

@@ -268,14 +268,17 @@ def test_the_tpu_and_gpu_pool_orders_generate_what_this_cpus_does(tiny_checkpoin
     from unittest import mock
 
     model = load_pretrained(tiny_checkpoints["qwen3_tied"])
-    prompts = [[5 + i, 17, 99, 230][: 1 + i % 4] for i in range(24)]
-    sampling = SamplingParams(temperature=1.0, max_tokens=KV_BLOCK + 20, seed=3,
-                              ignore_eos=True)
-    limits = [KV_BLOCK + 20 - 5 * i for i in range(24)]
+    # Prompts of 100-127 tokens and 12-41 new ones: most rows cross the 128-column block
+    # boundary while decoding, in few (interpreted, slow) decode steps.
+    prompts = [[(5 + i + 3 * t) % 500 for t in range(100 + (i * 11) % 28)] for i in range(24)]
+    sampling = SamplingParams(temperature=1.0, max_tokens=KV_BLOCK, seed=3, ignore_eos=True)
+    limits = [12 + (i * 7) % 30 for i in range(24)]
+    crossing = [len(p) <= KV_BLOCK < len(p) + n for p, n in zip(prompts, limits, strict=True)]
+    assert sum(crossing) > 12
 
     def run(orders, kernel="xla"):
         gen = Generator(*nnx.split(model), stop_token_ids=[7], max_model_len=512,
-                        max_num_seqs=8)
+                        max_num_seqs=16)
         with contextlib.ExitStack() as stack:
             for where in ("dapo_jax.models.ragged", "dapo_jax.models.qwen",
                           "rollout.generation"):
@@ -327,12 +330,14 @@ def replay(graphdef, params, prompt, sample, sampling, key, index):
 
 
 def test_continuous_batching_refills_slots_and_keeps_each_sequences_tokens(tiny_checkpoints):
-    """40 prompts x 2 samples through 16 slots: slots are refilled mid-call and the batch
+    """40 prompts x 2 samples through 12 slots (`max_num_seqs`, not a power of two: the
+    pool has 12, not the 16 a bucket would give): slots are refilled mid-call and the batch
     shrinks as the last sequences finish, yet every sequence gets the tokens its own keys
     give (replayed without a cache), the log-probs of the teacher-forced pass, its own
     max_tokens, and stops on a stop token."""
     graphdef, params = nnx.split(load_pretrained(tiny_checkpoints["qwen3_tied"]))
-    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024, max_num_seqs=16)
+    gen = Generator(graphdef, params, stop_token_ids=STOP, max_model_len=1024, max_num_seqs=12)
+    assert gen.shapes(80, 4, 64)[0] == 12
     ps = prompts(4, count=40)
     limits = [int(x) for x in np.random.default_rng(1).integers(1, 40, len(ps))]
     sampling = SamplingParams(temperature=1.0, max_tokens=64, seed=2)

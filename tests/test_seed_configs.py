@@ -148,7 +148,7 @@ TPU_SEEDS = ["configs/dapo_qwen2p5_math_7b_v5p.py", "configs/dapo_qwen3_1p7b_v5p
 def tpu_overrides(root: Path) -> dict[str, object]:
     over = {k: v for k, v in size_overrides(root, "jax").items()
             if not k.startswith("generator.sidecar") and k != "generator.num_inference_engines"}
-    over["generator.max_num_seqs"] = 8  # 4 prompts x 16 samples: several generation calls
+    over["generator.max_num_seqs"] = 16  # 4 prompts x 16 samples through 16 slots: refills
     # The GPU configs' test covers eval; here the TPU placement only.
     over.update({"trainer.eval_before_train": False, "trainer.eval_interval": 0})
     return over

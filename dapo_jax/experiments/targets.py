@@ -474,7 +474,7 @@ def compile_config(s: Settings, model: QwenConfig, target: Target, *,
             # `lower` buckets the sequence count as `generate` does (bucketing twice would
             # round 18 rows on 6 devices up to 36).
             seqs = min(ro.max_num_seqs, rollout_rows)
-            rows = generator.batch_bucket(seqs)
+            rows = generator.slots(seqs)
             lower = lambda gen=generator, n=seqs: gen.lower(
                 engine_params, n, ro.max_prompt_length, ro.max_generate_length)
             resident = masters + moments if in_process else 0.0
