@@ -474,12 +474,12 @@ def compile_config(s: Settings, model: QwenConfig, target: Target, *,
             # `lower` buckets the sequence count as `generate` does (bucketing twice would
             # round 18 rows on 6 devices up to 36).
             seqs = min(ro.max_num_seqs, rollout_rows)
-            rows = generator.slots(seqs)
+            B, _, S, _ = generator.shapes(seqs, ro.max_prompt_length, ro.max_generate_length)
+            rows = B  # the pool's slots (`Generator.slots`)
             lower = lambda gen=generator, n=seqs: gen.lower(
                 engine_params, n, ro.max_prompt_length, ro.max_generate_length)
             resident = masters + moments if in_process else 0.0
             # A copy of half the K (or V) pool in the decode loop is a per-step relayout.
-            B, _, S, _ = generator.shapes(seqs, ro.max_prompt_length, ro.max_generate_length)
             kv_shards = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] \
                 == 0 else 1
             copy_min = S * model.num_layers * B / dp * model.num_kv_heads / kv_shards * \
